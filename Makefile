@@ -1,0 +1,36 @@
+# Two entry points: `make demo` (whole pipeline on the embedded demo data) and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export DVC_NO_ANALYTICS := 1
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test lint bench install clean-demo
+
+install: $(STAMP)
+
+# pip (not uv) because pip on this image resolves torch from the local wheel store; the lock pins
+# every transitive version, the editable install adds only the project itself.
+$(STAMP): requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	dvc repro
+	dvc metrics show
+
+test: install
+	pytest -q
+
+lint: install
+	ruff check .
+
+bench: install
+	for b in bench/*.py; do echo "== $$b"; python $$b; done

@@ -1,0 +1,137 @@
+"""Benchmark: training images per second per CPU core through the full input pipeline.
+
+JPEG + mask decoding, the training augmentations of params.yaml (at --size), the rarity-weighted elastic
+step and batch collation, through `build_train_loader` with num_workers=0 on one pinned core, on demo
+images generated at 512 px. Prints the median images/s over passes (target >= 40) and a per-step
+breakdown in ms per image.
+
+    python bench/loader.py [--images 48] [--size 512] [--batch-size 8] [--repeats 3] [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from pipeline import coco
+from pipeline.augment import (
+    build_elastic,
+    build_train_transform,
+    elastic_probabilities,
+    rarity_weights,
+    sampling_weights,
+)
+from pipeline.config import AugmentParams, DemoParams, load_params
+from pipeline.dataset import SegmentationDataset, build_train_loader, normalize
+from pipeline.demo import generate_demo
+from pipeline.folds import class_presence
+
+TARGET_IMAGES_PER_S = 40.0
+
+
+def pin_to_one_core() -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def make_demo(out: Path, n_images: int, image_size: int) -> tuple[list[str], np.ndarray]:
+    """Demo images and their masks under `out`; returns file names and their class presence."""
+    generate_demo(out, DemoParams(n_train=n_images, n_test=1, image_size=image_size))
+    train = coco.load_coco(out / "train.json")
+    masks = []
+    for image in train.images:
+        mask = coco.rasterize(train, image)
+        coco.write_mask(out / "masks" / coco.mask_relpath(image.file_name), mask)
+        masks.append(mask)
+    return [image.file_name for image in train.images], class_presence(masks, train.n_classes)
+
+
+def images_per_second(
+    dataset: SegmentationDataset, presence: np.ndarray, params: AugmentParams, args: argparse.Namespace
+) -> float:
+    weights = sampling_weights(presence, rarity_weights(presence, params.elastic_gamma))
+    loader = build_train_loader(
+        dataset, args.batch_size, num_workers=0, sample_weights=weights if params.oversample else None
+    )
+    rates = []
+    for _ in range(args.repeats):
+        start, seen = time.perf_counter(), 0
+        for images, _ in loader:
+            seen += len(images)
+        rates.append(seen / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def breakdown(dataset: SegmentationDataset, batch_size: int) -> dict[str, float]:
+    """Mean ms per image of each step, run one after another on every image."""
+    steps = dict.fromkeys(
+        ["decode image + mask", "augment", "elastic (at its p)", "normalise + collate"], 0.0
+    )
+    outputs = []
+    for name in dataset.file_names:
+        t0 = time.perf_counter()
+        image = coco.read_image(coco.image_path(dataset.root, name))
+        mask = coco.read_mask(dataset.masks_dir / coco.mask_relpath(name))
+        t1 = time.perf_counter()
+        out = dataset.transform(image=image, mask=mask)
+        t2 = time.perf_counter()
+        outputs.append(dataset.elastic(image=out["image"], mask=out["mask"]))
+        t3 = time.perf_counter()
+        steps["decode image + mask"] += t1 - t0
+        steps["augment"] += t2 - t1
+        steps["elastic (at its p)"] += (t3 - t2) * float(np.mean(dataset.elastic_p))
+    t4 = time.perf_counter()
+    for i in range(0, len(outputs), batch_size):
+        batch = outputs[i : i + batch_size]
+        default_collate(
+            [(normalize(o["image"]), torch.from_numpy(o["mask"].astype(np.int64))) for o in batch]
+        )
+    steps["normalise + collate"] = time.perf_counter() - t4
+    return {k: v / len(outputs) * 1e3 for k, v in steps.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--size", type=int, default=512, help="training size (the demo images are 512 px)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="augment section to use")
+    args = parser.parse_args()
+    pin_to_one_core()
+    base = load_params(args.params).augment if args.params.is_file() else AugmentParams()
+    params = dataclasses.replace(base, size=args.size)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"generating {args.images} demo images at 512 px ...")
+        names, presence = make_demo(Path(tmp), args.images, 512)
+        p = elastic_probabilities(presence, params)
+        dataset = SegmentationDataset(
+            Path(tmp), names, Path(tmp) / "masks", build_train_transform(params), build_elastic(params), p
+        )
+        rate = images_per_second(dataset, presence, params, args)
+        steps = breakdown(dataset, args.batch_size)
+
+    print(f"{args.images} images 512 px -> {args.size} px, batch {args.batch_size}, one core, num_workers=0")
+    print(f"elastic: {params.elastic_impl}, mean p {p.mean():.2f}; oversample: {params.oversample}")
+    for name, ms in steps.items():
+        print(f"  {name:<24}{ms:>7.2f} ms/image")
+    print(f"  {'sum':<24}{sum(steps.values()):>7.2f} ms/image")
+    target = f"target >= {TARGET_IMAGES_PER_S:.0f}"
+    print(f"loader: {rate:.1f} images/s per core (median of {args.repeats} passes; {target})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Benchmark: the predict stage's peak memory on N vs 4N test images, and its TTA + ensembling throughput.
+
+Memory: runs `stages/predict.py` in a child process on the first N and then all 4N demo test images
+(one randomly initialised checkpoint copied into every fold) and reads the child's peak RSS after its
+imports and at the end. Prediction streams batch by batch, so the 4N run should peak no higher than
+the N run: target ratio <= 1.15 (total peak RSS). The growth above the imports' baseline is printed
+too, next to what keeping every image's probabilities would have added.
+
+Throughput: images/s of `infer.predict_images` (TTA x folds, probability averaging, resize, argmax)
+against a bare forward + argmax of one model, on the same preloaded batches of 2N images in one
+process (image decoding excluded from both). The slowdown is printed next to the forward-pass count
+TTA x folds implies; their quotient is the cost of the merging itself. Other processes competing for
+the CPU skew these timings; run it on an idle machine.
+
+    python bench/predict.py [--images 8] [--image-size 256] [--input-size 128] [--out-size 256]
+                            [--folds 2] [--tta flips] [--batch-size 8] [--repeats 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from pipeline import coco, infer
+from pipeline.config import DemoParams, ModelParams
+from pipeline.dataset import ImageDataset, build_eval_loader
+from pipeline.demo import generate_demo
+from pipeline.models import build_model, checkpoint_state, save_checkpoint
+
+TARGET_RSS_RATIO = 1.15
+STAGE = Path(__file__).resolve().parents[1] / "stages" / "predict.py"
+
+
+class Preloaded(Dataset):
+    """Already decoded and normalised images -> (image, index), so timings measure the model work only."""
+
+    def __init__(self, images: list[torch.Tensor]) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], index
+
+
+def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
+    """Demo test images, test jsons of N and 4N images, fold checkpoints and params.yaml; -> checkpoints."""
+    demo = DemoParams(n_train=1, n_test=4 * args.images, image_size=args.image_size, max_objects=4)
+    generate_demo(work / "data", demo)
+    test = json.loads((work / "data/test.json").read_text())
+    for n in (args.images, 4 * args.images):
+        (work / f"data/test_{n}.json").write_text(json.dumps({**test, "images": test["images"][:n]}))
+    classes = coco.load_coco(work / "data/test.json").classes
+    model_params = ModelParams(arch="Unet", encoder=args.encoder, decoder_channels=[128, 64, 32, 16, 8])
+    state = checkpoint_state(
+        build_model(model_params, len(classes)), model_params, classes, args.input_size, 0, 0.0, 0
+    )
+    checkpoints = [work / f"models/fold{k}/best.pt" for k in range(args.folds)]
+    for path in checkpoints:
+        save_checkpoint(path, state)
+    params = {
+        "split": {"n_splits": max(2, args.folds)},
+        "train": {"folds": list(range(args.folds))},
+        "predict": {"tta": args.tta, "batch_size": args.batch_size, "num_workers": 0},
+        "submission": {"format": "rle", "size": args.out_size},
+    }
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    return checkpoints
+
+
+# Runs a stage script as `python stage ...` would, after importing the modules it uses, and writes two peak
+# RSS figures (kB) to the file named by argv[1]: after those imports, and at the end of the stage.
+_STAGE_PROBE = """
+import resource, runpy, sys
+import pipeline.infer, pipeline.submission  # noqa: F401  (the stage's heavy imports: torch, smp, cv2)
+result, sys.argv = sys.argv[1], sys.argv[2:]
+imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+runpy.run_path(sys.argv[0], run_name="__main__")
+with open(result, "w") as f:
+    f.write(f"{imports} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
+"""
+
+
+def stage_peak_rss(work: Path, n: int) -> tuple[int, int]:
+    """(peak RSS after imports, peak RSS of the whole run), in bytes, of `stages/predict.py` on `n` images."""
+    flags = {
+        "--models": "models",
+        "--root": "data",
+        "--test-json": f"data/test_{n}.json",
+        "--out": f"sub_{n}.csv",
+    }
+    args = [part for flag in flags.items() for part in flag]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    result = work / f"rss_{n}.txt"
+    with open(work / f"predict_{n}.log", "w") as log:
+        command = [sys.executable, "-c", _STAGE_PROBE, str(result), str(STAGE), *args]
+        run = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=log, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"predict stage failed on {n} images; see {work / f'predict_{n}.log'}")
+    imports, peak = (int(kb) * 1024 for kb in result.read_text().split())
+    return imports, peak
+
+
+def median_seconds(runs: list[Callable[[], None]], repeats: int) -> list[float]:
+    """Median wall time of each of `runs` over `repeats` rounds, after one warm-up call of each.
+
+    The runs alternate within a round, so a slow spell of the machine slows all of them alike.
+    """
+    for run in runs:
+        run()  # warm-up: oneDNN kernels and allocator pools are set up on first use
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, samples in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+def throughput(work: Path, checkpoints: list[Path], args: argparse.Namespace) -> tuple[float, float]:
+    """(bare, pipeline) images per second on the same preloaded batches of 2N images."""
+    models, _, input_size = infer.load_ensemble(checkpoints)
+    records = coco.load_coco(work / f"data/test_{4 * args.images}.json").images[: 2 * args.images]
+    images = [image for image, _ in ImageDataset(work / "data", records, input_size)]
+    data = Preloaded(images)
+    batches = [batch for batch, _ in build_eval_loader(data, args.batch_size, 0)]
+    model = models[0]
+    cpu = torch.device("cpu")
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                model(batch).argmax(1)
+
+    def pipeline() -> None:
+        stream = infer.predict_images(
+            models, None, data, args.out_size, args.tta, [1.0], args.batch_size, 0, cpu
+        )
+        for _ in stream:
+            pass
+
+    bare_s, pipeline_s = median_seconds([bare, pipeline], args.repeats)
+    return len(images) / bare_s, len(images) / pipeline_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=8, help="N: the small run's test images (large: 4N)")
+    parser.add_argument("--image-size", type=int, default=256, help="demo photo size (px)")
+    parser.add_argument("--input-size", type=int, default=128, help="the checkpoint's model input size")
+    parser.add_argument("--out-size", type=int, default=256, help="submission mask size")
+    parser.add_argument("--folds", type=int, default=2, help="fold checkpoints in the ensemble")
+    parser.add_argument("--tta", choices=list(infer.TTA_TRANSFORMS), default="flips")
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (the median is kept)")
+    parser.add_argument("--workdir", type=Path, help="keep the generated project here (default: a temp dir)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_predict.") as tmp:
+        work = args.workdir or Path(tmp)
+        checkpoints = make_project(work, args)
+        sizes = (args.images, 4 * args.images)
+        runs = {n: [stage_peak_rss(work, n) for _ in range(args.repeats)] for n in sizes}
+        bare, full = throughput(work, checkpoints, args)
+    imports = statistics.median(first for n in sizes for first, _ in runs[n])
+    peaks = {n: statistics.median(peak for _, peak in runs[n]) for n in sizes}
+    print(report(args, imports, peaks, bare, full))
+
+
+def report(
+    args: argparse.Namespace, imports: float, peaks: dict[int, float], bare: float, full: float
+) -> str:
+    mb = 2**20
+    small, large = sorted(peaks)
+    n_classes = 11  # the demo's 10 classes + background
+    kept = (large - small) * n_classes * args.out_size**2 * 4  # float32 probabilities of the extra images
+    ratio = peaks[large] / peaks[small]
+    above = {n: (peaks[n] - imports) / mb for n in peaks}
+    passes = len(infer.build_tta(args.tta)) * args.folds
+    status = "OK" if ratio <= TARGET_RSS_RATIO else "ABOVE TARGET"
+    lines = [
+        f"predict stage: {args.folds} folds, tta {args.tta}, {args.image_size} px photos, "
+        f"{args.input_size} px model input, {args.out_size} px masks, batch {args.batch_size}; "
+        f"medians of {args.repeats} runs",
+        f"  peak RSS after imports     {imports / mb:8.1f} MB",
+        *(
+            f"  peak RSS, {n:4d} images    {peaks[n] / mb:8.1f} MB  ({above[n]:.1f} MB above imports)"
+            for n in peaks
+        ),
+        f"  (keeping the {large - small} extra images' probabilities would add {kept / mb:.0f} MB)",
+        f"  peak RSS ratio 4N/N {ratio:.3f}  target <= {TARGET_RSS_RATIO}  {status}"
+        f"  (above imports: {above[large] / above[small]:.3f})",
+        f"  bare forward, 1 model      {bare:8.1f} images/s",
+        f"  predict_images, {passes} passes {full:8.1f} images/s",
+        f"  slowdown {bare / full:.2f}x for {passes} forward passes per image "
+        f"(merging and resizing: {bare / full / passes:.2f}x)",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

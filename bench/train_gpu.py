@@ -1,0 +1,200 @@
+"""Benchmark: GPU training img/s fed by the real data loader vs the same model fed from GPU memory.
+
+Trains the competition config (configs/trash.yaml: 512 px, bf16 autocast where supported, channels_last,
+its arch and encoder with random init) through `pipeline.train.train_one_epoch`, alternating per repeat:
+  real       a fresh loader per pass, exactly as `fit` builds one per epoch: demo JPEGs generated at
+             --size, their masks, the full training augmentation with rare-class elastic, oversampling,
+             DataLoader workers, pinned memory and non-blocking copies, worker start-up included;
+  synthetic  one random batch already on the GPU, so the loader costs nothing.
+A pass is one competition fold's epoch by default (2,617 training images x 4/5), so worker start-up
+weighs what it weighs in training. Prints the median img/s of each, the real loader's start-up (time to
+its first batch) and real / synthetic (target >= 0.9: the loader keeps the GPU fed).
+
+    python bench/train_gpu.py                   # exits 0 with a message when there is no CUDA device
+    python bench/train_gpu.py --steps 100 --workers 12 --batch-size 16 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from pipeline import augment, coco
+from pipeline.config import DemoParams, Params, TrainParams, load_params
+from pipeline.dataset import SegmentationDataset, build_train_loader
+from pipeline.demo import generate_demo
+from pipeline.folds import class_presence
+from pipeline.losses import build_loss
+from pipeline.runtime import Runtime, setup_runtime
+from pipeline.train import TrainState, build_train_state, train_one_epoch
+
+TARGET_RATIO = 0.9
+EPOCH_IMAGES = 2617 * 4 // 5  # one fold's training images in the competition (5 folds)
+WARMUP_STEPS = 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=Path("configs/trash.yaml"), help="params to train")
+    parser.add_argument("--arch", help="override model.arch")
+    parser.add_argument("--encoder", help="override model.encoder")
+    parser.add_argument("--size", type=int, help="override augment.size (and the demo image size)")
+    parser.add_argument("--batch-size", type=int, help="override train.batch_size")
+    parser.add_argument("--workers", type=int, help="override train.num_workers")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    parser.add_argument("--steps", type=int, help=f"batches per timed pass (default: {EPOCH_IMAGES} images)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each kind (median)")
+    parser.add_argument("--images", type=int, default=64, help="demo images to generate and cycle through")
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA device (torch.cuda.is_available() is False); run this on a GPU machine")
+        return
+    params = bench_params(load_params(args.config), args)
+    runtime = setup_runtime(params.train, device="cuda")
+    train = params.train
+    steps = train.max_batches
+    print(
+        f"{torch.cuda.get_device_name()}: {params.model.arch}/{params.model.encoder}, "
+        f"{params.augment.size} px, batch {train.batch_size}, {train.num_workers} workers, "
+        f"amp {runtime.amp_dtype}, channels_last {runtime.channels_last}, compile {train.compile}, "
+        f"{steps} steps per pass"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset, weights, n_classes = demo_dataset(Path(tmp), params, args.images, steps * train.batch_size)
+        state = build_train_state(params, n_classes, runtime, total_steps=10**6, resume=None)
+        loss_fn = build_loss(train.losses, train.class_weights).to(runtime.device)
+        synthetic = synthetic_batches(runtime, train.batch_size, params.augment.size, n_classes, steps)
+
+        def real_loader(seed: int) -> FirstBatchTimer:
+            return FirstBatchTimer(
+                build_train_loader(
+                    dataset, train.batch_size, train.num_workers, weights, seed=seed, pin_memory=True
+                )
+            )
+
+        # Warm-up: cuDNN autotuning (and compilation), and the images into the page cache, as after epoch 1.
+        warmup = dataclasses.replace(train, max_batches=WARMUP_STEPS)
+        timed_pass(state, synthetic, loss_fn, runtime, warmup, "warm-up synthetic")
+        timed_pass(state, real_loader(0), loss_fn, runtime, warmup, "warm-up real")
+        real, startup, fake = [], [], []
+        for repeat in range(args.repeats):
+            loader = real_loader(repeat + 1)
+            real.append(timed_pass(state, loader, loss_fn, runtime, train, "real"))
+            startup.append(loader.first_batch_at - loader.started_at)
+            fake.append(timed_pass(state, synthetic, loss_fn, runtime, train, "synthetic"))
+
+    images = steps * train.batch_size
+    real_rate, fake_rate = images / statistics.median(real), images / statistics.median(fake)
+    ratio = real_rate / fake_rate
+    print(f"real loader:     {real_rate:8.1f} img/s  (median of {args.repeats} passes of {images} images)")
+    print(f"  of a pass, the loader's start-up (time to the first batch): {statistics.median(startup):.2f} s")
+    print(f"synthetic (GPU): {fake_rate:8.1f} img/s")
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+    print(f"real / synthetic = {ratio:.3f} (target >= {TARGET_RATIO}): {verdict}")
+
+
+class FirstBatchTimer:
+    """A loader wrapper that notes when iteration started and when the first batch arrived."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.started_at = self.first_batch_at = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        self.started_at = time.perf_counter()
+        for i, batch in enumerate(self.loader):
+            if i == 0:
+                self.first_batch_at = time.perf_counter()
+            yield batch
+
+
+def bench_params(params: Params, args: argparse.Namespace) -> Params:
+    """The config with the command line's overrides; encoder weights are never downloaded here."""
+    model = dataclasses.replace(
+        params.model,
+        arch=args.arch or params.model.arch,
+        encoder=args.encoder or params.model.encoder,
+        encoder_weights=None,
+    )
+    aug = dataclasses.replace(params.augment, size=args.size or params.augment.size)
+    train = dataclasses.replace(
+        params.train,
+        batch_size=args.batch_size or params.train.batch_size,
+        num_workers=params.train.num_workers if args.workers is None else args.workers,
+        compile=args.compile or params.train.compile,
+    )
+    train = dataclasses.replace(train, max_batches=args.steps or max(1, EPOCH_IMAGES // train.batch_size))
+    return dataclasses.replace(params, model=model, augment=aug, train=train)
+
+
+def demo_dataset(
+    root: Path, params: Params, n_images: int, length: int
+) -> tuple[Subset, np.ndarray | None, int]:
+    """Demo images and masks at the training size, as the training Dataset of `fit`, cycled to `length`.
+
+    Returns (dataset, per-item oversampling weights or None, number of classes).
+    """
+    size = params.augment.size
+    generate_demo(root / "demo", DemoParams(n_train=n_images, n_test=1, image_size=size))
+    train_set = coco.load_coco(root / "demo" / "train.json")
+    coco.write_masks(train_set, root / "masks", params.data.overlap)
+    names = [image.file_name for image in train_set.images]
+    masks = (coco.read_mask(root / "masks" / coco.mask_relpath(name)) for name in names)
+    presence = class_presence(masks, train_set.n_classes)
+    aug = params.augment
+    dataset = SegmentationDataset(
+        root / "demo",
+        names,
+        root / "masks",
+        augment.build_train_transform(aug),
+        augment.build_elastic(aug),
+        augment.elastic_probabilities(presence, aug),
+    )
+    cycle = [i % len(names) for i in range(length)]
+    rarity = augment.rarity_weights(presence, aug.elastic_gamma)
+    weights = augment.sampling_weights(presence, rarity)[cycle] if aug.oversample else None
+    return Subset(dataset, cycle), weights, train_set.n_classes
+
+
+def synthetic_batches(
+    runtime: Runtime, batch_size: int, size: int, n_classes: int, steps: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` references to one random (images, masks) batch, already on the GPU in the model's layout."""
+    images = runtime.to_device(torch.randn(batch_size, 3, size, size))
+    masks = torch.randint(0, n_classes, (batch_size, size, size), device=runtime.device)
+    return [(images, masks)] * steps
+
+
+def timed_pass(
+    state: TrainState,
+    batches: Iterable,
+    loss_fn: torch.nn.Module,
+    runtime: Runtime,
+    train: TrainParams,
+    desc: str,
+) -> float:
+    """Seconds for one `train_one_epoch` over `batches` (it ends in a host sync, so the GPU is done)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_one_epoch(state, batches, loss_fn, runtime, train, desc)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

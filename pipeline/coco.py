@@ -1,0 +1,476 @@
+"""COCO json -> semantic masks: load and validate annotations, rasterize them, read images and masks."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import UserError
+
+Overlap = Literal["area_desc", "max_class"]
+OnBad = Literal["error", "skip"]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One entry of the json's `images` list."""
+
+    id: int
+    file_name: str
+    height: int
+    width: int
+
+
+@dataclass
+class CocoSet:
+    """A validated COCO json: class names, images and their annotations (raw COCO dicts).
+
+    Class index 0 is background; category k of the json's `categories` list (json order) is class k + 1,
+    so data whose category ids start at 0, at 1 or anywhere else maps the same way.
+    """
+
+    path: Path
+    root: Path
+    classes: list[str]
+    category_ids: list[int]
+    images: list[ImageRecord]
+    # Every image id has an entry (an empty list when the image has no objects).
+    annotations: dict[int, list[dict[str, Any]]]
+    # False when the json has no `annotations` key at all (a competition test set).
+    has_annotations: bool
+    skipped: int = 0
+    clipped: int = 0
+    problems: list[str] = field(default_factory=list)
+    label_of_category: dict[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.label_of_category = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.classes)
+
+    @property
+    def n_annotations(self) -> int:
+        return sum(len(anns) for anns in self.annotations.values())
+
+    def label(self, ann: dict[str, Any]) -> int:
+        """Class index (1..C-1) of an annotation."""
+        return self.label_of_category[ann["category_id"]]
+
+    def image_file(self, image: ImageRecord) -> Path:
+        """Where `image` lives on disk: root/file_name."""
+        return image_path(self.root, image.file_name)
+
+    def by_file_name(self) -> dict[str, ImageRecord]:
+        return {image.file_name: image for image in self.images}
+
+    def summary(self) -> str:
+        """One line: image and annotation counts, skipped and clipped annotations."""
+        line = (
+            f"{self.path}: {len(self.images)} images, {self.n_annotations} annotations, "
+            f"{self.skipped} skipped, {self.clipped} clipped to the image"
+        )
+        if self.problems:
+            line += f" (first skipped: {self.problems[0]})"
+        return line
+
+
+def load_coco(
+    json_path: str | Path,
+    root: str | Path | None = None,
+    on_bad: OnBad = "error",
+    *,
+    require_annotations: bool = False,
+) -> CocoSet:
+    """Read and validate a COCO json; `root` is the folder `file_name`s are relative to (default: the json's).
+
+    Structural problems (not json, missing lists, duplicate or unsafe images, bad categories) always raise
+    `UserError`. A bad annotation (unknown image or category, malformed polygon or RLE) raises with
+    `on_bad="error"` and is dropped and counted in `.skipped` / `.problems` with `on_bad="skip"`. Polygon
+    coordinates outside the image are legal: the rasterizer intersects the polygon with the image, and
+    such annotations are counted in `.clipped`. Without an `annotations` key the set has no objects,
+    unless `require_annotations` (a training set) makes that an error.
+    """
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    path = Path(json_path)
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a JSON object with images/annotations/categories")
+    required = ["images", "categories"] + (["annotations"] if require_annotations else [])
+    for key in required:
+        if key not in data:
+            raise UserError(f"{path}: no '{key}' list (a COCO json needs images, annotations, categories)")
+    for key in ("images", "categories", "annotations"):
+        if key in data and not isinstance(data[key], list):
+            raise UserError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
+
+    category_ids, classes = _parse_categories(path, data["categories"])
+    images = _parse_images(path, data["images"])
+    coco = CocoSet(
+        path=path,
+        root=Path(root) if root is not None else path.parent,
+        classes=["background", *classes],
+        category_ids=category_ids,
+        images=images,
+        annotations={image.id: [] for image in images},
+        has_annotations="annotations" in data,
+    )
+    by_id = {image.id: image for image in images}
+    for index, ann in enumerate(data.get("annotations", [])):
+        problem, clipped = _annotation_problem(ann, by_id, coco.label_of_category)
+        if problem is not None:
+            message = f"{path}: {_describe_annotation(ann, index)}: {problem}"
+            if on_bad == "error":
+                raise UserError(message)
+            coco.skipped += 1
+            coco.problems.append(message)
+            continue
+        coco.clipped += clipped
+        coco.annotations[ann["image_id"]].append(ann)
+    return coco
+
+
+def check_same_classes(train: CocoSet, test: CocoSet) -> None:
+    """Raise `UserError` unless both sets list the same categories (ids and names) in the same order."""
+    a = list(zip(train.category_ids, train.classes[1:], strict=True))
+    b = list(zip(test.category_ids, test.classes[1:], strict=True))
+    if a == b:
+        return
+    if len(a) != len(b):
+        raise UserError(f"{test.path}: {len(b)} categories but {train.path} has {len(a)}; they must match")
+    k = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+    raise UserError(
+        f"{test.path}: category {k + 1} is {b[k][1]!r} (id {b[k][0]}) but in {train.path} it is "
+        f"{a[k][1]!r} (id {a[k][0]}); train and test must list the same categories"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rasterization
+
+
+def decode_segmentation(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """Binary mask (bool HxW) of one annotation's polygons, uncompressed RLE or compressed RLE.
+
+    Decoding is pycocotools' (the reference implementation), so masks agree with `COCO.annToMask`.
+    """
+    return mask_utils.decode(_to_rle(segmentation, height, width)).astype(bool)
+
+
+def rasterize(coco: CocoSet, image: ImageRecord, overlap: Overlap = "area_desc") -> np.ndarray:
+    """Semantic mask (uint8 HxW of class indexes, 0 = background) of `image`'s annotations.
+
+    Where objects overlap, `overlap` decides the winner: "area_desc" paints the largest object first so
+    smaller ones stay visible on top (area counted from the decoded mask, never the json's `area` field);
+    "max_class" gives each pixel the highest class index covering it. Ties go by annotation id.
+    """
+    try:
+        order_rule = OVERLAP_RULES[overlap]
+    except KeyError:
+        raise ValueError(f"unknown overlap rule {overlap!r}; valid: {', '.join(OVERLAP_RULES)}") from None
+    anns = coco.annotations[image.id]
+    rles = [_to_rle(ann["segmentation"], image.height, image.width) for ann in anns]
+    labels = [coco.label(ann) for ann in anns]
+    areas = [int(mask_utils.area(rle)) for rle in rles]
+    ids = [ann.get("id", position) for position, ann in enumerate(anns)]
+    mask = np.zeros((image.height, image.width), dtype=np.uint8)
+    for i in order_rule(areas, labels, ids):
+        mask[mask_utils.decode(rles[i]).astype(bool)] = labels[i]
+    return mask
+
+
+def _paint_area_desc(areas: Sequence[int], labels: Sequence[int], ids: Sequence[int]) -> list[int]:
+    return sorted(range(len(areas)), key=lambda i: (-areas[i], ids[i]))
+
+
+def _paint_max_class(areas: Sequence[int], labels: Sequence[int], ids: Sequence[int]) -> list[int]:
+    return sorted(range(len(areas)), key=lambda i: (labels[i], ids[i]))
+
+
+# Each rule returns the painting order (later paints over earlier) from per-object (areas, labels, ids).
+OVERLAP_RULES: dict[str, Callable[[Sequence[int], Sequence[int], Sequence[int]], list[int]]] = {
+    "area_desc": _paint_area_desc,
+    "max_class": _paint_max_class,
+}
+
+
+def _to_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """pycocotools RLE of a validated segmentation (the same three cases as `COCO.annToRLE`)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return {"size": segmentation["size"], "counts": counts}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files: image paths, images, masks
+
+
+def image_path(root: str | Path, file_name: str) -> Path:
+    """root/file_name, refusing a `file_name` that is absolute or climbs out of `root` with `..`."""
+    problem = _file_name_problem(file_name)
+    if problem is not None:
+        raise UserError(f"{root}: file_name {file_name!r} {problem}")
+    return Path(root) / file_name
+
+
+def mask_relpath(file_name: str) -> str:
+    """Relative path of an image's mask file: `batch_01_vt/0002.jpg` -> `batch_01_vt/0002.png`."""
+    return str(PurePosixPath(file_name).with_suffix(".png"))
+
+
+def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file to RGB uint8 HxWx3; `UserError` if missing, empty, corrupt or the wrong size.
+
+    EXIF orientation is deliberately ignored: annotations are in the stored pixel grid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image file not found")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: image file is empty (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here rather than later in a worker
+            array = np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: truncated or corrupt image ({exc})") from None
+    if expected_hw is not None and array.shape[:2] != tuple(expected_hw):
+        h, w = array.shape[:2]
+        raise UserError(f"{path}: image is {h}x{w} (HxW) but the json says {expected_hw[0]}x{expected_hw[1]}")
+    return array
+
+
+def check_images(coco: CocoSet) -> None:
+    """Decode every image of `coco` and check its size against the json; `UserError` on the first bad one."""
+    for image in tqdm(coco.images, desc=f"check {coco.path.name} images", unit="img"):
+        read_image(coco.image_file(image), (image.height, image.width))
+
+
+def write_masks(coco: CocoSet, out_dir: str | Path, overlap: Overlap = "area_desc") -> None:
+    """Check each image of `coco` and write its semantic mask to `out_dir/mask_relpath(file_name)`."""
+    for image in tqdm(coco.images, desc=f"masks for {coco.path.name}", unit="img"):
+        read_image(coco.image_file(image), (image.height, image.width))
+        write_mask(Path(out_dir) / mask_relpath(image.file_name), rasterize(coco, image, overlap))
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write a uint8 HxW class-index mask as a grayscale PNG, atomically."""
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"mask must be uint8 HxW, got {mask.dtype} {mask.shape}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask).save(tmp, format="PNG")
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a mask written by `write_mask` (uint8 HxW of class indexes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: mask file not found (is the masks stage up to date?)")
+    try:
+        with Image.open(path) as img:
+            if img.mode != "L":
+                raise UserError(f"{path}: mask must be an 8-bit grayscale PNG, got mode {img.mode}")
+            return np.asarray(img).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable mask ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_categories(path: Path, raw: list) -> tuple[list[int], list[str]]:
+    if not raw:
+        raise UserError(f"{path}: 'categories' is empty")
+    if len(raw) > 255:
+        raise UserError(f"{path}: {len(raw)} categories; uint8 masks hold at most 255 (plus background)")
+    ids: list[int] = []
+    names: list[str] = []
+    for index, cat in enumerate(raw):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise UserError(f"{path}: categories[{index}] needs an integer 'id' and a string 'name': {cat!r}")
+        if cat["id"] in ids:
+            raise UserError(f"{path}: category id {cat['id']} appears twice")
+        if cat["name"] in names:
+            raise UserError(f"{path}: category name {cat['name']!r} appears twice")
+        ids.append(cat["id"])
+        names.append(cat["name"])
+    return ids, names
+
+
+def _parse_images(path: Path, raw: list) -> list[ImageRecord]:
+    images: list[ImageRecord] = []
+    seen_ids: set[int] = set()
+    seen_masks: dict[str, str] = {}
+    for index, img in enumerate(raw):
+        if not isinstance(img, dict):
+            raise UserError(f"{path}: images[{index}] must be an object, got {img!r}")
+        fields = (img.get("id"), img.get("file_name"), img.get("height"), img.get("width"))
+        image_id, file_name, height, width = fields
+        if not (_is_int(image_id) and isinstance(file_name, str) and _is_int(height) and _is_int(width)):
+            raise UserError(
+                f"{path}: images[{index}] needs integer 'id', 'height', 'width' and a string 'file_name'"
+            )
+        if height <= 0 or width <= 0:
+            raise UserError(f"{path}: image id {image_id} ({file_name}) has size {height}x{width}")
+        if image_id in seen_ids:
+            raise UserError(f"{path}: image id {image_id} appears twice (second time for {file_name!r})")
+        problem = _file_name_problem(file_name)
+        if problem is not None:
+            raise UserError(f"{path}: image id {image_id}: file_name {file_name!r} {problem}")
+        # Masks are stored by mask_relpath, so `a.jpg` and `a.png` would collide as well as exact duplicates.
+        key = mask_relpath(file_name)
+        if key in seen_masks:
+            other = seen_masks[key]
+            what = "appears twice" if other == file_name else f"and {other!r} would share mask file {key}"
+            raise UserError(f"{path}: image id {image_id}: file_name {file_name!r} {what}")
+        seen_ids.add(image_id)
+        seen_masks[key] = file_name
+        images.append(ImageRecord(id=image_id, file_name=file_name, height=height, width=width))
+    return images
+
+
+def _file_name_problem(file_name: str) -> str | None:
+    if not file_name:
+        return "is empty"
+    if PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).anchor:
+        return "is absolute; it must be relative to the data root"
+    if ".." in PurePosixPath(file_name.replace("\\", "/")).parts:
+        return "climbs out of the data root with '..'"
+    return None
+
+
+def _describe_annotation(ann: Any, index: int) -> str:
+    if isinstance(ann, dict) and "id" in ann:
+        return f"annotation id {ann['id']!r} (image id {ann.get('image_id')!r})"
+    return f"annotations[{index}]"
+
+
+def _annotation_problem(
+    ann: Any, images: dict[int, ImageRecord], label_of_category: dict[int, int]
+) -> tuple[str | None, bool]:
+    """(what is wrong with `ann` or None, whether its polygon reaches outside the image)."""
+    if not isinstance(ann, dict):
+        return f"must be an object, got {ann!r}", False
+    if "id" in ann and not _is_int(ann["id"]):
+        return f"'id' must be an integer, got {ann['id']!r}", False
+    image = images.get(ann.get("image_id"))  # type: ignore[arg-type]
+    if image is None:
+        return f"image_id {ann.get('image_id')!r} is not in 'images'", False
+    if ann.get("category_id") not in label_of_category:
+        return f"category_id {ann.get('category_id')!r} is not in 'categories'", False
+    if "segmentation" not in ann:
+        return "no 'segmentation'", False
+    segmentation = ann["segmentation"]
+    if isinstance(segmentation, list):
+        return _polygon_problem(segmentation, image.height, image.width)
+    if isinstance(segmentation, dict):
+        return _rle_problem(segmentation, image.height, image.width), False
+    kind = type(segmentation).__name__
+    return f"'segmentation' must be a list of polygons or an RLE object, got {kind}", False
+
+
+def _polygon_problem(polygons: list, height: int, width: int) -> tuple[str | None, bool]:
+    if not polygons:
+        return "'segmentation' is an empty polygon list", False
+    outside = False
+    for k, poly in enumerate(polygons):
+        if not isinstance(poly, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in poly
+        ):
+            return f"polygon {k} must be a flat list of finite numbers [x1, y1, x2, y2, ...]", False
+        if len(poly) % 2:
+            return f"polygon {k} has an odd number of coordinates ({len(poly)})", False
+        # pycocotools would also read a 4-number list as a bounding box, not a polygon.
+        if len(poly) < 6:
+            return f"polygon {k} has {len(poly) // 2} points; a polygon needs at least 3", False
+        xs, ys = poly[0::2], poly[1::2]
+        outside = outside or min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height
+    return None, outside
+
+
+def _rle_problem(rle: dict, height: int, width: int) -> str | None:
+    size, counts = rle.get("size"), rle.get("counts")
+    if size != [height, width]:
+        return f"RLE size {size!r} differs from the image's [height, width] [{height}, {width}]"
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts):
+            return "RLE counts must be non-negative integers"
+        total = sum(counts)
+    elif isinstance(counts, str | bytes):
+        total = _compressed_rle_total(counts if isinstance(counts, str) else counts.decode("latin-1"))
+        if total is None:
+            return "compressed RLE counts string is malformed"
+    else:
+        return f"RLE counts must be a list or a string, got {type(counts).__name__}"
+    # pycocotools decodes a short RLE into uninitialised memory without complaint, so check the total here.
+    if total != height * width:
+        return f"RLE counts cover {total} pixels but the image has {height}x{width} = {height * width}"
+    return None
+
+
+def _compressed_rle_total(counts: str) -> int | None:
+    """Sum of the run lengths in a compressed COCO RLE string, or None if it is malformed.
+
+    Mirrors pycocotools' `rleFrString` (6-bit chunks offset by 48, runs after the second stored as deltas
+    from the run two back); used only to validate the string, never to decode a mask.
+    """
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                return None
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+    return sum(runs)

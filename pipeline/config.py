@@ -1,0 +1,249 @@
+"""Typed params: params.yaml loaded into frozen dataclasses, one per section, strictly checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    """The generated demo dataset (stage `demo`)."""
+
+    seed: int = 0
+    n_train: int = 300
+    n_test: int = 80
+    image_size: int = 512
+    max_objects: int = 5
+    jpeg_quality: int = 92
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where the COCO data is and how annotations become masks (stage `masks`)."""
+
+    root: str = "data/demo"
+    train_json: str = "data/demo/train.json"
+    test_json: str = "data/demo/test.json"
+    test_truth_json: str | None = None
+    overlap: Literal["area_desc", "max_class"] = "area_desc"
+    on_bad_annotation: Literal["error", "skip"] = "error"
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """Multi-label stratified K-fold (stage `split`)."""
+
+    n_splits: int = 5
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Training augmentation, including rare-class-weighted elastic deformation."""
+
+    size: int = 512
+    hflip: float = 0.5
+    vflip: float = 0.0
+    shift_scale_rotate: float = 0.5
+    color: float = 0.3
+    elastic_p_min: float = 0.1
+    elastic_p_max: float = 0.8
+    elastic_gamma: float = 0.5
+    elastic_alpha: float = 400.0
+    elastic_sigma: float = 10.0
+    elastic_impl: Literal["fast", "albumentations"] = "fast"
+    oversample: bool = False
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The segmentation-models-pytorch model."""
+
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    # null (random init), "imagenet" (downloaded by smp), or a path to a local state-dict file.
+    encoder_weights: str | None = None
+    decoder_channels: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The training loop, run once per fold (stage `train@k`)."""
+
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # Processes per node for DDP; dvc.yaml launches `torchrun --nproc_per_node ${train.nproc}`.
+    nproc: int = 1
+    epochs: int = 30
+    batch_size: int = 8
+    accumulate: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    grad_clip: float | None = 1.0
+    losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "dice": 1.0})
+    class_weights: list[float] | None = None
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 4
+    seed: int = 42
+    max_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    """Test-time augmentation and fold ensembling (stage `predict`)."""
+
+    tta: Literal["none", "flips", "d4"] = "flips"
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    fold_weights: list[float] | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class SubmissionParams:
+    """The submission CSV's format and mask size."""
+
+    format: Literal["rle", "dense"] = "rle"
+    size: int | None = 256
+    rle_order: Literal["column", "row"] = "column"
+
+
+@dataclass(frozen=True)
+class Params:
+    """All of params.yaml."""
+
+    demo: DemoParams = field(default_factory=DemoParams)
+    data: DataParams = field(default_factory=DataParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    predict: PredictParams = field(default_factory=PredictParams)
+    submission: SubmissionParams = field(default_factory=SubmissionParams)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read `path` into `Params`; a missing section takes its defaults, an unknown key or bad type raises."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return params_from_dict(raw or {}, source=str(path))
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
+    """Build `Params` from a nested dict, checking every key and type."""
+    params = _build(Params, raw, source, prefix="")
+    _check_consistency(params, source)
+    return params
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})"
+        )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, source, prefix=f"{key}.")
+        else:
+            values[name] = _check(value, hint, key, source)
+    return cls(**values)
+
+
+def _check(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Return `value` if it matches the annotation `hint` (ints are accepted where floats are expected)."""
+    if _matches(value, hint):
+        if hint is float:
+            return float(value)
+        return value
+    raise UserError(f"{source}: '{key}' must be {_describe(hint)}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
+        )
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    raise TypeError(f"unsupported annotation {hint!r}")  # a bug in this module, not user input
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+
+
+def _check_consistency(params: Params, source: str) -> None:
+    """Cross-section rules that a single type cannot express."""
+    n = params.split.n_splits
+    if n < 2:
+        raise UserError(f"{source}: 'split.n_splits' must be at least 2, got {n}")
+    bad = [k for k in params.train.folds if not 0 <= k < n]
+    if bad:
+        raise UserError(
+            f"{source}: 'train.folds' names fold {bad[0]}, but split.n_splits is {n} (folds 0..{n - 1})"
+        )
+    if len(set(params.train.folds)) != len(params.train.folds):
+        raise UserError(f"{source}: 'train.folds' lists a fold twice: {params.train.folds}")
+    fw = params.predict.fold_weights
+    if fw is not None and len(fw) != len(params.train.folds):
+        raise UserError(
+            f"{source}: 'predict.fold_weights' has {len(fw)} weights for {len(params.train.folds)} folds"
+        )
+    if params.augment.size % 32:
+        raise UserError(
+            f"{source}: 'augment.size' must be divisible by 32 (encoder strides), got {params.augment.size}"
+        )
+    if not 0 <= params.augment.elastic_p_min <= params.augment.elastic_p_max <= 1:
+        raise UserError(f"{source}: need 0 <= augment.elastic_p_min <= augment.elastic_p_max <= 1")

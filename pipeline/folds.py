@@ -1,0 +1,75 @@
+"""Multi-label stratified K-fold: which classes each image holds, and folds that balance them."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+
+def class_presence(masks: Iterable[np.ndarray], n_classes: int) -> np.ndarray:
+    """bool (N, C): which class indexes appear in each uint8 (H, W) mask. Column 0 is background.
+
+    Raises ValueError naming the mask's position if a mask holds a label >= n_classes.
+    """
+    rows = []
+    for i, mask in enumerate(masks):
+        counts = np.bincount(mask.ravel(), minlength=n_classes)
+        if len(counts) > n_classes:
+            raise ValueError(
+                f"mask {i} holds label {len(counts) - 1}, but there are only {n_classes} classes"
+            )
+        rows.append(counts > 0)
+    return np.array(rows, dtype=bool).reshape(len(rows), n_classes)
+
+
+def make_folds(
+    presence: np.ndarray, n_splits: int, seed: int, class_names: Sequence[str] | None = None
+) -> np.ndarray:
+    """Fold index (0..n_splits-1) per image, by iterative stratification on the foreground classes.
+
+    presence: bool (N, C) from `class_presence`. Stratifies on columns 1..C-1 plus an "empty" column
+    (image holds no foreground class), so images without objects spread evenly too. Deterministic for
+    a seed. Warns, naming the class, when a class is in fewer images than folds: some validation folds
+    then never see it. Returns int64 (N,).
+    """
+    presence = np.asarray(presence, dtype=bool)
+    n_images, n_classes = presence.shape
+    if n_images < n_splits:
+        raise ValueError(f"{n_images} images cannot fill {n_splits} folds")
+    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(n_classes)]
+    for c, count in enumerate(presence.sum(axis=0)[1:], start=1):
+        if count < n_splits:
+            warnings.warn(
+                f"class '{names[c]}' is in {count} training image(s), fewer than {n_splits} folds: "
+                "some folds will have none of it to validate on",
+                stacklevel=2,
+            )
+    foreground = presence[:, 1:]
+    labels = np.column_stack([foreground, ~foreground.any(axis=1)])
+    splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    folds = np.full(n_images, -1, dtype=np.int64)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(n_images), labels)):
+        folds[held_out] = fold
+    return folds
+
+
+def fold_class_counts(
+    presence: np.ndarray, folds: np.ndarray, class_names: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Images holding each class, per fold: rows `fold0`.., columns the foreground classes (int64)."""
+    presence = np.asarray(presence, dtype=bool)
+    folds = np.asarray(folds)
+    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(presence.shape[1])]
+    if len(names) != presence.shape[1]:
+        raise ValueError(f"{len(names)} class names for {presence.shape[1]} presence columns")
+    n_splits = int(folds.max()) + 1 if len(folds) else 0
+    counts = np.array([presence[folds == k].sum(axis=0) for k in range(n_splits)], dtype=np.int64)
+    return pd.DataFrame(
+        counts.reshape(n_splits, presence.shape[1])[:, 1:],
+        index=[f"fold{k}" for k in range(n_splits)],
+        columns=names[1:],
+    )

@@ -1,0 +1,107 @@
+"""Confusion matrices and IoU for semantic segmentation, accumulated over a whole dataset."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+# Dataset-level IoU sums one confusion matrix over every image and divides once; averaging
+# per-image IoUs instead would weight a 10-pixel object like a 100,000-pixel one.
+
+
+def confusion_matrix(
+    truth: np.ndarray, pred: np.ndarray, n_classes: int, ignore_index: int | None = None
+) -> np.ndarray:
+    """Count (truth, prediction) class pairs over all pixels.
+
+    truth, pred: integer arrays of the same shape (any shape: HxW, NxHxW, flat) with classes in
+    [0, n_classes); truth pixels equal to `ignore_index` are left out (they may hold any value).
+    Returns an int64 (C, C) matrix, rows = truth, columns = prediction. Raises ValueError on a value
+    out of range.
+    """
+    truth, pred = np.asarray(truth), np.asarray(pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth shape {truth.shape} != prediction shape {pred.shape}")
+    _check_integer(truth, "truth")
+    _check_integer(pred, "prediction")
+    truth, pred = truth.reshape(-1), pred.reshape(-1)
+    if ignore_index is not None:
+        keep = truth != ignore_index
+        truth, pred = truth[keep], pred[keep]
+    _check_range(truth, n_classes, "truth")
+    _check_range(pred, n_classes, "prediction")
+    # One bincount over n*truth + pred fills the whole matrix in a single pass; the index is widened
+    # first so small dtypes (uint8 masks) cannot overflow, and built in place to spare two temporaries.
+    index = truth.astype(np.intp)
+    index *= n_classes
+    np.add(index, pred, out=index, casting="unsafe")  # safe here: pred is range-checked; uint64 would refuse
+    counts = np.bincount(index, minlength=n_classes * n_classes)
+    return counts.astype(np.int64, copy=False).reshape(n_classes, n_classes)
+
+
+def confusion_matrix_torch(
+    truth: torch.Tensor, pred: torch.Tensor, n_classes: int, ignore_index: int | None = None
+) -> torch.Tensor:
+    """`confusion_matrix` on tensors, computed where they live (GPU during validation).
+
+    Returns an int64 (C, C) tensor on the inputs' device. The range check costs one host sync.
+    """
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth shape {tuple(truth.shape)} != prediction shape {tuple(pred.shape)}")
+    for tensor, name in ((truth, "truth"), (pred, "prediction")):
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer class indexes, got {tensor.dtype}")
+    truth, pred = truth.reshape(-1).long(), pred.reshape(-1).long()
+    if ignore_index is not None:
+        keep = truth != ignore_index
+        truth, pred = truth[keep], pred[keep]
+    if truth.numel():
+        # Both ranges in one host sync (a `.item()` per check would stall the GPU four times).
+        low_t, high_t, low_p, high_p = torch.stack([*torch.aminmax(truth), *torch.aminmax(pred)]).tolist()
+        for low, high, name in ((low_t, high_t, "truth"), (low_p, high_p, "prediction")):
+            if low < 0 or high >= n_classes:
+                raise ValueError(f"{name} holds class {low if low < 0 else high}, outside [0, {n_classes})")
+    counts = torch.bincount(truth * n_classes + pred, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes)
+
+
+def iou_per_class(cm: np.ndarray) -> np.ndarray:
+    """Per-class IoU = TP / (TP + FP + FN) from a (C, C) confusion matrix (rows truth).
+
+    Returns float64 (C,), NaN for a class absent from both truth and prediction (no evidence either
+    way), so `mean_iou` can skip it. A torch matrix must be moved to the CPU first.
+    """
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion matrix must be square (C, C), got shape {cm.shape}")
+    cm = cm.astype(np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+    iou = np.full(tp.shape, np.nan)
+    np.divide(tp, union, out=iou, where=union > 0)
+    return iou
+
+
+def mean_iou(cm: np.ndarray) -> float:
+    """Mean of `iou_per_class` over classes present in truth or prediction; NaN if none are."""
+    iou = iou_per_class(cm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slice: an empty matrix, NaN is the answer
+        return float(np.nanmean(iou))
+
+
+def _check_integer(array: np.ndarray, name: str) -> None:
+    if not (np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name} must hold integer class indexes, got dtype {array.dtype}")
+
+
+def _check_range(values: np.ndarray, n_classes: int, name: str) -> None:
+    if not values.size:
+        return
+    low = values.min() if np.issubdtype(values.dtype, np.signedinteger) else 0
+    high = values.max()
+    if low < 0 or high >= n_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds class {bad}, outside [0, {n_classes})")

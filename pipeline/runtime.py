@@ -1,0 +1,119 @@
+"""Device, precision, seeding and DDP process group: decided once per run and passed around."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import TrainParams
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process trains. rank/world_size are 0/1 outside torchrun."""
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None  # None: full float32
+    use_scaler: bool = False  # float16 needs loss scaling; bfloat16 has float32's range and does not
+    channels_last: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """Mixed-precision context for forward passes (a no-op in float32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Move an NCHW float batch to the device in the memory format the model runs in."""
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        return images.to(self.device, non_blocking=True, memory_format=memory_format)
+
+
+def setup_runtime(train: TrainParams, device: str | None = None) -> Runtime:
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE, pick the device, join the process group if > 1 process.
+
+    `device` forces a device ("cpu", "cuda"); by default CUDA is used when available. AMP and
+    channels_last follow `train.amp` / `train.channels_last` on CUDA only: on CPU autocast is
+    slower than float32 for convolutions, so CPU runs the same code in float32. On CPU, torch's
+    thread count leaves a core per DataLoader worker, unless OMP_NUM_THREADS says otherwise.
+    """
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    amp_dtype = None
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        if train.amp:
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # TF32 matmuls: free speed on Ampere+ at a precision segmentation does not miss (cuDNN
+        # convolutions use TF32 by default). Fixed input sizes let cuDNN benchmark its algorithms once.
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
+    else:
+        dev = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Leave each DataLoader worker a core: OpenMP threads sharing cores with busy processes
+            # wait on each other at every op and run several times slower than fewer threads would.
+            torch.set_num_threads(max(1, _cpu_cores() // world_size - train.num_workers))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Runtime(
+        device=dev,
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        amp_dtype=amp_dtype,
+        use_scaler=amp_dtype == torch.float16,
+        channels_last=use_cuda and train.channels_last,
+    )
+
+
+def teardown(runtime: Runtime) -> None:
+    """Leave the process group (if this run joined one)."""
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment: {name} must be an integer, got {value!r}") from None

@@ -1,0 +1,35 @@
+"""Stage `leaderboard`: score the submission against the test truth, as `python -m pipeline score` does."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline import coco
+from pipeline.atomic import write_json
+from pipeline.config import load_params
+from pipeline.errors import UserError, run_main
+from pipeline.submission import score_submission
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--submission", type=Path, required=True, help="submission CSV to score")
+    parser.add_argument("--truth", type=Path, required=True, help="COCO json of the test truth")
+    parser.add_argument("--out", type=Path, required=True, help="leaderboard metrics JSON to write")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    params = load_params(args.params)
+
+    truth = coco.load_coco(args.truth, on_bad=params.data.on_bad_annotation)
+    if not truth.has_annotations:
+        raise UserError(f"{args.truth}: no 'annotations' list; --truth must be the test set's ground truth")
+    result = score_submission(
+        args.submission, truth, params.submission.size, params.data.overlap, order=params.submission.rle_order
+    )
+    write_json(args.out, result)
+    print(f"leaderboard mIoU {result['miou']:.4f}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,67 @@
+"""Stage `masks`: check the COCO data and images, write one semantic mask PNG per training image."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline import coco
+from pipeline.atomic import write_json
+from pipeline.config import load_params
+from pipeline.errors import run_main
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty folder beside `path`; on success it replaces `path` whole, on error it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
+    try:
+        yield tmp
+        old = tmp.with_suffix(".old")
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", required=True, help="folder the jsons' file_names are relative to")
+    parser.add_argument("--train-json", required=True)
+    parser.add_argument("--test-json", required=True)
+    parser.add_argument("--out", required=True, help="masks folder, replaced as a whole")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    data = load_params(args.params).data
+
+    on_bad = data.on_bad_annotation
+    train = coco.load_coco(args.train_json, args.root, on_bad, require_annotations=True)
+    test = coco.load_coco(args.test_json, args.root, on_bad)
+    coco.check_same_classes(train, test)
+    coco.check_images(test)
+    with atomic_dir(args.out) as tmp:
+        coco.write_masks(train, tmp, data.overlap)
+        write_json(tmp / "classes.json", {"classes": train.classes})
+
+    problems = train.problems + test.problems
+    print(
+        f"masks: {len(train.images)} training images -> {args.out}, {len(test.images)} test images checked; "
+        f"annotations: {train.n_annotations} used, {len(problems)} skipped, "
+        f"{train.clipped} clipped to the image" + (f" (first skipped: {problems[0]})" if problems else "")
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,252 @@
+"""Bad input to the masks stage: one test per case, each a one-line error naming the file and the item.
+
+Each case runs `stages/masks.py` as a subprocess on a small valid dataset with one thing broken, and checks
+exit code 2, a single `error:` line on stderr, no traceback, and an output folder left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import coco
+from pipeline.errors import UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+REPO = Path(__file__).resolve().parents[1]
+H, W = 40, 48
+CATEGORIES = [{"id": 1, "name": "Paper"}, {"id": 2, "name": "Metal"}]
+
+
+@dataclass
+class Dataset:
+    """A small valid dataset: root/imgs/*.jpg, train.json, test.json, params.yaml, an earlier run's output."""
+
+    root: Path
+    train: dict[str, Any] | str  # a str is written verbatim (for broken json)
+    test: dict[str, Any]
+    out: Path
+    params: Path
+
+    @property
+    def train_json(self) -> Path:
+        return self.root / "train.json"
+
+    @property
+    def test_json(self) -> Path:
+        return self.root / "test.json"
+
+    def save(self) -> None:
+        self.train_json.write_text(self.train if isinstance(self.train, str) else json.dumps(self.train))
+        self.test_json.write_text(json.dumps(self.test))
+
+    def run_stage(self) -> subprocess.CompletedProcess[str]:
+        self.save()
+        command = [sys.executable, str(REPO / "stages" / "masks.py"), "--root", str(self.root),
+                   "--train-json", str(self.train_json), "--test-json", str(self.test_json),
+                   "--out", str(self.out), "--params", str(self.params)]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def write_jpeg(path: Path, height: int = H, width: int = W, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def snapshot(folder: Path) -> dict[str, bytes] | None:
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def ds(tmp_path: Path) -> Dataset:
+    root = tmp_path / "data"
+    for i, name in enumerate(["imgs/0.jpg", "imgs/1.jpg", "imgs/t0.jpg"]):
+        write_jpeg(root / name, seed=i)
+    images = [{"id": i, "file_name": f"imgs/{i}.jpg", "height": H, "width": W} for i in (0, 1)]
+    annotations = [
+        {"id": 10, "image_id": 0, "category_id": 1, "segmentation": [[2, 2, 30, 2, 30, 20, 2, 20]],
+         "area": 504, "iscrowd": 0},
+        {"id": 11, "image_id": 1, "category_id": 2, "segmentation": [[5, 5, 40, 8, 20, 35]],
+         "area": 500, "iscrowd": 0},
+    ]  # fmt: skip
+    train = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    test_images = [{"id": 0, "file_name": "imgs/t0.jpg", "height": H, "width": W}]
+    test = {"images": test_images, "categories": CATEGORIES}
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  on_bad_annotation: error\n")
+    out = tmp_path / "masks"
+    out.mkdir()
+    (out / "classes.json").write_text('{"classes": ["from", "an", "earlier", "run"]}')
+    return Dataset(root, train, test, out, params)
+
+
+def expect_error(ds: Dataset, *fragments: str) -> str:
+    """Run the stage, check it failed cleanly without touching its output, return the error line."""
+    before, beside = snapshot(ds.out), sorted(ds.out.parent.iterdir())
+    result = ds.run_stage()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    assert snapshot(ds.out) == before
+    assert sorted(ds.out.parent.iterdir()) == beside  # no temporary folder left behind
+    return errors[0]
+
+
+def first_ann(ds: Dataset) -> dict[str, Any]:
+    return ds.train["annotations"][0]
+
+
+# --- the json itself --------------------------------------------------------------------------------------
+
+
+def test_not_json(ds: Dataset) -> None:
+    ds.train = "images: [oops"
+    expect_error(ds, "train.json", "not valid JSON", "line 1")
+
+
+@pytest.mark.parametrize("key", ["images", "annotations", "categories"])
+def test_missing_top_level_list(ds: Dataset, key: str) -> None:
+    del ds.train[key]
+    expect_error(ds, "train.json", f"'{key}'")
+
+
+def test_annotation_for_unknown_image(ds: Dataset) -> None:
+    first_ann(ds)["image_id"] = 99
+    expect_error(ds, "train.json", "annotation id 10", "image_id 99 is not in 'images'")
+
+
+def test_annotation_with_unknown_category(ds: Dataset) -> None:
+    first_ann(ds)["category_id"] = 7
+    expect_error(ds, "train.json", "annotation id 10", "category_id 7 is not in 'categories'")
+
+
+def test_polygon_with_odd_number_of_coordinates(ds: Dataset) -> None:
+    first_ann(ds)["segmentation"] = [[2, 2, 30, 2, 30, 20, 2]]
+    expect_error(ds, "train.json", "annotation id 10", "polygon 0 has an odd number of coordinates (7)")
+
+
+def test_polygon_with_fewer_than_three_points(ds: Dataset) -> None:
+    first_ann(ds)["segmentation"] = [[2, 2, 30, 2, 30, 20, 2, 20], [1, 1, 5, 5]]
+    expect_error(ds, "train.json", "annotation id 10", "polygon 1 has 2 points")
+
+
+def test_duplicate_image_id(ds: Dataset) -> None:
+    ds.train["images"][1]["id"] = 0
+    expect_error(ds, "train.json", "image id 0 appears twice", "imgs/1.jpg")
+
+
+def test_duplicate_file_name(ds: Dataset) -> None:
+    ds.train["images"][1]["file_name"] = "imgs/0.jpg"
+    expect_error(ds, "train.json", "image id 1", "'imgs/0.jpg' appears twice")
+
+
+def test_absolute_file_name(ds: Dataset) -> None:
+    ds.train["images"][0]["file_name"] = str(ds.root / "imgs" / "0.jpg")
+    expect_error(ds, "train.json", "image id 0", "is absolute")
+
+
+def test_file_name_climbing_out_of_the_root(ds: Dataset) -> None:
+    write_jpeg(ds.root.parent / "outside.jpg")
+    ds.train["images"][0]["file_name"] = "imgs/../../outside.jpg"
+    expect_error(ds, "train.json", "image id 0", "'imgs/../../outside.jpg' climbs out of the data root")
+
+
+def test_train_and_test_categories_differ(ds: Dataset) -> None:
+    ds.test["categories"] = [{"id": 1, "name": "Paper"}, {"id": 2, "name": "Glass"}]
+    expect_error(ds, "test.json", "train.json", "category 2 is 'Glass'", "'Metal'")
+
+
+# --- the image files ---------------------------------------------------------------------------------------
+
+
+def test_missing_image_file(ds: Dataset) -> None:
+    (ds.root / "imgs" / "t0.jpg").unlink()
+    expect_error(ds, "imgs/t0.jpg", "image file not found")
+
+
+def test_empty_image_file(ds: Dataset) -> None:
+    (ds.root / "imgs" / "1.jpg").write_bytes(b"")
+    expect_error(ds, "imgs/1.jpg", "empty")
+
+
+def test_truncated_jpeg(ds: Dataset) -> None:
+    # The last training image, so masks for the others are already written when it fails.
+    path = ds.root / "imgs" / "1.jpg"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    expect_error(ds, "imgs/1.jpg", "truncated")
+
+
+def test_file_that_is_not_an_image(ds: Dataset) -> None:
+    (ds.root / "imgs" / "0.jpg").write_text("definitely not a JPEG\n")
+    expect_error(ds, "imgs/0.jpg", "not an image")
+
+
+def test_image_size_differs_from_the_json(ds: Dataset) -> None:
+    write_jpeg(ds.root / "imgs" / "1.jpg", height=H, width=W + 2)
+    expect_error(ds, "imgs/1.jpg", f"image is {H}x{W + 2}", f"json says {H}x{W}")
+
+
+def test_failure_mid_write_creates_no_output(ds: Dataset) -> None:
+    for path in ds.out.iterdir():
+        path.unlink()
+    ds.out.rmdir()
+    path = ds.root / "imgs" / "1.jpg"
+    path.write_bytes(path.read_bytes()[:100])
+    expect_error(ds, "imgs/1.jpg")
+    assert not ds.out.exists()
+
+
+# --- problems that are counted, not fatal -----------------------------------------------------------------
+
+
+def test_out_of_image_coordinates_are_clipped_and_counted(ds: Dataset) -> None:
+    first_ann(ds)["segmentation"] = [[-10, -5, 30, -5, 30, 20, -10, 20]]
+    result = ds.run_stage()
+    assert result.returncode == 0, result.stderr
+    assert "1 clipped to the image" in result.stdout
+    mask = coco.read_mask(ds.out / "imgs" / "0.png")
+    expected = np.zeros((H, W), dtype=np.uint8)
+    expected[0:20, 0:30] = 1  # the polygon intersected with the image
+    np.testing.assert_array_equal(mask, expected)
+    assert coco.load_coco(ds.train_json).clipped == 1
+
+
+def test_skip_bad_annotations_counts_them(ds: Dataset) -> None:
+    first_ann(ds)["category_id"] = 7
+    ds.train["annotations"][1]["segmentation"] = [[1, 2, 3]]
+    ds.params.write_text("data:\n  on_bad_annotation: skip\n")
+    result = ds.run_stage()
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()
+    assert len(summary) == 1
+    assert "0 used, 2 skipped" in summary[0] and "annotation id 10" in summary[0]
+    assert not coco.read_mask(ds.out / "imgs" / "0.png").any()
+    loaded = coco.load_coco(ds.train_json, on_bad="skip")
+    assert loaded.skipped == 2 and loaded.n_annotations == 0
+    assert "train.json: annotation id 11" in loaded.problems[1] and "odd number" in loaded.problems[1]
+    with pytest.raises(UserError, match="annotation id 10"):
+        coco.load_coco(ds.train_json, on_bad="error")
+
+
+def test_valid_dataset_passes(ds: Dataset) -> None:
+    result = ds.run_stage()
+    assert result.returncode == 0, result.stderr
+    assert json.loads((ds.out / "classes.json").read_text()) == {"classes": ["background", "Paper", "Metal"]}
+    assert coco.read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1
+    assert coco.read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2
+    assert sorted(p.name for p in ds.out.parent.iterdir()) == ["data", "masks", "params.yaml"]

@@ -1,0 +1,244 @@
+"""Tests for pipeline.dataset: normalisation, datasets, samplers and loaders."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler, WeightedRandomSampler
+from torchvision.transforms.functional import normalize as tv_normalize
+
+from pipeline import coco
+from pipeline.augment import build_elastic, build_eval_transform, build_train_transform
+from pipeline.config import AugmentParams
+from pipeline.dataset import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DistributedWeightedSampler,
+    ImageDataset,
+    SegmentationDataset,
+    ShardSampler,
+    build_eval_loader,
+    build_train_loader,
+    normalize,
+)
+from pipeline.errors import UserError
+
+Data = tuple[Path, Path, list[str]]
+PARAMS = AugmentParams(size=32, hflip=0.5, vflip=0.5, shift_scale_rotate=0.5, color=0.5, elastic_alpha=300.0)
+N_IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
+    """6 small JPEGs (48x64) in two folders, with masks holding labels 0..3."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(N_IMAGES):
+        name = f"batch_{i % 2}/{i:03d}.jpg"
+        image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / name, quality=90)
+        mask = np.zeros((48, 64), np.uint8)
+        mask[5:30, 10 + i : 40] = 1 + i % 3
+        coco.write_mask(root / "masks" / coco.mask_relpath(name), mask)
+        names.append(name)
+    return root / "images", root / "masks", names
+
+
+def _train_set(
+    data: tuple[Path, Path, list[str]], seed: int, elastic_p: float | None = 0.5
+) -> SegmentationDataset:
+    images, masks, names = data
+    p = None if elastic_p is None else np.full(len(names), elastic_p)
+    elastic = build_elastic(PARAMS) if elastic_p is not None else None
+    return SegmentationDataset(images, names, masks, build_train_transform(PARAMS), elastic, p, seed=seed)
+
+
+def test_normalize_matches_torchvision() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = tv_normalize(
+        torch.from_numpy(image).permute(2, 0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD
+    )
+    result = normalize(image)
+    assert result.shape == (3, 5, 7) and result.dtype == torch.float32 and result.is_contiguous()
+    torch.testing.assert_close(result, expected)
+    # Black is -mean/std per channel.
+    black = normalize(np.zeros((1, 1, 3), np.uint8))[:, 0, 0]
+    torch.testing.assert_close(black, -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))
+
+
+def test_normalize_rejects_non_rgb_uint8() -> None:
+    with pytest.raises(ValueError, match="RGB uint8"):
+        normalize(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="RGB uint8"):
+        normalize(np.zeros((4, 4, 3), np.float32))
+
+
+def test_segmentation_dataset_returns_normalised_image_and_int64_mask(data: Data) -> None:
+    dataset = _train_set(data, seed=0)
+    assert len(dataset) == N_IMAGES
+    for i in range(N_IMAGES):
+        image, mask = dataset[i]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+        assert mask.shape == (32, 32) and mask.dtype == torch.int64
+        assert set(mask.unique().tolist()) <= {0, 1, 2, 3}
+    assert float(image.min()) > -2.2 and float(image.max()) < 2.7  # normalised, not 0..255
+
+
+def test_segmentation_dataset_replays_with_a_seed(data: Data) -> None:
+    first, second, other = _train_set(data, seed=3), _train_set(data, seed=3), _train_set(data, seed=4)
+    a = [first[i % N_IMAGES] for i in range(12)]
+    b = [second[i % N_IMAGES] for i in range(12)]
+    c = [other[i % N_IMAGES] for i in range(12)]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x[0], z[0]) for x, z in zip(a, c, strict=True))
+    # reseed restarts the streams.
+    first.reseed(3)
+    assert torch.equal(first[0][0], a[0][0])
+
+
+def test_elastic_probability_0_never_deforms(data: Data) -> None:
+    # The elastic draw has its own stream, so p=0 leaves every other draw as without elastic.
+    plain, never = _train_set(data, seed=5, elastic_p=None), _train_set(data, seed=5, elastic_p=0.0)
+    always = _train_set(data, seed=5, elastic_p=1.0)
+    deformed = 0
+    for i in range(N_IMAGES):
+        reference = plain[i]
+        assert torch.equal(never[i][0], reference[0])
+        deformed += not torch.equal(always[i][0], reference[0])
+    assert deformed == N_IMAGES
+
+
+def test_mask_of_the_wrong_size_is_a_user_error(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "a.jpg")
+    coco.write_mask(tmp_path / "masks/a.png", np.zeros((10, 10), np.uint8))
+    dataset = SegmentationDataset(tmp_path, ["a.jpg"], tmp_path / "masks", build_eval_transform(PARAMS))
+    with pytest.raises(UserError, match=r"masks/a.png: mask is 10x10 but its image is 10x12"):
+        dataset[0]
+
+
+def test_image_dataset_resizes_like_evaluation(data: Data) -> None:
+    images, masks, names = data
+    records = [coco.ImageRecord(id=i, file_name=n, height=48, width=64) for i, n in enumerate(names)]
+    test_set = ImageDataset(images, records, size=32)
+    eval_set = SegmentationDataset(images, names, masks, build_eval_transform(PARAMS))
+    image, index = test_set[4]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and index == 4
+    torch.testing.assert_close(image, eval_set[4][0], rtol=0, atol=0)
+
+
+def test_image_dataset_checks_the_json_size(data: Data) -> None:
+    images, _, names = data
+    test_set = ImageDataset(
+        images, [coco.ImageRecord(id=1, file_name=names[0], height=50, width=64)], size=32
+    )
+    with pytest.raises(UserError, match="json says 50x64"):
+        test_set[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Samplers and loaders
+
+
+def test_shard_sampler_covers_every_index_once_without_padding() -> None:
+    shards = [list(ShardSampler(10, rank, 3)) for rank in range(3)]
+    assert sorted(itertools.chain(*shards)) == list(range(10))
+    assert [len(ShardSampler(10, rank, 3)) for rank in range(3)] == [4, 3, 3]
+
+
+def test_distributed_weighted_sampler_splits_one_weighted_draw() -> None:
+    weights = np.array([0.0, 1.0, 0.0, 3.0, 0.0])
+    samplers = [DistributedWeightedSampler(weights, rank, 2, seed=1) for rank in range(2)]
+    draws = [list(s) for s in samplers]
+    assert [len(d) for d in draws] == [3, 3] == [len(s) for s in samplers]
+    assert set(itertools.chain(*draws)) <= {1, 3}  # zero-weight images never drawn
+    assert draws == [list(s) for s in samplers]  # same epoch, same draw
+    for s in samplers:
+        s.set_epoch(1)
+    big = DistributedWeightedSampler(np.ones(200), 0, 2, seed=1)
+    first = list(big)
+    big.set_epoch(1)
+    assert list(big) != first
+    # Over many images the draw follows the weights (index 3 three times as often as index 1).
+    many = np.array(list(DistributedWeightedSampler(np.tile(weights, 400), 0, 1, seed=0)))
+    ratio = np.isin(many % 5, 3).sum() / np.isin(many % 5, 1).sum()
+    assert 2.5 < ratio < 3.6
+
+
+class _Indexes(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def test_train_loader_shuffles_drops_last_and_oversamples() -> None:
+    loader = build_train_loader(_Indexes(10), batch_size=4, num_workers=0, seed=0)
+    batches = [b.tolist() for b in loader]
+    assert [len(b) for b in batches] == [4, 4]  # partial batch dropped
+    assert len(set(itertools.chain(*batches))) == 8
+    assert batches == [b.tolist() for b in build_train_loader(_Indexes(10), 4, 0, seed=0)]
+
+    weights = np.array([0, 0, 1, 0, 0, 0, 0, 0, 0, 1], dtype=float)
+    weighted = build_train_loader(_Indexes(10), batch_size=5, num_workers=0, sample_weights=weights, seed=0)
+    assert isinstance(weighted.sampler, WeightedRandomSampler)
+    assert set(torch.cat(list(weighted)).tolist()) <= {2, 9}
+
+    tiny = build_train_loader(_Indexes(3), batch_size=4, num_workers=0)
+    assert [len(b) for b in tiny] == [3]  # fewer images than a batch: keep the partial one
+
+
+def test_distributed_loaders_need_a_process_group() -> None:
+    with pytest.raises(RuntimeError, match="not initialised"):
+        build_train_loader(_Indexes(4), 2, 0, distributed=True)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        build_eval_loader(_Indexes(4), 2, 0, distributed=True)
+
+
+def test_distributed_loaders_shard_with_a_process_group(tmp_path: Path) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+    )
+    try:
+        plain = build_train_loader(_Indexes(8), 2, 0, distributed=True)
+        assert isinstance(plain.sampler, DistributedSampler)
+        weighted = build_train_loader(_Indexes(8), 2, 0, sample_weights=np.ones(8), distributed=True)
+        assert isinstance(weighted.sampler, DistributedWeightedSampler)
+        evaluation = build_eval_loader(_Indexes(7), 3, 0, distributed=True)
+        assert torch.cat(list(evaluation)).tolist() == list(range(7))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_eval_loader_keeps_order_and_every_image() -> None:
+    loader = build_eval_loader(_Indexes(7), batch_size=3, num_workers=0)
+    assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_workers_augment_differently_and_replay_with_the_seed(data: Data) -> None:
+    images, masks, names = data
+    same = [names[0]] * 8  # one image: any difference between items comes from the random draws
+
+    def run(seed: int) -> list[torch.Tensor]:
+        dataset = SegmentationDataset(
+            images, same, masks, build_train_transform(PARAMS), build_elastic(PARAMS), np.full(8, 0.5)
+        )
+        loader = build_train_loader(dataset, batch_size=1, num_workers=2, seed=seed)
+        return [image[0] for image, _ in loader]
+
+    first = run(seed=11)
+    # Items 0 and 1 come from different workers: with copied random states they would be identical.
+    assert not torch.equal(first[0], first[1])
+    assert len({tuple(x.flatten()[:64].tolist()) for x in first}) > 4
+    again = run(seed=11)
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))

@@ -1,0 +1,269 @@
+"""Tests for pipeline.evaluate and the evaluate / leaderboard stages, cross-checked against sklearn."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from sklearn.metrics import confusion_matrix as sk_confusion
+from sklearn.metrics import jaccard_score
+
+from pipeline import coco
+from pipeline.errors import UserError
+from pipeline.evaluate import (
+    PALETTE,
+    ImageScore,
+    confusion_rows,
+    cv_summary,
+    evaluate_oof,
+    oof_path,
+    quantise_rows,
+    read_folds,
+    worst_images,
+    write_confusion_csv,
+    write_worst_overlays,
+)
+from pipeline.submission import SubmissionWriter
+
+# pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["background", "can", "bottle"]
+FOLDS = {"a/0.jpg": 0, "a/1.jpg": 0, "b/2.jpg": 1, "b/3.jpg": 1, "b/4.jpg": 2}  # fold 2 is not trained
+NATIVE, SIZE = 8, 4
+
+
+def _truth_and_oof(tmp_path: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random 8x8 truth masks and 4x4 OOF predictions on disk; returns {image_id: (truth, prediction)}."""
+    rng = np.random.default_rng(seed)
+    pairs = {}
+    for image_id, fold in FOLDS.items():
+        truth = rng.integers(0, 3, (NATIVE, NATIVE), dtype=np.uint8)
+        pred = rng.integers(0, 3, (SIZE, SIZE), dtype=np.uint8)
+        coco.write_mask(tmp_path / "masks" / coco.mask_relpath(image_id), truth)
+        coco.write_mask(oof_path(tmp_path / "oof", image_id, fold), pred)
+        pairs[image_id] = (truth, pred)
+    return pairs
+
+
+def _sk_miou(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Mean IoU over classes present in truth or prediction, by sklearn."""
+    present = sorted(set(truth.ravel()) | set(pred.ravel()))
+    return float(np.mean(jaccard_score(truth.ravel(), pred.ravel(), labels=present, average=None)))
+
+
+def test_oof_metrics_match_sklearn(tmp_path: Path) -> None:
+    pairs = _truth_and_oof(tmp_path)
+    result = evaluate_oof(tmp_path / "oof", tmp_path / "masks", FOLDS, 3, trained_folds=[0, 1], size=SIZE)
+    summary = cv_summary(result, CLASSES)
+
+    # cv2's nearest downscale by 2 samples every other pixel starting at 0
+    small = {k: (truth[::2, ::2], pred) for k, (truth, pred) in pairs.items() if FOLDS[k] != 2}
+    all_truth = np.concatenate([t.ravel() for t, _ in small.values()])
+    all_pred = np.concatenate([p.ravel() for _, p in small.values()])
+    np.testing.assert_array_equal(result.confusion, sk_confusion(all_truth, all_pred, labels=[0, 1, 2]))
+    sk_iou = jaccard_score(all_truth, all_pred, labels=[0, 1, 2], average=None)
+    assert summary["iou"] == pytest.approx(dict(zip(CLASSES, sk_iou, strict=True)))
+    assert summary["oof_miou"] == pytest.approx(np.mean(sk_iou))
+
+    fold_miou = []
+    for fold in (0, 1):
+        ids = [k for k in small if FOLDS[k] == fold]
+        t = np.concatenate([small[k][0].ravel() for k in ids])
+        p = np.concatenate([small[k][1].ravel() for k in ids])
+        fold_miou.append(_sk_miou(t, p))
+    assert summary["folds"] == pytest.approx({"0": fold_miou[0], "1": fold_miou[1]})
+    assert summary["fold_miou_mean"] == pytest.approx(np.mean(fold_miou))
+    assert summary["fold_miou_std"] == pytest.approx(np.std(fold_miou))
+    assert (summary["n_images"], summary["n_skipped"]) == (4, 1)
+    assert {s.image_id: s.miou for s in result.scores} == pytest.approx(
+        {k: _sk_miou(t, p) for k, (t, p) in small.items()}
+    )
+
+
+def test_native_size_predictions(tmp_path: Path) -> None:
+    truth = np.array([[0, 1, 1], [2, 2, 0]], np.uint8)  # non-square, compared as is
+    pred = np.array([[0, 1, 0], [2, 1, 0]], np.uint8)
+    coco.write_mask(tmp_path / "masks/x.png", truth)
+    coco.write_mask(oof_path(tmp_path / "oof", "x.jpg", 0), pred)
+    result = evaluate_oof(tmp_path / "oof", tmp_path / "masks", {"x.jpg": 0}, 3, [0], size=None)
+    np.testing.assert_array_equal(
+        result.confusion, sk_confusion(truth.ravel(), pred.ravel(), labels=[0, 1, 2])
+    )
+
+
+def test_missing_or_wrong_sized_predictions_are_user_errors(tmp_path: Path) -> None:
+    _truth_and_oof(tmp_path)
+    with pytest.raises(UserError, match="prediction is 4x4, expected 8x8"):
+        evaluate_oof(tmp_path / "oof", tmp_path / "masks", FOLDS, 3, [0, 1], size=None)
+    oof_path(tmp_path / "oof", "b/3.jpg", 1).unlink()
+    with pytest.raises(UserError, match=r"fold1/b/3\.png: out-of-fold prediction not found"):
+        evaluate_oof(tmp_path / "oof", tmp_path / "masks", FOLDS, 3, [0, 1], size=SIZE)
+
+
+def test_quantised_rows_keep_each_row_s_proportions() -> None:
+    cm = np.array([[5, 3, 2], [0, 0, 0], [1, 1, 1], [10**6, 7, 1]])
+    counts = quantise_rows(cm, 10)
+    np.testing.assert_array_equal(counts[:3], [[5, 3, 2], [0, 0, 0], [4, 3, 3]])
+    assert counts[3].sum() == 10
+    big = np.random.default_rng(0).integers(0, 10**6, (11, 11)) * (
+        np.random.default_rng(1).random((11, 11)) < 0.5
+    )
+    counts = quantise_rows(big, 1000)
+    rows = big.sum(1) > 0
+    assert (counts[rows].sum(1) == 1000).all()
+    assert np.abs(counts[rows] / 1000 - big[rows] / big[rows].sum(1, keepdims=True)).max() <= 1e-3
+
+
+def test_confusion_csv_is_compact_and_reproduces_the_normalised_matrix(tmp_path: Path) -> None:
+    classes = [f"class_{k}" for k in range(11)]
+    cm = np.random.default_rng(0).integers(0, 5 * 10**6, (11, 11))  # ~10^8 pixels: never one row each
+    cm[4] = 0  # a class absent from the truth gets no rows
+    path = tmp_path / "plots/confusion.csv"
+    write_confusion_csv(path, cm, classes)
+    assert path.stat().st_size < 1_000_000
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["actual", "predicted"]
+    drawn = pd.crosstab(table["actual"], table["predicted"]).reindex(
+        index=classes, columns=classes, fill_value=0
+    )
+    normalised = drawn.to_numpy() / np.maximum(drawn.to_numpy().sum(1, keepdims=True), 1)
+    expected = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    assert np.abs(normalised - expected).max() <= 1e-3
+    assert "class_4" not in set(table["actual"])
+    assert len(confusion_rows(cm, classes, 10)) == 10 * 10
+
+
+def test_worst_images_are_ordered_worst_first_with_unscored_last() -> None:
+    scores = [
+        ImageScore("b", 0, 0.5),
+        ImageScore("a", 1, 0.5),
+        ImageScore("c", 0, math.nan),
+        ImageScore("d", 0, 0.1),
+    ]
+    assert [s.image_id for s in worst_images(scores, 3)] == ["d", "a", "b"]
+    assert [s.image_id for s in worst_images(scores, 10)][-1] == "c"
+
+
+def test_worst_overlays_are_drawn(tmp_path: Path) -> None:
+    pairs = _truth_and_oof(tmp_path)
+    for image_id in FOLDS:
+        (tmp_path / "images" / image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (NATIVE, NATIVE), (128, 128, 128)).save(
+            tmp_path / "images" / image_id, format="JPEG"
+        )
+    out = tmp_path / "plots/worst"
+    out.mkdir(parents=True)
+    (out / "99_stale.png").write_bytes(b"from an earlier run")
+    result = evaluate_oof(tmp_path / "oof", tmp_path / "masks", FOLDS, 3, [0, 1], size=SIZE)
+    worst = worst_images(result.scores, 2)
+    paths = write_worst_overlays(
+        out, worst, tmp_path / "images", tmp_path / "oof", tmp_path / "masks", CLASSES, SIZE
+    )
+
+    assert [p.name for p in paths] == [f"0{k}_{Path(s.image_id).stem}.png" for k, s in enumerate(worst, 1)]
+    assert sorted(out.iterdir()) == sorted(paths)  # the stale overlay is gone
+    with Image.open(paths[0]) as img:
+        overlay = np.asarray(img.convert("RGB")).astype(int)
+    panel, gap, top = 256, 4, 32  # 4x4 masks enlarged to 256 px panels; two 16 px text lines above
+    assert overlay.shape[1] == 3 * panel + 2 * gap
+    truth = pairs[worst[0].image_id][0][::2, ::2]
+    y, x = (64 * v + 32 for v in np.argwhere(truth == 1)[0])  # the middle of a class-1 pixel's block
+    tinted = np.round(128 * 0.4 + PALETTE[1] * 0.6)
+    assert np.abs(overlay[top + y, panel + gap + x] - tinted).max() <= 3  # truth panel, class 1 colour
+    assert np.abs(overlay[top + y, x] - 128).max() <= 3  # the photo panel is untouched
+
+
+def _write_coco(path: Path, images: list[tuple[str, int, int]], squares: dict[str, list]) -> None:
+    """A COCO json with square polygons: squares[file_name] = [(category_id, x0, y0, side), ...]."""
+    anns = []
+    for image_id, (name, _, _) in enumerate(images):
+        for cat, x0, y0, side in squares.get(name, []):
+            x1, y1 = x0 + side, y0 + side
+            poly = [x0, y0, x1, y0, x1, y1, x0, y1]
+            anns.append(
+                {"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "segmentation": [poly]}
+            )
+    data = {
+        "images": [{"id": i, "file_name": n, "height": h, "width": w} for i, (n, h, w) in enumerate(images)],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "can"}, {"id": 2, "name": "bottle"}],
+    }
+    path.write_text(json.dumps(data))
+
+
+def _run_stage(script: str, args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a stage script as its command line would, but in this process (torch is imported once)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(ROOT / "stages" / script), run_name="__main__")
+
+
+def _write_folds(path: Path, folds: dict[str, int]) -> None:
+    pd.DataFrame({"image_id": list(folds), "fold": list(folds.values())}).to_csv(path, index=False)
+
+
+def test_read_folds_must_match_the_json(tmp_path: Path) -> None:
+    _write_coco(tmp_path / "train.json", [(name, 8, 8) for name in FOLDS], {})
+    train = coco.load_coco(tmp_path / "train.json")
+    _write_folds(tmp_path / "f.csv", FOLDS)
+    assert read_folds(tmp_path / "f.csv", train) == FOLDS
+    _write_folds(tmp_path / "f.csv", {"a/0.jpg": 0, "z.jpg": 1})
+    with pytest.raises(UserError, match=r"f\.csv: does not match .*train\.json"):
+        read_folds(tmp_path / "f.csv", train)
+
+
+def test_evaluate_stage_writes_metrics_plot_and_overlays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _truth_and_oof(tmp_path)
+    _write_coco(tmp_path / "train.json", [(name, NATIVE, NATIVE) for name in FOLDS], {})
+    for image_id in FOLDS:
+        (tmp_path / "images" / image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (NATIVE, NATIVE)).save(tmp_path / "images" / image_id, format="JPEG")
+    _write_folds(tmp_path / "folds.csv", FOLDS)
+    params = {"split": {"n_splits": 3}, "train": {"folds": [0, 1]}, "submission": {"size": SIZE}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    flags = {
+        "--oof": "oof", "--masks": "masks", "--folds": "folds.csv", "--train-json": "train.json",
+        "--root": "images", "--metrics": "metrics/cv.json", "--confusion": "plots/confusion.csv",
+        "--worst": "plots/worst", "--n-worst": "3",
+    }  # fmt: skip
+    args = [part for flag in flags.items() for part in flag]
+    _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+    cv = json.loads((tmp_path / "metrics/cv.json").read_text())
+    assert (cv["n_images"], cv["n_skipped"], set(cv["folds"])) == (4, 1, {"0", "1"})
+    assert set(cv["iou"]) == set(CLASSES)
+    assert len(pd.read_csv(tmp_path / "plots/confusion.csv")) == 3 * 1000
+    assert len(list((tmp_path / "plots/worst").glob("*.png"))) == 3
+
+    oof_path(tmp_path / "oof", "a/1.jpg", 0).unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: oof/fold0/a/1.png: ")
+
+
+def test_leaderboard_stage_scores_a_perfect_submission(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    squares = {"t/0.jpg": [(1, 2, 2, 6), (2, 10, 4, 5)], "t/1.jpg": [(2, 0, 0, 8)]}
+    _write_coco(tmp_path / "truth.json", [("t/0.jpg", 16, 16), ("t/1.jpg", 16, 16)], squares)
+    truth = coco.load_coco(tmp_path / "truth.json")
+    with SubmissionWriter(tmp_path / "sub.csv", "rle", 3, "column") as writer:
+        for image in truth.images:
+            writer.write(image.file_name, coco.rasterize(truth, image))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submission": {"size": None, "format": "rle"}}))
+    args = ["--submission", "sub.csv", "--truth", "truth.json", "--out", "lb.json"]
+    _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
+    board = json.loads((tmp_path / "lb.json").read_text())
+    assert board == {"miou": 1.0, "iou": {"background": 1.0, "can": 1.0, "bottle": 1.0}}

@@ -1,0 +1,309 @@
+"""Tests for pipeline.infer: probability averaging, TTA, fold weights, sizes, streaming, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import ttach
+from PIL import Image
+from torch import nn
+
+from pipeline import infer
+from pipeline.coco import ImageRecord
+from pipeline.config import ModelParams
+from pipeline.dataset import ImageDataset
+from pipeline.errors import UserError
+from pipeline.models import build_model, checkpoint_state, save_checkpoint
+
+CPU = torch.device("cpu")
+STAGES = Path(__file__).resolve().parents[1] / "stages"
+
+
+class ConstantLogits(nn.Module):
+    """Returns the same logit vector at every pixel, whatever the image."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        return self.logits[None, :, None, None].expand(n, -1, h, w).clone()
+
+
+class RampLogits(nn.Module):
+    """Logits that depend on pixel position (not flip-equivariant): class 1 grows left to right, 2 down."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        cols = torch.linspace(-3, 3, w).expand(h, w)
+        rows = torch.linspace(-2, 4, h)[:, None].expand(h, w)
+        return torch.stack([torch.zeros(h, w), cols, rows])[None].expand(n, -1, -1, -1) + x[:, :1]
+
+
+class ChannelLogits(nn.Module):
+    """Pointwise, hence flip- and rotation-equivariant: class c's logit is 4 * (input channel c)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.shapes.append(tuple(x.shape))
+        return 4 * x
+
+
+def _ensemble(
+    models: list[nn.Module], weights: list[float], images: torch.Tensor, tta: str, scales: tuple = (1.0,)
+) -> torch.Tensor:
+    members = [ttach.SegmentationTTAWrapper(infer.SoftmaxOutput(m), infer.build_tta(tta)) for m in models]
+    return infer.ensemble_probabilities(members, weights, images, list(scales))
+
+
+def _write_images(root: Path, sizes: list[tuple[int, int]]) -> list[ImageRecord]:
+    """RGB images with a red left half and a blue right half, one per (height, width)."""
+    records = []
+    for i, (h, w) in enumerate(sizes):
+        image = np.zeros((h, w, 3), np.uint8)
+        image[:, : w // 2, 0] = 255
+        image[:, w // 2 :, 2] = 255
+        name = f"img/{i:03d}.png"
+        (root / "img").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / name)
+        records.append(ImageRecord(id=i, file_name=name, height=h, width=w))
+    return records
+
+
+def test_folds_average_softmaxes_not_logits() -> None:
+    a, b = [4.0, 0.0, 0.0], [0.0, 0.0, 1.0]
+    images = torch.zeros(2, 3, 32, 32)
+    got = _ensemble([ConstantLogits(a), ConstantLogits(b)], [0.5, 0.5], images, "none")
+    expected = (torch.tensor(a).softmax(0) + torch.tensor(b).softmax(0)) / 2
+    of_mean_logits = ((torch.tensor(a) + torch.tensor(b)) / 2).softmax(0)
+    assert got.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got[1, :, 5, 7], expected)
+    assert not torch.allclose(got[1, :, 5, 7], of_mean_logits, atol=1e-3)
+
+
+def test_tta_averages_softmaxes_of_deaugmented_outputs() -> None:
+    model = RampLogits()
+    images = torch.randn(1, 3, 32, 64)
+    got = _ensemble([model], [1.0], images, "flips")
+    softmaxes, logits = [], []
+    for dims in ([], [3], [2], [2, 3]):  # identity, hflip, vflip, both
+        out = model(images.flip(dims) if dims else images)
+        out = out.flip(dims) if dims else out
+        logits.append(out)
+        softmaxes.append(out.softmax(1))
+    torch.testing.assert_close(got, torch.stack(softmaxes).mean(0))
+    assert not torch.allclose(got, torch.stack(logits).mean(0).softmax(1), atol=1e-3)
+
+
+@pytest.mark.parametrize("tta", ["flips", "d4"])
+def test_tta_on_an_equivariant_model_changes_nothing(tta: str) -> None:
+    images = torch.randn(2, 3, 32, 32)
+    plain = _ensemble([ChannelLogits()], [1.0], images, "none")
+    model = ChannelLogits()
+    augmented = _ensemble([model], [1.0], images, tta)
+    assert model.calls == len(infer.build_tta(tta))  # it really ran 4 or 8 passes
+    torch.testing.assert_close(augmented, plain)
+
+
+def test_fold_weights_are_normalised() -> None:
+    a, b = [2.0, 0.0], [0.0, 3.0]
+    images = torch.zeros(1, 3, 32, 32)
+    weights = infer.normalise_weights([6.0, 2.0], 2)
+    assert weights == pytest.approx([0.75, 0.25])
+    got = _ensemble([ConstantLogits(a), ConstantLogits(b)], weights, images, "none")
+    expected = 0.75 * torch.tensor(a).softmax(0) + 0.25 * torch.tensor(b).softmax(0)
+    torch.testing.assert_close(got[0, :, 0, 0], expected)
+    assert infer.normalise_weights(None, 4) == [0.25] * 4
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0]])
+def test_bad_fold_weights_are_user_errors(weights: list[float]) -> None:
+    with pytest.raises(UserError, match="fold_weights"):
+        infer.normalise_weights(weights, 2)
+
+
+def test_unknown_tta_lists_the_valid_ones() -> None:
+    with pytest.raises(KeyError, match="none, flips, d4"):
+        infer.build_tta("rot")
+
+
+@pytest.mark.parametrize(
+    ("size", "scale", "expected"),
+    [(512, 0.75, 384), (512, 1.25, 640), (256, 0.1, 32), (96, 0.5, 64), (100, 1.0, 96)],
+)
+def test_scaled_size_is_the_nearest_multiple_of_32(size: int, scale: float, expected: int) -> None:
+    assert infer.scaled_size(size, scale) == expected
+
+
+def test_multiscale_feeds_multiples_of_32_and_returns_the_input_size() -> None:
+    model = ChannelLogits()
+    images = torch.randn(2, 3, 64, 64)
+    probs = _ensemble([model], [1.0], images, "none", scales=[0.7, 1.0, 1.6])
+    assert [s[-2:] for s in model.shapes] == [(32, 32), (64, 64), (96, 96)]
+    assert probs.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 64, 64))  # still a probability per pixel
+
+
+@pytest.mark.parametrize("out_size", [48, None])
+def test_predict_images_output_sizes(tmp_path: Path, out_size: int | None) -> None:
+    sizes = [(40, 72), (96, 64), (33, 33)]  # native sizes, non-square
+    records = _write_images(tmp_path, sizes)
+    dataset = ImageDataset(tmp_path, records, size=32)
+    out = list(infer.predict_images([ChannelLogits()], None, dataset, out_size, "flips", [1.0], 2, 0, CPU))
+    assert [index for index, _ in out] == [0, 1, 2]
+    for (_, mask), (h, w) in zip(out, sizes, strict=True):
+        expected_h, expected_w = (out_size, out_size) if out_size else (h, w)
+        assert mask.dtype == np.uint8
+        assert mask.shape == (expected_h, expected_w)
+        # red left half -> class 0, blue right half -> class 2, wherever the output grid is
+        assert (mask[:, : expected_w // 3] == 0).all()
+        assert (mask[:, -expected_w // 3 :] == 2).all()
+
+
+def test_predict_images_is_a_generator_that_runs_one_batch_at_a_time(tmp_path: Path) -> None:
+    dataset = ImageDataset(tmp_path, _write_images(tmp_path, [(32, 32)] * 8), size=32)
+    model = ChannelLogits()
+    stream = infer.predict_images([model], None, dataset, None, "none", [1.0], 2, 0, CPU)
+    assert model.calls == 0
+    next(stream)
+    assert model.calls == 1
+    assert not torch.is_inference_mode_enabled()  # the suspended generator must not leak its context
+    next(stream)
+    assert model.calls == 1  # the second image came from the same batch
+    next(stream)
+    assert model.calls == 2
+
+
+def test_load_ensemble_rebuilds_models_and_checks_classes(tmp_path: Path) -> None:
+    params = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
+    classes = ["background", "can", "bottle"]
+    torch.manual_seed(0)
+    model = build_model(params, len(classes)).eval()
+    for fold in (0, 1):
+        save_checkpoint(tmp_path / f"f{fold}.pt", checkpoint_state(model, params, classes, 64, 1, 0.5, fold))
+    models, got_classes, input_size = infer.load_ensemble([tmp_path / "f0.pt", tmp_path / "f1.pt"])
+    assert (got_classes, input_size, len(models)) == (classes, 64, 2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](x), model(x))
+
+    other = checkpoint_state(build_model(params, 3), params, ["background", "can", "paper"], 64, 1, 0.5, 2)
+    save_checkpoint(tmp_path / "f2.pt", other)
+    with pytest.raises(UserError, match=r"f2\.pt: classes .* differ"):
+        infer.load_ensemble([tmp_path / "f0.pt", tmp_path / "f2.pt"])
+
+
+# Predicts `n` 64 px images with a pointwise model, resizing probabilities to 256 px, and prints the RSS
+# before predicting and the process's peak RSS. Keeping every batch's probabilities would cost
+# 11 classes x 256 x 256 x 4 bytes = 2.9 MB per image, so 24 extra images would add ~70 MB to the peak.
+# A low mmap threshold makes glibc hand large freed blocks back at once, so RSS follows live memory
+# instead of heap fragmentation (which otherwise adds +-8 MB of noise to these peaks).
+_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "NO_ALBUMENTATIONS_UPDATE": "1"}
+_MEMORY_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    import numpy as np, psutil, torch
+    from PIL import Image
+    from pipeline import infer
+    from pipeline.coco import ImageRecord
+    from pipeline.dataset import ImageDataset
+
+    root, n = Path(sys.argv[1]), int(sys.argv[2])
+    records = [ImageRecord(i, f"{i % 8}.png", 64, 64) for i in range(n)]
+    model = torch.nn.Conv2d(3, 11, 1)
+    dataset = ImageDataset(root, records, 64)
+    before = psutil.Process().memory_info().rss
+    for _ in infer.predict_images([model], None, dataset, 256, "flips", [1.0], 4, 0, torch.device("cpu")):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    print(json.dumps({"before": before, "peak": peak}))
+    """
+)
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    growth = {}
+    for n in (8, 32):
+        run = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, str(tmp_path), str(n)],
+            env={**os.environ, **_PROBE_ENV},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        rss = json.loads(run.stdout)
+        growth[n] = rss["peak"] - rss["before"]
+    mb = 2**20
+    assert growth[32] < 1.3 * growth[8], {n: f"{g / mb:.1f} MB" for n, g in growth.items()}
+    assert growth[32] - growth[8] < 10 * mb
+
+
+def _stage_project(tmp_path: Path, classes: list[str]) -> None:
+    """Two fold checkpoints, a 3-image test json and params.yaml, laid out as dvc.yaml does."""
+    params = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
+    for fold in (0, 1):
+        model = build_model(params, len(classes))
+        state = checkpoint_state(model, params, classes, 32, 1, 0.5, fold)
+        save_checkpoint(tmp_path / f"models/fold{fold}/best.pt", state)
+    records = _write_images(tmp_path / "data", [(40, 72), (64, 64), (50, 30)])
+    test = {
+        "images": [
+            {"id": r.id, "file_name": r.file_name, "height": r.height, "width": r.width} for r in records
+        ],
+        "categories": [{"id": k, "name": name} for k, name in enumerate(classes[1:], start=1)],
+    }
+    (tmp_path / "data/test.json").write_text(json.dumps(test))
+    config = {
+        "split": {"n_splits": 2},
+        "train": {"folds": [0, 1]},
+        "predict": {"tta": "flips", "batch_size": 2, "num_workers": 0, "fold_weights": [2.0, 1.0]},
+        "submission": {"format": "rle", "size": None},
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(config))  # JSON is YAML
+
+
+def _run_predict(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run stages/predict.py as its command line would, but in this process (torch is imported once)."""
+    args = ["--models", "models", "--root", "data", "--test-json", "data/test.json", "--out", "sub/s.csv"]
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["predict.py", *args])
+    runpy.run_path(str(STAGES / "predict.py"), run_name="__main__")
+
+
+def test_predict_stage_writes_a_valid_submission_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _stage_project(tmp_path, ["background", "can", "bottle"])
+    _run_predict(tmp_path, monkeypatch)
+    lines = (tmp_path / "sub/s.csv").read_text().splitlines()
+    assert lines[0] == "image_id,class_id,EncodedPixels"
+    assert len(lines) == 1 + 3 * 2  # one row per image and non-background class
+
+    (tmp_path / "sub/s.csv").unlink()
+    (tmp_path / "models/fold1/best.pt").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        _run_predict(tmp_path, monkeypatch)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: models/fold1/best.pt: checkpoint of fold 1")
+    assert not (tmp_path / "sub/s.csv").exists()

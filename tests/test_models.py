@@ -1,0 +1,145 @@
+"""Tests for pipeline.models: the smp factory, local encoder weights and safe checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import ModelParams
+from pipeline.errors import UserError
+from pipeline.models import (
+    build_model,
+    checkpoint_state,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    strip_wrapper_prefixes,
+)
+
+SMALL = ModelParams(
+    arch="Unet", encoder="resnet18", encoder_weights=None, decoder_channels=[32, 16, 16, 8, 8]
+)
+
+
+def test_build_model_outputs_one_logit_map_per_class() -> None:
+    model = build_model(SMALL, n_classes=5)
+    out = model(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, 5, 64, 64)
+
+
+def test_unknown_arch_lists_valid_ones() -> None:
+    with pytest.raises(UserError, match=r"model.arch 'Unet3'.*valid: Unet, UnetPlusPlus"):
+        build_model(dataclasses.replace(SMALL, arch="Unet3"), n_classes=3)
+
+
+def test_unknown_encoder_is_a_user_error() -> None:
+    with pytest.raises(UserError, match=r"model.encoder 'resnet7'.*resnet18"):
+        build_model(dataclasses.replace(SMALL, encoder="resnet7"), n_classes=3)
+
+
+def test_decoder_channels_on_an_arch_without_them_is_refused() -> None:
+    # smp would pass them on to the encoder, which ignores them without a word.
+    with pytest.raises(UserError, match=r"decoder_channels is not a setting of model.arch 'FPN'"):
+        build_model(dataclasses.replace(SMALL, arch="FPN"), n_classes=3)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_encoder_weights_are_loaded(tmp_path: Path, suffix: str) -> None:
+    torch.manual_seed(1)
+    donor = build_model(SMALL, n_classes=3).encoder.state_dict()
+    # An ImageNet classifier file also holds the head; smp's encoder drops it.
+    donor_file = {**donor, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    path = tmp_path / f"encoder{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in donor_file.items()}, path)
+    else:
+        torch.save(donor_file, path)
+
+    torch.manual_seed(2)
+    model = build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), n_classes=3)
+    loaded = model.encoder.state_dict()
+    assert loaded.keys() == donor.keys()
+    for key, tensor in donor.items():
+        assert torch.equal(loaded[key], tensor), key
+    assert not torch.equal(donor["conv1.weight"], build_model(SMALL, n_classes=3).encoder.conv1.weight)
+
+
+def test_missing_encoder_weights_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(UserError, match=r"nope.pth: encoder weights file not found"):
+        build_model(dataclasses.replace(SMALL, encoder_weights=str(missing)), n_classes=3)
+
+
+def test_encoder_weights_for_another_encoder_are_refused(tmp_path: Path) -> None:
+    other = build_model(dataclasses.replace(SMALL, encoder="resnet34"), n_classes=3).encoder.state_dict()
+    path = tmp_path / "resnet34.pth"
+    torch.save(other, path)
+    with pytest.raises(UserError, match=r"resnet34.pth: weights do not match: .*unexpected.*resnet18"):
+        build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), n_classes=3)
+
+
+def test_checkpoint_round_trip_rebuilds_from_its_own_params(tmp_path: Path) -> None:
+    model = build_model(SMALL, n_classes=4).eval()
+    state = checkpoint_state(model, SMALL, ["background", "a", "b", "c"], 64, epoch=3, score=0.5, fold=1)
+    path = tmp_path / "fold1" / "best.pt"
+    save_checkpoint(path, state)
+    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temporary file left behind
+
+    ckpt = load_checkpoint(path)
+    assert (ckpt["epoch"], ckpt["score"], ckpt["fold"], ckpt["input_size"]) == (3, 0.5, 1, 64)
+    rebuilt = model_from_checkpoint(ckpt)
+    assert not rebuilt.training
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_model_from_checkpoint_strips_ddp_and_compile_prefixes() -> None:
+    model = build_model(SMALL, n_classes=2)
+    state = checkpoint_state(model, SMALL, ["background", "a"], 64, epoch=0, score=0.0, fold=0)
+    state["model_state"] = {f"module._orig_mod.{k}": v for k, v in state["model_state"].items()}
+    rebuilt = model_from_checkpoint(state)
+    assert torch.equal(rebuilt.encoder.conv1.weight, model.encoder.conv1.weight)
+    assert strip_wrapper_prefixes({"module.a.b": 1, "c": 2}) == {"a.b": 1, "c": 2}
+
+
+class _RunsCode:
+    """Unpickling this calls `Path.touch(marker)`: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_load_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state": {}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(UserError, match=r"evil.pt: refused: the checkpoint holds a pickled Python object"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "checkpoint not found"), (b"", "not a"), (b"not a zip file at all", "not a")],
+)
+def test_load_checkpoint_bad_files(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=rf"bad.pt: {message}"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_from_another_model_is_a_user_error() -> None:
+    state = checkpoint_state(build_model(SMALL, n_classes=3), SMALL, ["bg", "a", "b"], 64, 0, 0.0, 0)
+    state["classes"] = ["bg", "a"]  # the head now has one channel too many for the class list
+    with pytest.raises(UserError, match=r"best.pt: weights do not match: 'segmentation_head.0.weight'"):
+        model_from_checkpoint(state, source="best.pt")

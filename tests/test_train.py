@@ -1,0 +1,291 @@
+"""Tests for pipeline.train and stages/train.py: a real tiny run, learning, resume after a kill, DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import coco
+from pipeline.config import DemoParams, Params, params_from_dict
+from pipeline.demo import generate_demo
+from pipeline.errors import UserError
+from pipeline.losses import build_loss
+from pipeline.models import build_model, load_checkpoint
+from pipeline.runtime import seed_everything, setup_runtime
+from pipeline.train import FoldPaths, fit, lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRAIN = 12
+
+TINY = {
+    "augment": {"size": 64, "oversample": True},
+    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
+    "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "lr": 0.003, "amp": False, "folds": [0, 1, 2]},
+    "split": {"n_splits": 3},
+    "predict": {"batch_size": 4, "num_workers": 0, "tta": "none"},
+    "submission": {"size": 32},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread here and in the subprocesses (`_env`): runs that must agree to the last bit
+    split float sums the same way, and 2 DDP processes on 2 cores would fight over them otherwise."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo images, train json, masks and a 3-fold folds.csv (4 images per fold)."""
+    root = tmp_path_factory.mktemp("data")
+    generate_demo(root / "demo", DemoParams(n_train=N_TRAIN, n_test=4, image_size=64))
+    train = coco.load_coco(root / "demo" / "train.json")
+    coco.write_masks(train, root / "masks")
+    folds = [i % 3 for i in range(len(train.images))]
+    pd.DataFrame({"image_id": [im.file_name for im in train.images], "fold": folds}).to_csv(
+        root / "folds.csv", index=False
+    )
+    return root
+
+
+def _paths(data: Path, out: Path, fold: int = 0) -> FoldPaths:
+    return FoldPaths(
+        root=data / "demo",
+        train_json=data / "demo" / "train.json",
+        masks=data / "masks",
+        folds=data / "folds.csv",
+        model_dir=out / f"models/fold{fold}",
+        metrics=out / f"metrics/fold{fold}.json",
+        live=out / f"dvclive/fold{fold}",
+        oof=out / f"oof/fold{fold}",
+    )
+
+
+def _params(**train: object) -> Params:
+    raw = {section: dict(values) for section, values in TINY.items()}
+    raw["train"].update(train)
+    return params_from_dict(raw)
+
+
+def _stage_args(data: Path, out: Path, params_file: Path, fold: int = 0) -> list[str]:
+    paths = _paths(data, out, fold)
+    return [
+        "stages/train.py", "--fold", str(fold), "--root", str(paths.root),
+        "--train-json", str(paths.train_json), "--masks", str(paths.masks), "--folds", str(paths.folds),
+        "--model-dir", str(paths.model_dir),
+        "--metrics", str(paths.metrics), "--live", str(paths.live), "--oof", str(paths.oof),
+        "--params", str(params_file),
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _write_params(path: Path, params: Params) -> Path:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(params)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FoldPaths, dict]:
+    """One real 1-epoch CPU run of fold 0: (its paths, what fit returned)."""
+    params = _params()
+    paths = _paths(dataset, tmp_path_factory.mktemp("run"))
+    return paths, fit(params, 0, paths, setup_runtime(params.train, device="cpu"))
+
+
+def test_tiny_run_writes_every_output(dataset: Path, tiny_run: tuple[FoldPaths, dict]) -> None:
+    paths, result = tiny_run
+    best = load_checkpoint(paths.model_dir / "best.pt")
+    assert best["classes"][0] == "background" and len(best["classes"]) == 11
+    assert (best["epoch"], best["fold"], best["input_size"]) == (0, 0, 64)
+    assert load_checkpoint(paths.model_dir / "last.pt")["epoch"] == 0
+
+    written = json.loads(paths.metrics.read_text())
+    assert written["miou"] == pytest.approx(best["score"]) == pytest.approx(result["miou"])
+    assert 0.0 <= written["miou"] <= 1.0 and written["epoch"] == 0
+    assert set(written["iou"]) == set(best["classes"])
+
+    curves = {p.stem: pd.read_csv(p, sep="\t") for p in (paths.live / "plots" / "metrics").glob("*.tsv")}
+    assert set(curves) == {"train_loss", "val_miou", "lr"}
+    assert curves["val_miou"]["val_miou"].tolist() == pytest.approx([written["miou"]])
+    logged = yaml.safe_load((paths.live / "params.yaml").read_text())
+    assert set(logged["elastic_p_by_class"]) == set(best["classes"][1:])
+
+    val_names = pd.read_csv(dataset / "folds.csv").query("fold == 0")["image_id"]
+    oof = sorted(p.relative_to(paths.oof).as_posix() for p in paths.oof.rglob("*.png"))
+    assert oof == sorted(coco.mask_relpath(name) for name in val_names)
+    mask = coco.read_mask(paths.oof / oof[0])
+    assert mask.shape == (32, 32) and mask.max() < 11
+    assert not list(paths.oof.parent.glob(".*"))  # no staging folder left behind
+
+
+def test_finished_run_only_rewrites_its_outputs(
+    tiny_run: tuple[FoldPaths, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    done, first = tiny_run
+    shutil.copytree(done.model_dir, tmp_path / "models")
+    paths = dataclasses.replace(
+        done,
+        model_dir=tmp_path / "models",
+        metrics=tmp_path / "m.json",
+        live=tmp_path / "live",
+        oof=tmp_path / "oof",
+    )
+    runtime = setup_runtime(_params().train, device="cpu")
+    best_before = (paths.model_dir / "best.pt").stat().st_mtime_ns
+    assert fit(_params(), 0, paths, runtime) == first
+    assert "fold 0: all 1 epochs done; rewriting the outputs from best.pt" in capsys.readouterr().out
+    assert (paths.model_dir / "best.pt").stat().st_mtime_ns == best_before  # nothing retrained
+    assert json.loads(paths.metrics.read_text())["miou"] == pytest.approx(first["miou"])
+    assert len(list(paths.oof.rglob("*.png"))) == N_TRAIN // 3
+    assert len(pd.read_csv(paths.live / "plots/metrics/val_miou.tsv", sep="\t")) == 1  # curve replayed
+
+    fit(_params(lr=0.001), 0, paths, runtime)  # other settings: the old state is stale, train again
+    assert (paths.model_dir / "best.pt").stat().st_mtime_ns != best_before
+
+
+def test_loop_learns_a_fixed_batch() -> None:
+    """Overfitting one batch: the loss must halve, or the loop (or the model) does not learn."""
+    torch.manual_seed(0)
+    params = _params()
+    model = build_model(params.model, n_classes=3)
+    images = torch.randn(2, 3, 64, 64)
+    masks = torch.zeros(2, 64, 64, dtype=torch.long)
+    masks[:, 16:40, 8:30] = 1
+    masks[1, 40:, 40:] = 2
+    loss_fn = build_loss({"ce": 1.0, "dice": 1.0})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = loss_fn(model(images), masks)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    factors = [lr_factor(step, warmup_steps=4, total_steps=20) for step in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and factors[12] == pytest.approx(0.5) and factors[20] == pytest.approx(0.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+
+
+def test_cpu_runtime_is_single_process_float32() -> None:
+    runtime = setup_runtime(_params(amp=True, channels_last=True).train, device="cpu")
+    assert (runtime.rank, runtime.world_size, runtime.is_main, runtime.distributed) == (0, 1, True, False)
+    assert runtime.amp_dtype is None and not runtime.use_scaler and not runtime.channels_last
+    with runtime.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_seed_everything_replays_every_generator() -> None:
+    def draw() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(7)
+    first = draw()
+    seed_everything(7)
+    assert draw() == first
+
+
+def test_bad_class_weights_and_folds_are_user_errors(dataset: Path, tmp_path: Path) -> None:
+    runtime = setup_runtime(_params().train, device="cpu")
+    with pytest.raises(UserError, match=r"train.class_weights has 2 weights for 11 classes"):
+        fit(_params(class_weights=[1.0, 2.0]), 0, _paths(dataset, tmp_path), runtime)
+    bad = tmp_path / "folds.csv"
+    bad.write_text("image_id,fold\nimages/train_0000.jpg,0\n")
+    with pytest.raises(UserError, match=r"folds.csv: does not match .*train.json"):
+        fit(_params(), 0, dataclasses.replace(_paths(dataset, tmp_path), folds=bad), runtime)
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
+    params = _params(epochs=4)
+    params_file = _write_params(tmp_path / "params.yaml", params)
+    killed = tmp_path / "killed"
+    last = _paths(dataset, killed).model_dir / "last.pt"
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, *_stage_args(dataset, killed, params_file)],
+        cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    # Each epoch replaces last.pt by a rename, so a second inode means epoch >= 1 is saved.
+    inodes: set[int] = set()
+    deadline = time.monotonic() + 300
+    while len(inodes) < 2:
+        assert proc.poll() is None, (
+            f"finished before it could be killed:\n{(tmp_path / 'killed.log').read_text()}"
+        )
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        with contextlib.suppress(FileNotFoundError):
+            inodes.add(last.stat().st_ino)
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    done = load_checkpoint(last)["epoch"]
+    assert done < 3, "the run got to its end before the kill"
+
+    rerun = subprocess.run(
+        [sys.executable, *_stage_args(dataset, killed, params_file)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming fold 0 from epoch {done + 2}/4" in rerun.stdout
+    assert "epoch 1/4:" not in rerun.stdout  # it did not start over
+
+    straight = tmp_path / "straight"
+    fit(params, 0, _paths(dataset, straight), setup_runtime(params.train, device="cpu"))
+    resumed_metrics = json.loads(_paths(dataset, killed).metrics.read_text())
+    assert resumed_metrics == json.loads(_paths(dataset, straight).metrics.read_text())
+    a = load_checkpoint(_paths(dataset, killed).model_dir / "best.pt")["model_state"]
+    b = load_checkpoint(_paths(dataset, straight).model_dir / "best.pt")["model_state"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    curve = pd.read_csv(_paths(dataset, killed).live / "plots/metrics/val_miou.tsv", sep="\t")
+    assert curve["step"].tolist() == [0, 1, 2, 3]
+
+
+def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> None:
+    params_file = _write_params(tmp_path / "params.yaml", _params(nproc=2))
+    out = tmp_path / "ddp"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *_stage_args(dataset, out, params_file)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("best val mIoU") == 1  # only rank 0 reports
+    paths = _paths(dataset, out)
+    assert sorted(p.name for p in paths.model_dir.iterdir()) == ["best.pt", "last.pt"]
+    metrics = json.loads(paths.metrics.read_text())
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert len(list(paths.oof.rglob("*.png"))) == N_TRAIN // 3
+    assert pd.read_csv(paths.live / "plots/metrics/train_loss.tsv", sep="\t")["step"].tolist() == [0]
+    assert np.isfinite(metrics["miou"])
