@@ -11,8 +11,6 @@ metrics/cv.json come from the exact matrix.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline import coco, metrics
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_dir, atomic_path
 from pipeline.errors import UserError
 
 CONFUSION_ROWS_PER_CLASS = 1000
@@ -229,11 +227,8 @@ def write_worst_overlays(
     Returns the written paths.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp's private 0700 would otherwise become the published folder's mode
     names = []
-    try:
+    with atomic_dir(out_dir) as staging:
         for rank, score in enumerate(worst, start=1):
             truth, pred = read_pair(oof_dir, masks_dir, score.image_id, score.fold, size)
             image = coco.read_image(coco.image_path(root, score.image_id))
@@ -241,9 +236,6 @@ def write_worst_overlays(
             name = f"{rank:02d}_{PurePosixPath(score.image_id).stem}.png"
             render_overlay(image, truth, pred, classes, title).save(staging / name, format="PNG")
             names.append(name)
-        _replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return [out_dir / name for name in names]
 
 
@@ -306,13 +298,3 @@ def _legend_layout(
         layout.append((row, x, label))
         x += width
     return layout
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` in for `target` with renames, so readers never see a half-filled folder."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

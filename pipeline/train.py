@@ -9,10 +9,7 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import augment, coco
-from pipeline.atomic import write_json
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import Params, TrainParams
 from pipeline.dataset import ImageDataset, SegmentationDataset, build_eval_loader, build_train_loader
 from pipeline.errors import UserError
@@ -487,12 +484,7 @@ def write_oof(
 ) -> None:
     """Predict the held-out images and write one label PNG each under paths.oof, replacing it whole."""
     dataset = ImageDataset(paths.root, images, params.augment.size)
-    paths.oof.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{paths.oof.name}.", dir=paths.oof.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the output should look like any other
-    try:
+    with atomic_dir(paths.oof) as staging:
         predictions = predict_images(
             models=[model],
             weights=None,
@@ -506,19 +498,6 @@ def write_oof(
         )
         for index, mask in tqdm(predictions, "out-of-fold predictions", total=len(images)):
             coco.write_mask(staging / coco.mask_relpath(images[index].file_name), mask)
-        _replace_dir(staging, paths.oof)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` in for `target` with renames, so readers never see a half-filled folder."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

@@ -3,37 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 from pipeline import coco
-from pipeline.atomic import write_json
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import load_params
 from pipeline.errors import run_main
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty folder beside `path`; on success it replaces `path` whole, on error it is removed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
-    try:
-        yield tmp
-        old = tmp.with_suffix(".old")
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
