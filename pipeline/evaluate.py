@@ -63,32 +63,6 @@ class OofResult:
     n_skipped: int  # images of folds not in train.folds (no OOF prediction expected)
 
 
-def read_folds(path: str | Path, train: coco.CocoSet) -> dict[str, int]:
-    """folds.csv (image_id,fold) -> {image_id: fold}; it must list exactly the images of `train`."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, dtype={"image_id": str})
-    except FileNotFoundError:
-        raise UserError(f"{path}: folds file not found (run the split stage)") from None
-    if list(table.columns) != ["image_id", "fold"]:
-        raise UserError(f"{path}: expected columns image_id,fold, got {','.join(map(str, table.columns))}")
-    if not pd.api.types.is_integer_dtype(table["fold"]):
-        raise UserError(f"{path}: column 'fold' must hold integers")
-    duplicated = table["image_id"][table["image_id"].duplicated()]
-    if len(duplicated):
-        raise UserError(f"{path}: image_id '{duplicated.iloc[0]}' is listed twice")
-    folds = {
-        str(image_id): int(fold) for image_id, fold in zip(table["image_id"], table["fold"], strict=True)
-    }
-    names = set(train.by_file_name())
-    stray = next((name for name in folds if name not in names), None)
-    missing = next((name for name in names if name not in folds), None)
-    if stray is not None or missing is not None:
-        example = stray if stray is not None else missing
-        raise UserError(f"{path}: does not match {train.path} (e.g. '{example}'); re-run the split stage")
-    return folds
-
-
 def evaluate_oof(
     oof_dir: str | Path,
     masks_dir: str | Path,

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+from pipeline import coco
+from pipeline.errors import UserError
 
 
 def class_presence(masks: Iterable[np.ndarray], n_classes: int) -> np.ndarray:
@@ -73,3 +77,29 @@ def fold_class_counts(
         index=[f"fold{k}" for k in range(n_splits)],
         columns=names[1:],
     )
+
+
+def read_folds(path: str | Path, train: coco.CocoSet) -> dict[str, int]:
+    """folds.csv (image_id,fold) -> {image_id: fold}; it must list exactly the images of `train`."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype={"image_id": str})
+    except FileNotFoundError:
+        raise UserError(f"{path}: folds file not found (run the split stage)") from None
+    if list(table.columns) != ["image_id", "fold"]:
+        raise UserError(f"{path}: expected columns image_id,fold, got {','.join(map(str, table.columns))}")
+    if not pd.api.types.is_integer_dtype(table["fold"]):
+        raise UserError(f"{path}: column 'fold' must hold integers")
+    duplicated = table["image_id"][table["image_id"].duplicated()]
+    if len(duplicated):
+        raise UserError(f"{path}: image_id '{duplicated.iloc[0]}' is listed twice")
+    folds = {
+        str(image_id): int(fold) for image_id, fold in zip(table["image_id"], table["fold"], strict=True)
+    }
+    names = set(train.by_file_name())
+    stray = next((name for name in folds if name not in names), None)
+    missing = next((name for name in names if name not in folds), None)
+    if stray is not None or missing is not None:
+        example = stray if stray is not None else missing
+        raise UserError(f"{path}: does not match {train.path} (e.g. '{example}'); re-run the split stage")
+    return folds

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 from dvclive import Live
@@ -31,7 +30,7 @@ from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import Params, TrainParams
 from pipeline.dataset import ImageDataset, SegmentationDataset, build_eval_loader, build_train_loader
 from pipeline.errors import UserError
-from pipeline.folds import class_presence
+from pipeline.folds import class_presence, read_folds
 from pipeline.infer import predict_images
 from pipeline.losses import build_loss
 from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
@@ -219,22 +218,7 @@ def write_outputs(
 def load_fold_data(params: Params, fold: int, paths: FoldPaths) -> FoldData:
     """Split the training json by folds.csv (fold == `fold` is held out) and read the training masks."""
     train_set = coco.load_coco(paths.train_json, root=paths.root, on_bad=params.data.on_bad_annotation)
-    try:
-        folds = pd.read_csv(paths.folds)
-    except FileNotFoundError:
-        raise UserError(f"{paths.folds}: folds file not found (run the split stage)") from None
-    if list(folds.columns) != ["image_id", "fold"]:
-        raise UserError(
-            f"{paths.folds}: expected columns image_id,fold, got {','.join(map(str, folds.columns))}"
-        )
-    duplicated = folds["image_id"][folds["image_id"].duplicated()]
-    if len(duplicated):
-        raise UserError(f"{paths.folds}: image_id '{duplicated.iloc[0]}' is listed twice")
-    fold_of = dict(zip(folds["image_id"], folds["fold"], strict=True))
-    missing = [image.file_name for image in train_set.images if image.file_name not in fold_of]
-    if missing or len(fold_of) != len(train_set.images):
-        example = missing[0] if missing else next(iter(set(fold_of) - set(train_set.by_file_name())))
-        raise UserError(f"{paths.folds}: does not match {paths.train_json} (e.g. '{example}'); re-run split")
+    fold_of = read_folds(paths.folds, train_set)
     train_names = [image.file_name for image in train_set.images if fold_of[image.file_name] != fold]
     val_images = [image for image in train_set.images if fold_of[image.file_name] == fold]
     if not val_images or not train_names:

@@ -13,11 +13,11 @@ from pipeline.evaluate import (
     N_WORST,
     cv_summary,
     evaluate_oof,
-    read_folds,
     worst_images,
     write_confusion_csv,
     write_worst_overlays,
 )
+from pipeline.folds import read_folds
 
 
 def main() -> None:

@@ -26,11 +26,11 @@ from pipeline.evaluate import (
     evaluate_oof,
     oof_path,
     quantise_rows,
-    read_folds,
     worst_images,
     write_confusion_csv,
     write_worst_overlays,
 )
+from pipeline.folds import read_folds
 from pipeline.submission import SubmissionWriter
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
