@@ -32,5 +32,7 @@ test: install
 lint: install
 	ruff check .
 
+BENCHMARKS := elastic loader codec metrics predict train_gpu
+
 bench: install
-	for b in bench/*.py; do echo "== $$b"; python $$b; done
+	for b in $(BENCHMARKS); do echo "== bench/$$b.py"; python bench/$$b.py; done

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from harness import median_seconds
 from pipeline import rle
 from pipeline.submission import SubmissionWriter
 
@@ -42,20 +42,6 @@ def blobby_labels(rng: np.random.Generator, size: int, n_classes: int, n_objects
             points = np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], 1)
             cv2.fillPoly(labels, [points.astype(np.int32)], label)
     return labels
-
-
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function; the functions take turns within each repeat, so load from
-    other processes on the machine falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_size(size: int, n_masks: int, repeats: int, rng: np.random.Generator) -> None:

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from harness import pin_to_one_core
 from pipeline import coco
 from pipeline.augment import (
     build_elastic,
@@ -37,13 +36,6 @@ from pipeline.demo import generate_demo
 from pipeline.folds import class_presence
 
 TARGET_IMAGES_PER_S = 40.0
-
-
-def pin_to_one_core() -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
 
 
 def make_demo(out: Path, n_images: int, image_size: int) -> tuple[list[str], np.ndarray]:

@@ -11,8 +11,6 @@ repeats (methods take turns within a repeat), per image. Target: sklearn / ours 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import cv2
@@ -20,6 +18,7 @@ import numpy as np
 import sklearn.metrics
 import torch
 
+from harness import median_seconds
 from pipeline import metrics
 
 N_CLASSES = 11
@@ -33,19 +32,6 @@ def label_map(rng: np.random.Generator, size: int) -> np.ndarray:
         label = int(rng.integers(1, N_CLASSES))
         cv2.ellipse(labels, centre, axes, float(rng.uniform(0, 180)), 0, 360, label, -1)
     return labels
-
-
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, the functions taking turns within each repeat."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up (and CUDA initialisation)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
