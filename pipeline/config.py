@@ -33,7 +33,9 @@ class DataParams:
     root: str = "data/demo"
     train_json: str = "data/demo/train.json"
     test_json: str = "data/demo/test.json"
-    test_truth_json: str | None = None
+    # dvc.yaml interpolates this into the leaderboard stage's deps, so it must be a path, never null: with
+    # no test truth (the real competition) point it at test.json and the stage records "not scored".
+    test_truth_json: str = "data/demo/test_truth.json"
     overlap: Literal["area_desc", "max_class"] = "area_desc"
     on_bad_annotation: Literal["error", "skip"] = "error"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline import coco
 from pipeline.atomic import write_json
 from pipeline.config import load_params
-from pipeline.errors import UserError, run_main
+from pipeline.errors import run_main
 from pipeline.submission import score_submission
 
 
@@ -23,7 +23,13 @@ def main() -> None:
 
     truth = coco.load_coco(args.truth, on_bad=params.data.on_bad_annotation)
     if not truth.has_annotations:
-        raise UserError(f"{args.truth}: no 'annotations' list; --truth must be the test set's ground truth")
+        # The real competition's test.json: its truth is on the leaderboard. Say so in the metrics
+        # rather than fail, so a full `dvc repro` still runs; the printed line makes it visible.
+        write_json(
+            args.out, {"miou": None, "iou": {}, "scored": False, "reason": f"{args.truth} has no annotations"}
+        )
+        print(f"leaderboard: not scored, {args.truth} has no annotations (the organisers hold the truth)")
+        return
     result = score_submission(
         args.submission, truth, params.submission.size, params.data.overlap, order=params.submission.rle_order
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,16 @@ def test_load_params_file_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_params(empty) == Params()
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "configs/trash.yaml"])
+def test_dvc_builds_the_stage_graph_with_each_committed_config(tmp_path: Path, path: str) -> None:
+    # dvc.yaml interpolates params into paths: a null or mistyped one breaks every DVC command.
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / path, tmp_path / "params.yaml")
+    dvc = [sys.executable, "-m", "dvc"]
+    assert subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path).returncode == 0
+    dag = subprocess.run([*dvc, "dag", "--md"], cwd=tmp_path, capture_output=True, text=True)
+    assert dag.returncode == 0, dag.stderr[-2000:]
+    for stage in ["masks", "split", "train@0", "predict", "evaluate", "leaderboard"]:
+        assert stage in dag.stdout
