@@ -31,6 +31,7 @@ test: install
 
 lint: install
 	ruff check .
+	ruff format --check .
 
 BENCHMARKS := elastic loader codec metrics predict train_gpu
 

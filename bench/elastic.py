@@ -63,9 +63,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--alpha", type=float, default=400.0, help="configs/trash.yaml's (~2.3 px at 512 px)"
-    )
+    parser.add_argument("--alpha", type=float, default=400.0, help="configs/trash.yaml's (~2.3 px at 512 px)")
     parser.add_argument("--sigma", type=float, default=10.0)
     args = parser.parse_args()
     pin_to_one_core()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.chmod(0o666 & ~_umask())  # mkstemp's file is private; the output should look like any other
+    tmp = _fresh(target, ".tmp" + target.suffix, _create_file)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -44,25 +39,42 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())
-    old = target.with_name(f".{target.name}.old")
+    tmp = _fresh(target, ".tmp", _create_dir)
     try:
         yield tmp
-        shutil.rmtree(old, ignore_errors=True)
         if target.exists():
+            # A fresh name for the old copy (renaming onto an empty folder replaces it), so two writers
+            # of the same output never move each other's folders.
+            old = _fresh(target, ".old", _create_dir)
             target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; put it straight back.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _fresh(target: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """Create (with `create`) and return an unused hidden path `.{name}.{random}{suffix}` beside `target`."""
+    while True:
+        candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+
+
+# The ordinary modes, so the process umask applies as to any other output. tempfile's files are private
+# (0o600 / 0o700), and widening them afterwards needs the umask, which can only be read by changing it
+# for every thread of the process.
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _create_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

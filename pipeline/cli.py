@@ -84,7 +84,7 @@ def validate(args: argparse.Namespace) -> None:
     """Print "valid: N rows" (exit 0), or one line per problem and exit 1."""
     params = _load_params(args.params)
     size = _resolve_size(args.size, params)
-    test = coco.load_coco(args.test)
+    test = coco.load_coco(args.test, on_bad=params.data.on_bad_annotation)
     report = check_submission(args.submission, test, size)
     if not report.problems:
         print(f"valid: {report.n_rows} rows ({report.fmt}, {len(test.images)} images)")

@@ -370,6 +370,8 @@ def _parse_images(path: Path, raw: list) -> list[ImageRecord]:
 def _file_name_problem(file_name: str) -> str | None:
     if not file_name:
         return "is empty"
+    if PurePosixPath(file_name.replace("\\", "/")).name in ("", ".", ".."):
+        return "names a folder, not a file"
     if PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).anchor:
         return "is absolute; it must be relative to the data root"
     if ".." in PurePosixPath(file_name.replace("\\", "/")).parts:
@@ -391,11 +393,14 @@ def _annotation_problem(
         return f"must be an object, got {ann!r}", False
     if "id" in ann and not _is_int(ann["id"]):
         return f"'id' must be an integer, got {ann['id']!r}", False
-    image = images.get(ann.get("image_id"))  # type: ignore[arg-type]
+    for key in ("image_id", "category_id"):
+        if not _is_int(ann.get(key)):
+            return f"{key!r} must be an integer, got {ann.get(key)!r}", False
+    image = images.get(ann["image_id"])
     if image is None:
-        return f"image_id {ann.get('image_id')!r} is not in 'images'", False
-    if ann.get("category_id") not in label_of_category:
-        return f"category_id {ann.get('category_id')!r} is not in 'categories'", False
+        return f"image_id {ann['image_id']!r} is not in 'images'", False
+    if ann["category_id"] not in label_of_category:
+        return f"category_id {ann['category_id']!r} is not in 'categories'", False
     if "segmentation" not in ann:
         return "no 'segmentation'", False
     segmentation = ann["segmentation"]
@@ -422,8 +427,27 @@ def _polygon_problem(polygons: list, height: int, width: int) -> tuple[str | Non
         if len(poly) < 6:
             return f"polygon {k} has {len(poly) // 2} points; a polygon needs at least 3", False
         xs, ys = poly[0::2], poly[1::2]
+        # pycocotools walks the whole outline at 5x resolution: a corrupt far-away vertex costs memory in
+        # proportion to its distance (gigabytes at 1e8) and overflows int32 at 4e8, so bound it here.
+        margin = max(height, width)
+        if min(xs) < -margin or min(ys) < -margin or max(xs) > width + margin or max(ys) > height + margin:
+            return (
+                f"polygon {k} reaches ({_far_vertex(xs, ys, height, width)}), more than the image's "
+                f"size outside the {height}x{width} image",
+                False,
+            )
         outside = outside or min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height
     return None, outside
+
+
+def _far_vertex(xs: list[float], ys: list[float], height: int, width: int) -> str:
+    """The vertex farthest outside the image, as "x, y" (for the error message)."""
+
+    def distance(i: int) -> float:
+        return max(-xs[i], xs[i] - width, -ys[i], ys[i] - height)
+
+    far = max(range(len(xs)), key=distance)
+    return f"{xs[far]:g}, {ys[far]:g}"
 
 
 def _rle_problem(rle: dict, height: int, width: int) -> str | None:

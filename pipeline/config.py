@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -110,6 +111,8 @@ class PredictParams:
     fold_weights: list[float] | None = None
     batch_size: int = 8
     num_workers: int = 2
+    # Mixed precision on CUDA (bf16, or fp16 where the GPU lacks bf16, e.g. a T4); false: float32.
+    amp: bool = True
 
 
 @dataclass(frozen=True)
@@ -226,8 +229,55 @@ def _describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
 
 
+# Ranges a type cannot express, checked on every value that is not null: key -> (rule, what it must be).
+# (The demo section is checked by `demo.generate_demo`, which benchmarks also call directly.)
+Rule = tuple[Callable[[Any], bool], str]
+_AT_LEAST_1: Rule = (lambda v: v >= 1, "at least 1")
+_AT_LEAST_0: Rule = (lambda v: v >= 0, "at least 0")
+_POSITIVE: Rule = (lambda v: v > 0, "greater than 0")
+_PROBABILITY: Rule = (lambda v: 0 <= v <= 1, "between 0 and 1")
+_WEIGHTS: Rule = (lambda v: all(w >= 0 for w in v) and any(w > 0 for w in v), "all >= 0, some > 0")
+_RANGES: dict[str, Rule] = {
+    "augment.size": _POSITIVE,
+    "augment.hflip": _PROBABILITY,
+    "augment.vflip": _PROBABILITY,
+    "augment.shift_scale_rotate": _PROBABILITY,
+    "augment.color": _PROBABILITY,
+    "augment.elastic_gamma": _AT_LEAST_0,
+    "augment.elastic_alpha": _AT_LEAST_0,
+    "augment.elastic_sigma": _POSITIVE,
+    "model.decoder_channels": (lambda v: len(v) > 0 and all(c >= 1 for c in v), "non-empty, all at least 1"),
+    "train.nproc": _AT_LEAST_1,
+    "train.epochs": _AT_LEAST_1,
+    "train.batch_size": _AT_LEAST_1,
+    "train.accumulate": _AT_LEAST_1,
+    "train.lr": _POSITIVE,
+    "train.weight_decay": _AT_LEAST_0,
+    "train.warmup_epochs": _AT_LEAST_0,
+    "train.grad_clip": _POSITIVE,
+    "train.losses": (lambda v: _WEIGHTS[0](list(v.values())), "weights all >= 0, some > 0"),
+    "train.class_weights": _WEIGHTS,
+    "train.num_workers": _AT_LEAST_0,
+    "train.max_batches": _AT_LEAST_1,
+    "predict.scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "non-empty, all greater than 0"),
+    "predict.fold_weights": _WEIGHTS,
+    "predict.batch_size": _AT_LEAST_1,
+    "predict.num_workers": _AT_LEAST_0,
+    "submission.size": _POSITIVE,
+}
+
+
+def _check_ranges(params: Params, source: str) -> None:
+    for key, (rule, what) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(params, section), name)
+        if value is not None and not rule(value):
+            raise UserError(f"{source}: '{key}' must be {what}, got {value!r}")
+
+
 def _check_consistency(params: Params, source: str) -> None:
-    """Cross-section rules that a single type cannot express."""
+    """Ranges, and cross-section rules that a single type cannot express."""
+    _check_ranges(params, source)
     n = params.split.n_splits
     if n < 2:
         raise UserError(f"{source}: 'split.n_splits' must be at least 2, got {n}")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pipeline import coco
 from pipeline.augment import build_resize
@@ -21,8 +23,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Folded into one multiply-add on 0..255 values: (x / 255 - mean) / std = x * scale + offset.
 _SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float32)
 _OFFSET = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)], dtype=np.float32)
-# Worker seeds of different DDP ranks must differ, or every rank would augment alike.
-_RANK_SEED_STRIDE = 1_000_003
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
@@ -38,10 +38,13 @@ def normalize(image: np.ndarray) -> torch.Tensor:
 class SegmentationDataset(Dataset):
     """Training / validation images with their masks -> (image float32 (3, S, S), mask int64 (S, S)).
 
-    Item i reads `root/file_names[i]` and `masks_dir/mask_relpath(file_names[i])`, applies `transform`
+    Item `key` reads `root/file_names[i]` and `masks_dir/mask_relpath(file_names[i])`, applies `transform`
     (albumentations, image + mask), then `elastic` with probability `elastic_p[i]` (rare-class weighted).
-    The dataset owns the random state of both transforms: it seeds them, and its own draws, from `seed`
-    here and from each DataLoader worker's seed in `seed_worker`, so workers differ and a seed replays.
+
+    The key is an index i, drawing from the dataset's own random streams (seeded by `seed` or `reseed`),
+    or an `(i, item_seed)` pair as `SeededSampler` yields, drawing from streams seeded by item_seed alone:
+    then an item's augmentation depends on its seed only, never on which worker loads it, how many
+    workers there are or what they loaded before, so persistent workers and a resumed run replay it.
     """
 
     def __init__(
@@ -69,17 +72,18 @@ class SegmentationDataset(Dataset):
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart every random stream this dataset uses (its own draws and both transforms')."""
-        streams = np.random.SeedSequence(seed).spawn(3)
-        self._rng = np.random.default_rng(streams[0])
-        self.transform.set_random_seed(int(streams[1].generate_state(1)[0]))
-        if self.elastic is not None:
-            self.elastic.set_random_seed(int(streams[2].generate_state(1)[0]))
+        """Restart the dataset's own random streams, which index keys draw from."""
+        self._streams = _Streams.from_seed(seed)
 
     def __len__(self) -> int:
         return len(self.file_names)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(key, tuple):
+            index, item_seed = key
+            streams = _Streams.from_seed(item_seed)
+        else:
+            index, streams = key, self._streams
         file_name = self.file_names[index]
         image = coco.read_image(coco.image_path(self.root, file_name))
         mask_path = self.masks_dir / coco.mask_relpath(file_name)
@@ -89,10 +93,39 @@ class SegmentationDataset(Dataset):
                 f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
                 f"{image.shape[0]}x{image.shape[1]} (re-run the masks stage)"
             )
+        # One generator pair per transform tree, shared by its children: albumentations' set_random_seed
+        # would give every child its own generator with the same seed, and identical streams make
+        # HorizontalFlip and VerticalFlip (and every other pair of draws) fire together.
+        self.transform.set_random_state(streams.transform, streams.transform_py)
         out = self.transform(image=image, mask=mask)
-        if self.elastic_p is not None and self._rng.random() < self.elastic_p[index]:
+        if self.elastic_p is not None and streams.elastic.random() < self.elastic_p[index]:
+            self.elastic.set_random_state(streams.elastic, streams.elastic_py)
             out = self.elastic(image=out["image"], mask=out["mask"])
         return normalize(out["image"]), torch.from_numpy(out["mask"].astype(np.int64))
+
+
+@dataclass(frozen=True)
+class _Streams:
+    """The generators one item (or one dataset's index keys) draws from.
+
+    The elastic decision and deformation have their own stream, so an elastic probability of 0 leaves
+    every other draw as it would be with no elastic step at all.
+    """
+
+    transform: np.random.Generator
+    transform_py: random.Random
+    elastic: np.random.Generator
+    elastic_py: random.Random
+
+    @classmethod
+    def from_seed(cls, seed: int) -> _Streams:
+        transform_seq, elastic_seq = np.random.SeedSequence(seed).spawn(2)
+        return cls(
+            np.random.default_rng(transform_seq),
+            random.Random(int(transform_seq.generate_state(1)[0])),
+            np.random.default_rng(elastic_seq),
+            random.Random(int(elastic_seq.generate_state(1)[0])),
+        )
 
 
 class ImageDataset(Dataset):
@@ -117,15 +150,42 @@ class ImageDataset(Dataset):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: seed numpy, and a SegmentationDataset's streams, from the worker's seed.
+    """DataLoader worker_init_fn: seed numpy's global generator from the worker's seed.
 
-    torch gives each worker `base_seed + worker_id`, base_seed drawn from the loader's generator, so
-    workers differ from each other and from epoch to epoch (unless persistent), and a seed replays.
+    Items keyed by `SeededSampler` need no worker state; this keeps any library drawing from numpy's
+    global generator from repeating the same numbers in every worker.
     """
-    info = torch.utils.data.get_worker_info()
-    np.random.seed(info.seed % 2**32)
-    if isinstance(info.dataset, SegmentationDataset):
-        info.dataset.reseed(info.seed)
+    np.random.seed(torch.utils.data.get_worker_info().seed % 2**32)
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Wraps an epoch-aware sampler: yields (index, item_seed), item seeds drawn from (seed, epoch, rank).
+
+    The seed travels with the index to whichever worker loads the item, so augmentation is a function
+    of (seed, epoch, rank, position in the epoch) alone: the same with 0 or 16 workers, with workers
+    kept alive across epochs, and after a resume. Call `set_epoch` every epoch.
+    """
+
+    def __init__(
+        self, sampler: DistributedSampler | DistributedWeightedSampler, seed: int, rank: int
+    ) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(self.sampler)
+        generator = np.random.default_rng([self.seed, self.epoch, self.rank])
+        seeds = generator.integers(0, 2**63 - 1, size=len(indices))
+        return iter(zip(indices, seeds.tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class DistributedWeightedSampler(Sampler[int]):
@@ -189,45 +249,35 @@ def build_train_loader(
 ) -> DataLoader:
     """Shuffled (or rarity-weighted, with replacement) training batches; the last partial batch dropped.
 
+    One loader serves the whole run: its workers persist, and `loader.sampler.set_epoch(epoch)` before
+    each epoch picks that epoch's order (seeded by seed + epoch) and item seeds (`SeededSampler`).
+    The dataset receives (index, item_seed) keys, as `SegmentationDataset` takes them.
+
     sample_weights: per-image oversampling weights (`augment.sampling_weights`), or None for a plain
-    shuffle. distributed: shard over the initialised process group; with weights too, each rank draws
-    its share of one weighted draw (`DistributedWeightedSampler`), otherwise `DistributedSampler`.
-    Either way call `loader.sampler.set_epoch(epoch)` every epoch under DDP. The last batch is dropped
-    only when a rank has at least one full batch, so tiny configurations still train.
+    shuffle. distributed: shard over the initialised process group: each rank takes its share of one
+    shuffle (`DistributedSampler`) or of one weighted draw (`DistributedWeightedSampler`). The last
+    batch is dropped only when a rank has at least one full batch, so tiny configurations still train.
     """
     rank, world_size = _rank_and_world(distributed)
-    rank_seed = seed + _RANK_SEED_STRIDE * rank
     n = len(dataset)
     if sample_weights is not None and len(sample_weights) != n:
         raise ValueError(f"{len(sample_weights)} sample weights for {n} images")
-    sampler: Sampler[int] | None
-    if distributed and sample_weights is not None:
-        sampler = DistributedWeightedSampler(sample_weights, rank, world_size, seed=seed)
-    elif distributed:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    elif sample_weights is not None:
-        sampler = WeightedRandomSampler(
-            torch.as_tensor(np.asarray(sample_weights, dtype=np.float64)),
-            num_samples=n,
-            replacement=True,
-            generator=torch.Generator().manual_seed(seed),
-        )
+    order: DistributedSampler | DistributedWeightedSampler
+    if sample_weights is not None:
+        order = DistributedWeightedSampler(sample_weights, rank, world_size, seed=seed)
     else:
-        sampler = None
-    per_rank = len(sampler) if sampler is not None else n
-    if num_workers == 0 and isinstance(dataset, SegmentationDataset):
-        dataset.reseed(rank_seed)  # in-process loading: the dataset's own streams, per rank
+        order = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler = SeededSampler(order, seed, rank)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        drop_last=per_rank >= batch_size,
+        drop_last=len(sampler) >= batch_size,
         persistent_workers=num_workers > 0,
         worker_init_fn=seed_worker if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(rank_seed),
+        generator=torch.Generator().manual_seed(seed + rank),
     )
 
 

@@ -83,9 +83,12 @@ def read_folds(path: str | Path, train: coco.CocoSet) -> dict[str, int]:
     """folds.csv (image_id,fold) -> {image_id: fold}; it must list exactly the images of `train`."""
     path = Path(path)
     try:
-        table = pd.read_csv(path, dtype={"image_id": str})
+        # Image ids are file names: none is a missing value, not even one called "NA" or "null".
+        table = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
     except FileNotFoundError:
         raise UserError(f"{path}: folds file not found (run the split stage)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({exc}); re-run the split stage") from None
     if list(table.columns) != ["image_id", "fold"]:
         raise UserError(f"{path}: expected columns image_id,fold, got {','.join(map(str, table.columns))}")
     if not pd.api.types.is_integer_dtype(table["fold"]):

@@ -105,12 +105,14 @@ def predict_probabilities(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    amp: bool = True,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (dataset indexes, (B, C, size, size) float32 probabilities on `device`) one batch at a time.
 
     Probabilities are averaged over TTA transforms, scales and models (weighted by `weights`, normalised;
-    None = equal). The models are moved to `device` and put in eval mode. Nothing is kept between batches,
-    so memory is bounded by `batch_size`, not by the size of the dataset.
+    None = equal). The models are moved to `device` and put in eval mode. `amp`: autocast on CUDA (bf16,
+    else fp16); CPU always runs float32. Nothing is kept between batches, so memory is bounded by
+    `batch_size`, not by the size of the dataset.
     """
     if not models or not scales:
         raise ValueError("predict_probabilities needs at least one model and one scale")
@@ -124,7 +126,8 @@ def predict_probabilities(
     for images, indexes in loader:
         # The no-grad/autocast contexts live in a function, not around the `yield`: a generator suspended
         # inside them would leak inference mode into the caller's code between batches.
-        yield indexes.tolist(), _predict_batch(members, shares, images.to(device, non_blocking=True), scales)
+        images = images.to(device, non_blocking=True)
+        yield indexes.tolist(), _predict_batch(members, shares, images, scales, amp)
 
 
 def predict_images(
@@ -137,6 +140,7 @@ def predict_images(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    amp: bool = True,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (dataset index, uint8 label mask) per image, in dataset order, streaming batch by batch.
 
@@ -145,7 +149,7 @@ def predict_images(
     boundaries are decided at the output resolution rather than upsampled as blocky labels.
     """
     for indexes, probs in predict_probabilities(
-        models, weights, dataset, tta, scales, batch_size, num_workers, device
+        models, weights, dataset, tta, scales, batch_size, num_workers, device, amp
     ):
         for index, image_probs in zip(indexes, probs, strict=True):
             if out_size is None:
@@ -191,15 +195,19 @@ def load_ensemble(checkpoint_paths: Sequence[str | Path]) -> tuple[list[nn.Modul
 
 
 def _predict_batch(
-    members: Sequence[nn.Module], shares: Sequence[float], images: torch.Tensor, scales: Sequence[float]
+    members: Sequence[nn.Module],
+    shares: Sequence[float],
+    images: torch.Tensor,
+    scales: Sequence[float],
+    amp: bool,
 ) -> torch.Tensor:
-    with torch.inference_mode(), _autocast(images.device):
+    with torch.inference_mode(), _autocast(images.device, amp):
         return ensemble_probabilities(members, shares, images, scales)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bf16 where supported, else fp16); CPU inference stays float32."""
-    if device.type != "cuda":
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA if `amp` (bf16 where supported, else fp16); CPU inference stays float32."""
+    if device.type != "cuda" or not amp:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)

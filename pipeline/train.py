@@ -6,11 +6,11 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,17 +136,19 @@ def fit(params: Params, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[s
     """Train `fold`, keep the epoch with the best validation mIoU, write the fold's outputs.
 
     Resumes after the last finished epoch when model_dir/last.pt was written by the same settings and
-    data (`run_fingerprint`); each epoch reseeds from seed + epoch, so a resumed run ends exactly like
-    an uninterrupted one. Only the main process writes. Returns the metrics written to `paths.metrics`
-    (on the main process; other processes return {}).
+    data (`run_fingerprint`); each epoch reseeds from seed + epoch (the model's draws, the data order
+    and every item's augmentation), so a resumed run ends like an uninterrupted one: bit for bit on
+    CPU, and on a GPU up to the nondeterminism of cuDNN's kernels. Only the main process writes.
+    Returns the metrics written to `paths.metrics` (on the main process; other processes return {}).
     """
     train = params.train
     data = load_fold_data(params, fold, paths)
     check_train_params(train, len(data.classes))
-    fingerprint = run_fingerprint(params, fold, paths, runtime.world_size)
+    all_names = data.train_names + [image.file_name for image in data.val_images]
+    fingerprint = run_fingerprint(params, fold, paths, all_names, runtime.world_size)
     elastic_p = augment.elastic_probabilities(data.presence, params.augment)
-    epoch_loader, val_loader = build_loaders(params, data, paths, elastic_p, runtime)
-    steps_per_epoch = math.ceil(batches_per_epoch(len(epoch_loader(0)), train.max_batches) / train.accumulate)
+    train_loader, val_loader = build_loaders(params, data, paths, elastic_p, runtime)
+    steps_per_epoch = math.ceil(batches_per_epoch(len(train_loader), train.max_batches) / train.accumulate)
 
     seed_everything(train.seed)
     resume = read_resume_state(paths.model_dir, fingerprint)
@@ -167,9 +169,10 @@ def fit(params: Params, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[s
 
     for epoch in range(len(history), train.epochs):
         seed_everything(train.seed + epoch)
+        train_loader.sampler.set_epoch(epoch)  # this epoch's order and augmentation seeds
         desc = f"fold {fold} epoch {epoch + 1}/{train.epochs}"
         lr = state.optimizer.param_groups[0]["lr"]  # the lr this epoch starts at
-        loss = train_one_epoch(state, epoch_loader(epoch), loss_fn, runtime, train, desc)
+        loss = train_one_epoch(state, train_loader, loss_fn, runtime, train, desc)
         if not math.isfinite(loss):
             raise UserError(f"params: fold {fold} diverged in epoch {epoch} (loss {loss}); lower train.lr")
         cm = evaluate(state.net, val_loader, len(data.classes), runtime)
@@ -235,11 +238,7 @@ def load_fold_data(params: Params, fold: int, paths: FoldPaths) -> FoldData:
 
 
 def check_train_params(train: TrainParams, n_classes: int) -> None:
-    """The train-section rules that need the data (or that config does not check)."""
-    counts = {"epochs": train.epochs, "batch_size": train.batch_size, "accumulate": train.accumulate}
-    for key, value in counts.items():
-        if value < 1:
-            raise UserError(f"params: train.{key} must be at least 1, got {value}")
+    """The train-section rules that need the data (config checks the rest)."""
     if train.class_weights is not None and len(train.class_weights) != n_classes:
         raise UserError(
             f"params: train.class_weights has {len(train.class_weights)} weights for {n_classes} classes "
@@ -249,11 +248,12 @@ def check_train_params(train: TrainParams, n_classes: int) -> None:
 
 def build_loaders(
     params: Params, data: FoldData, paths: FoldPaths, elastic_p: np.ndarray, runtime: Runtime
-) -> tuple[Callable[[int], DataLoader], DataLoader]:
-    """(epoch -> that epoch's training loader, the validation loader), sharded over ranks under DDP.
+) -> tuple[DataLoader, DataLoader]:
+    """(training loader, validation loader), sharded over ranks under DDP; workers persist for the run.
 
-    Each epoch gets a fresh training loader seeded from seed + epoch, so data order and augmentation
-    never depend on what ran before: the key to a resumed run matching an uninterrupted one.
+    Call `train_loader.sampler.set_epoch(epoch)` before each epoch: order and augmentation are then
+    functions of (seed, epoch) alone, never of what ran before, which is what lets a resumed run match
+    an uninterrupted one.
     """
     train, aug = params.train, params.augment
     train_set = SegmentationDataset(
@@ -267,33 +267,68 @@ def build_loaders(
     rarity = augment.rarity_weights(data.presence, aug.elastic_gamma)
     sample_weights = augment.sampling_weights(data.presence, rarity) if aug.oversample else None
     pin = runtime.device.type == "cuda"
-
-    def epoch_loader(epoch: int) -> DataLoader:
-        return build_train_loader(
-            train_set,
-            train.batch_size,
-            train.num_workers,
-            sample_weights,
-            runtime.distributed,
-            seed=train.seed + epoch,
-            pin_memory=pin,
-        )
-
+    train_loader = build_train_loader(
+        train_set,
+        train.batch_size,
+        train.num_workers,
+        sample_weights,
+        runtime.distributed,
+        seed=train.seed,
+        pin_memory=pin,
+    )
     val_set = SegmentationDataset(
         paths.root, [r.file_name for r in data.val_images], paths.masks, augment.build_eval_transform(aug)
     )
-    return epoch_loader, build_eval_loader(
+    return train_loader, build_eval_loader(
         val_set, train.batch_size, train.num_workers, runtime.distributed, pin
     )
 
 
-def run_fingerprint(params: Params, fold: int, paths: FoldPaths, world_size: int) -> str:
+# The pipeline modules whose code shapes the trained weights. infer.py is left out on purpose: it only
+# shapes the out-of-fold predictions, which are rewritten from best.pt without retraining.
+WEIGHT_MODULES = (
+    "augment",
+    "coco",
+    "config",
+    "dataset",
+    "folds",
+    "losses",
+    "metrics",
+    "models",
+    "runtime",
+    "train",
+)
+# Libraries whose versions shape the weights (augmentation draws, kernels, initialisation). OpenCV is
+# installed under one of several distribution names; the one that is not installed reads None.
+WEIGHT_LIBRARIES = (
+    "albumentations",
+    "numpy",
+    "opencv-python",
+    "opencv-python-headless",
+    "segmentation-models-pytorch",
+    "torch",
+)
+
+
+def run_fingerprint(
+    params: Params, fold: int, paths: FoldPaths, file_names: list[str], world_size: int
+) -> str:
     """Hash of everything that shapes the trained weights; a resume state with another hash is stale.
 
+    DVC re-runs a train stage when any of its deps changes, and the fold's folder persists, so this is
+    what tells a killed run (resume it) from a finished run whose inputs changed (train again): the
+    settings, folds.csv, the json, the bytes of every image and mask the fold reads (`file_names`), a
+    local encoder weights file, the code in WEIGHT_MODULES and the library versions.
     predict/submission settings are left out: they only change the outputs, which are rewritten anyway.
     """
     train = dataclasses.asdict(params.train)
     del train["folds"]  # which other folds run does not change this one
+    data = hashlib.sha256()
+    for name in file_names:
+        for path in (coco.image_path(paths.root, name), paths.masks / coco.mask_relpath(name)):
+            data.update(_sha256(path).encode())
+    weights = params.model.encoder_weights
+    package = Path(__file__).parent
     relevant = {
         "data": {"overlap": params.data.overlap, "on_bad_annotation": params.data.on_bad_annotation},
         "augment": dataclasses.asdict(params.augment),
@@ -303,6 +338,10 @@ def run_fingerprint(params: Params, fold: int, paths: FoldPaths, world_size: int
         "world_size": world_size,
         "folds_csv": _sha256(paths.folds),
         "train_json": _sha256(paths.train_json),
+        "images_and_masks": data.hexdigest(),
+        "encoder_weights_file": _sha256(Path(weights)) if weights and Path(weights).is_file() else None,
+        "code": {name: _sha256(package / f"{name}.py") for name in WEIGHT_MODULES},
+        "libraries": {name: _version(name) for name in WEIGHT_LIBRARIES},
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -479,9 +518,17 @@ def write_oof(
             batch_size=params.predict.batch_size,
             num_workers=params.predict.num_workers,
             device=runtime.device,
+            amp=params.predict.amp,
         )
         for index, mask in tqdm(predictions, "out-of-fold predictions", total=len(images)):
             coco.write_mask(staging / coco.mask_relpath(images[index].file_name), mask)
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _sha256(path: Path) -> str:

@@ -47,6 +47,7 @@ def main() -> None:
         batch_size=predict.batch_size,
         num_workers=predict.num_workers,
         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        amp=predict.amp,
     )
     progress = tqdm(masks, desc=f"predict ({len(models)} folds)", total=len(test.images), unit="image")
     # Validate before the file takes its final name: an invalid submission never lands at --out.

@@ -27,9 +27,10 @@ def main() -> None:
     parser.add_argument("--counts", type=Path, required=True, help="per-fold per-class image counts (JSON)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
-    params = load_params(args.params).split
+    all_params = load_params(args.params)
+    params = all_params.split
 
-    train = coco.load_coco(args.train_json)
+    train = coco.load_coco(args.train_json, on_bad=all_params.data.on_bad_annotation)
     file_names = [image.file_name for image in train.images]
     if len(file_names) < params.n_splits:
         raise UserError(

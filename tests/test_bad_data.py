@@ -145,6 +145,23 @@ def test_polygon_with_fewer_than_three_points(ds: Dataset) -> None:
     expect_error(ds, "train.json", "annotation id 10", "polygon 1 has 2 points")
 
 
+def test_polygon_far_outside_the_image(ds: Dataset) -> None:
+    # pycocotools would need gigabytes (and crash past 4e8): refused before it is asked.
+    first_ann(ds)["segmentation"] = [[2, 2, 1e9, 2, 30, 20]]
+    expect_error(
+        ds, "train.json", "annotation id 10", "polygon 0 reaches (1e+09, 2)", "outside the 40x48 image"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("image_id", [0]), ("image_id", 0.0), ("category_id", {"id": 1}), ("category_id", True)],
+)
+def test_annotation_ids_must_be_integers(ds: Dataset, key: str, value: object) -> None:
+    first_ann(ds)[key] = value
+    expect_error(ds, "train.json", "annotation id 10", f"'{key}' must be an integer, got {value!r}")
+
+
 def test_duplicate_image_id(ds: Dataset) -> None:
     ds.train["images"][1]["id"] = 0
     expect_error(ds, "train.json", "image id 0 appears twice", "imgs/1.jpg")
@@ -158,6 +175,12 @@ def test_duplicate_file_name(ds: Dataset) -> None:
 def test_absolute_file_name(ds: Dataset) -> None:
     ds.train["images"][0]["file_name"] = str(ds.root / "imgs" / "0.jpg")
     expect_error(ds, "train.json", "image id 0", "is absolute")
+
+
+@pytest.mark.parametrize("name", [".", "./", "imgs/.."])
+def test_file_name_that_names_a_folder(ds: Dataset, name: str) -> None:
+    ds.train["images"][0]["file_name"] = name
+    expect_error(ds, "train.json", "image id 0", repr(name))
 
 
 def test_file_name_climbing_out_of_the_root(ds: Dataset) -> None:
@@ -241,6 +264,19 @@ def test_skip_bad_annotations_counts_them(ds: Dataset) -> None:
     assert "train.json: annotation id 11" in loaded.problems[1] and "odd number" in loaded.problems[1]
     with pytest.raises(UserError, match="annotation id 10"):
         coco.load_coco(ds.train_json, on_bad="error")
+
+
+def test_split_skips_what_masks_skipped(ds: Dataset, tmp_path: Path) -> None:
+    # on_bad_annotation applies to every stage that reads the json, not to the masks stage alone.
+    ds.train["annotations"][1]["segmentation"] = [[1, 2, 3, 4]]
+    ds.params.write_text("data:\n  on_bad_annotation: skip\nsplit:\n  n_splits: 2\ntrain:\n  folds: [0, 1]\n")
+    assert ds.run_stage().returncode == 0
+    split = [sys.executable, str(REPO / "stages" / "split.py"), "--masks", str(ds.out),
+             "--train-json", str(ds.train_json), "--out", str(tmp_path / "folds.csv"),
+             "--counts", str(tmp_path / "counts.json"), "--params", str(ds.params)]  # fmt: skip
+    result = subprocess.run(split, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "folds.csv").read_text().splitlines()[0] == "image_id,fold"
 
 
 def test_valid_dataset_passes(ds: Dataset) -> None:

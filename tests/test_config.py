@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import itertools
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import yaml
 
 from pipeline.config import Params, load_params, params_from_dict
 from pipeline.errors import UserError
+from pipeline.train import WEIGHT_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +65,19 @@ def test_int_accepted_for_float() -> None:
         ({"augment": {"size": 100}}, "divisible by 32"),
         ({"augment": {"elastic_p_min": 0.9, "elastic_p_max": 0.1}}, "elastic_p_min"),
         ({"predict": {"fold_weights": [1.0]}}, "'predict.fold_weights' has 1 weights for 5 folds"),
+        ({"train": {"grad_clip": -1}}, "'train.grad_clip' must be greater than 0, got -1"),
+        ({"train": {"lr": 0}}, "'train.lr' must be greater than 0"),
+        ({"train": {"max_batches": 0}}, "'train.max_batches' must be at least 1, got 0"),
+        ({"train": {"epochs": 0}}, "'train.epochs' must be at least 1, got 0"),
+        ({"train": {"class_weights": [0, 0]}}, "'train.class_weights' must be all >= 0, some > 0"),
+        ({"train": {"losses": {"ce": 0.0}}}, "'train.losses' must be weights all >= 0, some > 0"),
+        ({"augment": {"elastic_sigma": 0}}, "'augment.elastic_sigma' must be greater than 0"),
+        ({"augment": {"size": 0}}, "'augment.size' must be greater than 0"),
+        ({"augment": {"hflip": 1.5}}, "'augment.hflip' must be between 0 and 1, got 1.5"),
+        ({"predict": {"scales": []}}, "'predict.scales' must be non-empty"),
+        ({"predict": {"batch_size": 0}}, "'predict.batch_size' must be at least 1"),
+        ({"submission": {"size": 0}}, "'submission.size' must be greater than 0, got 0"),
+        ({"model": {"decoder_channels": []}}, "'model.decoder_channels' must be non-empty"),
     ],
 )
 def test_mistakes_name_the_key(raw: dict, message: str) -> None:
@@ -94,3 +110,69 @@ def test_dvc_builds_the_stage_graph_with_each_committed_config(tmp_path: Path, p
     assert dag.returncode == 0, dag.stderr[-2000:]
     for stage in ["masks", "split", "train@0", "predict", "evaluate", "leaderboard"]:
         assert stage in dag.stdout
+
+
+def _pipeline_modules(script: Path) -> set[str]:
+    """Repository paths of the pipeline modules `script` imports, directly or through each other."""
+    seen: set[str] = set()
+    todo = [script]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "pipeline":
+                continue
+            for module in ("pipeline/__init__.py", "/".join(parts) + ".py"):
+                if (ROOT / module).is_file() and module not in seen:
+                    seen.add(module)
+                    todo.append(ROOT / module)
+    return seen
+
+
+def test_every_stage_depends_on_the_code_it_runs() -> None:
+    # A module missing from a stage's deps lets `dvc repro` keep outputs computed by old code.
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        script = ROOT / "stages" / f"{name}.py"
+        deps = set(stage["deps"])
+        assert f"stages/{name}.py" in deps, name
+        missing = _pipeline_modules(script) - deps
+        assert not missing, f"stage {name} does not list {sorted(missing)}"
+        unused = {d for d in deps if d.startswith("pipeline/")} - _pipeline_modules(script)
+        assert not unused, f"stage {name} lists {sorted(unused)}, which it never imports"
+
+
+def test_every_path_a_stage_reads_is_a_dependency() -> None:
+    # Each `--flag path` of a stage's command is either one of its outputs or one of its deps.
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        outputs = [
+            next(iter(entry)) if isinstance(entry, dict) else entry
+            for key in ("outs", "metrics", "plots")
+            for entry in stage.get(key, [])
+        ]
+        tokens = stage["cmd"].split()
+        for flag, value in itertools.pairwise(tokens):
+            if not flag.startswith("--") or not ("/" in value or value.startswith("${data.")):
+                continue
+            if any(out == value or out.startswith(value + "/") for out in outputs):
+                continue
+            assert value in stage["deps"], f"stage {name}: {flag} {value} is neither a dep nor an output"
+
+
+def test_the_training_fingerprint_covers_the_code_that_shapes_the_weights() -> None:
+    # A module the train stage runs must either be hashed into the resume fingerprint or be known
+    # not to shape the weights; otherwise a code change would resume (keep) weights the old code made.
+    not_shaping = {"pipeline/__init__.py", "pipeline/atomic.py", "pipeline/errors.py", "pipeline/infer.py"}
+    hashed = {f"pipeline/{name}.py" for name in WEIGHT_MODULES}
+    assert hashed | not_shaping == _pipeline_modules(ROOT / "stages" / "train.py")
+    assert not hashed & not_shaping

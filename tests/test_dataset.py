@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler, WeightedRandomSampler
+from torch.utils.data import DistributedSampler
 from torchvision.transforms.functional import normalize as tv_normalize
 
 from pipeline import coco
@@ -20,6 +20,7 @@ from pipeline.dataset import (
     IMAGENET_STD,
     DistributedWeightedSampler,
     ImageDataset,
+    SeededSampler,
     SegmentationDataset,
     ShardSampler,
     build_eval_loader,
@@ -178,8 +179,9 @@ class _Indexes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> int:
-        return index
+    def __getitem__(self, key: int | tuple[int, int]) -> int:
+        # Training loaders pass (index, item seed), as SeededSampler yields; evaluation loaders an index.
+        return key[0] if isinstance(key, tuple) else key
 
 
 def test_train_loader_shuffles_drops_last_and_oversamples() -> None:
@@ -188,10 +190,14 @@ def test_train_loader_shuffles_drops_last_and_oversamples() -> None:
     assert [len(b) for b in batches] == [4, 4]  # partial batch dropped
     assert len(set(itertools.chain(*batches))) == 8
     assert batches == [b.tolist() for b in build_train_loader(_Indexes(10), 4, 0, seed=0)]
+    loader.sampler.set_epoch(1)
+    assert [b.tolist() for b in loader] != batches  # a new order each epoch
+    loader.sampler.set_epoch(0)
+    assert [b.tolist() for b in loader] == batches  # and the same order for the same epoch
 
     weights = np.array([0, 0, 1, 0, 0, 0, 0, 0, 0, 1], dtype=float)
     weighted = build_train_loader(_Indexes(10), batch_size=5, num_workers=0, sample_weights=weights, seed=0)
-    assert isinstance(weighted.sampler, WeightedRandomSampler)
+    assert isinstance(weighted.sampler.sampler, DistributedWeightedSampler)
     assert set(torch.cat(list(weighted)).tolist()) <= {2, 9}
 
     tiny = build_train_loader(_Indexes(3), batch_size=4, num_workers=0)
@@ -211,9 +217,9 @@ def test_distributed_loaders_shard_with_a_process_group(tmp_path: Path) -> None:
     )
     try:
         plain = build_train_loader(_Indexes(8), 2, 0, distributed=True)
-        assert isinstance(plain.sampler, DistributedSampler)
+        assert isinstance(plain.sampler.sampler, DistributedSampler)
         weighted = build_train_loader(_Indexes(8), 2, 0, sample_weights=np.ones(8), distributed=True)
-        assert isinstance(weighted.sampler, DistributedWeightedSampler)
+        assert isinstance(weighted.sampler.sampler, DistributedWeightedSampler)
         evaluation = build_eval_loader(_Indexes(7), 3, 0, distributed=True)
         assert torch.cat(list(evaluation)).tolist() == list(range(7))
     finally:
@@ -225,20 +231,57 @@ def test_eval_loader_keeps_order_and_every_image() -> None:
     assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
-def test_workers_augment_differently_and_replay_with_the_seed(data: Data) -> None:
+def test_seeded_sampler_seeds_differ_by_epoch_and_rank_and_replay() -> None:
+    def draw(epoch: int, rank: int) -> list[tuple[int, int]]:
+        sampler = SeededSampler(DistributedSampler(range(6), num_replicas=1, rank=0, seed=3), 3, rank)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    first = draw(0, 0)
+    assert sorted(index for index, _ in first) == list(range(6)) and len({s for _, s in first}) == 6
+    assert first == draw(0, 0)
+    assert {s for _, s in draw(1, 0)}.isdisjoint(s for _, s in first)
+    assert {s for _, s in draw(0, 1)}.isdisjoint(s for _, s in first)
+
+
+def test_augmentation_depends_on_the_item_seed_not_the_workers(data: Data) -> None:
     images, masks, names = data
     same = [names[0]] * 8  # one image: any difference between items comes from the random draws
 
-    def run(seed: int) -> list[torch.Tensor]:
+    def epochs(num_workers: int) -> list[list[torch.Tensor]]:
         dataset = SegmentationDataset(
             images, same, masks, build_train_transform(PARAMS), build_elastic(PARAMS), np.full(8, 0.5)
         )
-        loader = build_train_loader(dataset, batch_size=1, num_workers=2, seed=seed)
-        return [image[0] for image, _ in loader]
+        loader = build_train_loader(dataset, batch_size=1, num_workers=num_workers, seed=11)
+        out = []
+        for epoch in (0, 1, 0):  # one loader, persistent workers, as training keeps it
+            loader.sampler.set_epoch(epoch)
+            out.append([image[0] for image, _ in loader])
+        return out
 
-    first = run(seed=11)
-    # Items 0 and 1 come from different workers: with copied random states they would be identical.
-    assert not torch.equal(first[0], first[1])
-    assert len({tuple(x.flatten()[:64].tolist()) for x in first}) > 4
-    again = run(seed=11)
-    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    in_process, workers = epochs(0), epochs(2)
+    for a, b in zip(in_process, workers, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    epoch0, epoch1, epoch0_again = workers
+    assert len({tuple(x.flatten()[:64].tolist()) for x in epoch0}) > 4  # items augment differently
+    assert all(torch.equal(x, y) for x, y in zip(epoch0, epoch0_again, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(epoch0, epoch1, strict=True))
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_flips_are_drawn_independently(tmp_path: Path, keyed: bool) -> None:
+    # albumentations' set_random_seed seeds every child transform alike, which makes the flips fire
+    # together: only "none" and "both" would occur. The dataset shares one generator pair instead.
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:8, :8] = 255  # the bright quadrant tells which flips ran
+    Image.fromarray(image).save(tmp_path / "a.png")
+    coco.write_mask(tmp_path / "masks/a.png", np.zeros((16, 16), np.uint8))
+    params = AugmentParams(size=16, hflip=0.5, vflip=0.5, shift_scale_rotate=0.0, color=0.0)
+    dataset = SegmentationDataset(tmp_path, ["a.png"], tmp_path / "masks", build_train_transform(params))
+    counts = {}
+    for i in range(400):
+        out = dataset[(0, i)] if keyed else dataset[0]
+        quadrant = out[0][0].reshape(2, 8, 2, 8).mean(dim=(1, 3)).argmax().item()  # 0..3: TL, TR, BL, BR
+        counts[quadrant] = counts.get(quadrant, 0) + 1
+    assert sorted(counts) == [0, 1, 2, 3]
+    assert all(60 < n < 140 for n in counts.values()), counts  # 100 each if independent

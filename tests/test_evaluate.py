@@ -222,6 +222,20 @@ def test_read_folds_must_match_the_json(tmp_path: Path) -> None:
         read_folds(tmp_path / "f.csv", train)
 
 
+def test_read_folds_keeps_image_ids_pandas_would_read_as_missing(tmp_path: Path) -> None:
+    folds = {"NA": 0, "null": 1, "nan": 0}
+    _write_coco(tmp_path / "train.json", [(name, 8, 8) for name in folds], {})
+    _write_folds(tmp_path / "f.csv", folds)
+    assert read_folds(tmp_path / "f.csv", coco.load_coco(tmp_path / "train.json")) == folds
+
+
+def test_read_folds_refuses_an_empty_file(tmp_path: Path) -> None:
+    _write_coco(tmp_path / "train.json", [(name, 8, 8) for name in FOLDS], {})
+    (tmp_path / "f.csv").write_text("")
+    with pytest.raises(UserError, match=r"f\.csv: not a readable CSV"):
+        read_folds(tmp_path / "f.csv", coco.load_coco(tmp_path / "train.json"))
+
+
 def test_evaluate_stage_writes_metrics_plot_and_overlays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -27,9 +28,9 @@ from pipeline.config import DemoParams, Params, params_from_dict
 from pipeline.demo import generate_demo
 from pipeline.errors import UserError
 from pipeline.losses import build_loss
-from pipeline.models import build_model, load_checkpoint
-from pipeline.runtime import seed_everything, setup_runtime
-from pipeline.train import FoldPaths, fit, lr_factor
+from pipeline.models import load_checkpoint
+from pipeline.runtime import Runtime, seed_everything, setup_runtime
+from pipeline.train import FoldPaths, build_train_state, evaluate, fit, lr_factor, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 12
@@ -168,26 +169,83 @@ def test_finished_run_only_rewrites_its_outputs(
     assert (paths.model_dir / "best.pt").stat().st_mtime_ns != best_before
 
 
-def test_loop_learns_a_fixed_batch() -> None:
-    """Overfitting one batch: the loss must halve, or the loop (or the model) does not learn."""
+def test_finished_run_trains_again_when_a_mask_changes(
+    tiny_run: tuple[FoldPaths, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # DVC re-runs the stage when a dep changes and the fold's folder persists: the run must not take
+    # the old weights for finished just because the settings are the same.
+    done, _ = tiny_run
+    shutil.copytree(done.model_dir, tmp_path / "models")
+    shutil.copytree(done.masks, tmp_path / "masks")
+    paths = dataclasses.replace(
+        done, model_dir=tmp_path / "models", masks=tmp_path / "masks", metrics=tmp_path / "m.json",
+        live=tmp_path / "live", oof=tmp_path / "oof",
+    )  # fmt: skip
+    runtime = setup_runtime(_params().train, device="cpu")
+    fit(_params(), 0, paths, runtime)  # same bytes in another folder: still finished
+    assert "all 1 epochs done" in capsys.readouterr().out
+    changed = sorted(paths.masks.rglob("*.png"))[0]
+    mask = coco.read_mask(changed)
+    mask[:4, :4] = 1 - mask[:4, :4].clip(0, 1)
+    coco.write_mask(changed, mask)
+    fit(_params(), 0, paths, runtime)
+    out = capsys.readouterr().out
+    assert "all 1 epochs done" not in out and "fold 0 epoch 1/1: train loss" in out
+
+
+# The GPU's precision branches run on CPU too: autocast, channels_last and the fp16 GradScaler with
+# unscale-then-clip are the same code, only the kernels differ.
+PRECISIONS = {
+    "float32": Runtime(torch.device("cpu")),
+    "bf16, channels_last": Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16, channels_last=True),
+    # fp16's loss scaling without fp16 kernels, which are 25x slower than float32 on CPU.
+    "loss scaling": Runtime(torch.device("cpu"), use_scaler=True),
+}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_train_one_epoch_learns_a_fixed_batch(precision: str) -> None:
+    """Overfitting one batch through the real loop: the loss must halve, or the loop does not learn."""
+    runtime = PRECISIONS[precision]
     torch.manual_seed(0)
-    params = _params()
-    model = build_model(params.model, n_classes=3)
+    params = _params(lr=3e-3, warmup_epochs=0.0, grad_clip=1.0, accumulate=2)
+    state = build_train_state(params, n_classes=3, runtime=runtime, total_steps=10**6, resume=None)
+    if runtime.channels_last:
+        assert state.raw.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     images = torch.randn(2, 3, 64, 64)
     masks = torch.zeros(2, 64, 64, dtype=torch.long)
     masks[:, 16:40, 8:30] = 1
     masks[1, 40:, 40:] = 2
     loss_fn = build_loss({"ce": 1.0, "dice": 1.0})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(12):
-        optimizer.zero_grad()
-        loss = loss_fn(model(images), masks)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = [
+        train_one_epoch(state, [(images, masks)] * 2, loss_fn, runtime, params.train, f"epoch {epoch}")
+        for epoch in range(12)  # 2 batches, accumulated into 1 optimizer step per epoch
+    ]
+    assert all(math.isfinite(loss) for loss in losses), losses
     assert min(losses[-5:]) < 0.5 * losses[0], losses
+    assert state.scheduler.last_epoch == 12  # one scheduler step per optimizer step
+    if runtime.use_scaler:
+        assert state.scaler.is_enabled() and state.scaler.get_scale() > 0
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_evaluates_and_checkpoints_plain_weights() -> None:
+    """train.compile on CPU (inductor): the loop runs the compiled model, checkpoints read the plain one."""
+    params = _params(compile=True, warmup_epochs=0.0)
+    runtime = PRECISIONS["float32"]
+    state = build_train_state(params, n_classes=3, runtime=runtime, total_steps=10, resume=None)
+    assert state.net is not state.raw and state.model is state.net
+    before = {k: v.clone() for k, v in state.raw.state_dict().items()}
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    loss = train_one_epoch(
+        state, [(images, masks)], build_loss({"ce": 1.0}), runtime, params.train, "compiled"
+    )
+    assert math.isfinite(loss)
+    after = state.raw.state_dict()
+    assert set(after) == set(before)  # no "_orig_mod." prefixes in what checkpoints store
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the step reached the plain model
+    cm = evaluate(state.net, [(images, masks)], 3, runtime)
+    assert cm.sum() == masks.numel()
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
