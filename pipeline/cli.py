@@ -66,7 +66,7 @@ def score(args: argparse.Namespace) -> None:
     size = _resolve_size(args.size, params)
     truth = coco.load_coco(args.truth, on_bad=params.data.on_bad_annotation)
     if not truth.has_annotations:
-        raise UserError(f"{args.truth}: no 'annotations' list; --truth must be the test set's ground truth")
+        raise UserError(f"{args.truth}: no annotations; --truth must be the test set's ground truth")
     result = score_submission(
         args.submission, truth, size, params.data.overlap, order=params.submission.rle_order
     )

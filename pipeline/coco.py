@@ -46,7 +46,7 @@ class CocoSet:
     images: list[ImageRecord]
     # Every image id has an entry (an empty list when the image has no objects).
     annotations: dict[int, list[dict[str, Any]]]
-    # False when the json has no `annotations` key at all (a competition test set).
+    # False when the json has no `annotations` key or an empty list (a competition test set).
     has_annotations: bool
     skipped: int = 0
     clipped: int = 0
@@ -100,8 +100,8 @@ def load_coco(
     `UserError`. A bad annotation (unknown image or category, malformed polygon or RLE) raises with
     `on_bad="error"` and is dropped and counted in `.skipped` / `.problems` with `on_bad="skip"`. Polygon
     coordinates outside the image are legal: the rasterizer intersects the polygon with the image, and
-    such annotations are counted in `.clipped`. Without an `annotations` key the set has no objects,
-    unless `require_annotations` (a training set) makes that an error.
+    such annotations are counted in `.clipped`. Without an `annotations` key, or with an empty list, the
+    set has no objects, unless `require_annotations` (a training set) makes that an error.
     """
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
@@ -116,6 +116,8 @@ def load_coco(
     for key in ("images", "categories", "annotations"):
         if key in data and not isinstance(data[key], list):
             raise UserError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
+    if require_annotations and not data["annotations"]:
+        raise UserError(f"{path}: 'annotations' is empty; a training set needs annotated objects")
 
     category_ids, classes = _parse_categories(path, data["categories"])
     images = _parse_images(path, data["images"])
@@ -126,7 +128,7 @@ def load_coco(
         category_ids=category_ids,
         images=images,
         annotations={image.id: [] for image in images},
-        has_annotations="annotations" in data,
+        has_annotations=bool(data.get("annotations")),
     )
     by_id = {image.id: image for image in images}
     for index, ann in enumerate(data.get("annotations", [])):

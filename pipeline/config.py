@@ -83,7 +83,7 @@ class TrainParams:
     """The training loop, run once per fold (stage `train@k`)."""
 
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    # Processes per node for DDP; dvc.yaml launches `torchrun --nproc_per_node ${train.nproc}`.
+    # Processes per node for DDP: above 1, stages/train.py starts that many workers under torchrun.
     nproc: int = 1
     epochs: int = 30
     batch_size: int = 8

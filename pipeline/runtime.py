@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +89,22 @@ def setup_runtime(train: TrainParams, device: str | None = None) -> Runtime:
         use_scaler=amp_dtype == torch.float16,
         channels_last=use_cuda and train.channels_last,
     )
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (torchrun sets LOCAL_RANK for each)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def launch_workers(nproc: int, argv: list[str]) -> int:
+    """Run `python argv...` as `nproc` DDP workers under torchrun on this machine; returns its exit code.
+
+    Stages launch their own workers, rather than dvc.yaml wrapping them in torchrun, so a one-process run
+    stays a plain process whose user errors print one line (torchrun adds its own traceback to any
+    worker's failure).
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.run([*command, *argv], check=False).returncode
 
 
 def teardown(runtime: Runtime) -> None:

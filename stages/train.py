@@ -1,14 +1,15 @@
-"""Stage `train@k`: train one fold (resumable, DDP under torchrun); write model, metrics, curves, OOF."""
+"""Stage `train@k`: train one fold (resumable; DDP if train.nproc > 1); write model, metrics, curves, OOF."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.errors import run_main
-from pipeline.runtime import setup_runtime, teardown
-from pipeline.train import FoldPaths, fit
+from pipeline.errors import UserError, run_main
+from pipeline.runtime import launch_workers, setup_runtime, teardown, under_torchrun
+from pipeline.train import FoldPaths, check_train_params, fit, load_fold_data
 
 
 def main() -> None:
@@ -35,6 +36,17 @@ def main() -> None:
         live=args.live,
         oof=args.oof,
     )
+
+    nproc = params.train.nproc
+    if nproc > 1 and not under_torchrun():
+        # Check the params and data here, where a mistake still prints one line, then start the workers.
+        check_train_params(params.train, len(load_fold_data(params, args.fold, paths).classes))
+        code = launch_workers(nproc, [__file__, *sys.argv[1:]])
+        if code != 0:
+            raise UserError(
+                f"train@{args.fold}: the {nproc} DDP workers failed (exit code {code}); see above"
+            )
+        return
 
     runtime = setup_runtime(params.train)
     try:

@@ -125,6 +125,11 @@ def test_missing_top_level_list(ds: Dataset, key: str) -> None:
     expect_error(ds, "train.json", f"'{key}'")
 
 
+def test_training_set_without_any_annotation(ds: Dataset) -> None:
+    ds.train["annotations"] = []
+    expect_error(ds, "train.json", "'annotations' is empty")
+
+
 def test_annotation_for_unknown_image(ds: Dataset) -> None:
     first_ann(ds)["image_id"] = 99
     expect_error(ds, "train.json", "annotation id 10", "image_id 99 is not in 'images'")

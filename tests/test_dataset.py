@@ -285,3 +285,20 @@ def test_flips_are_drawn_independently(tmp_path: Path, keyed: bool) -> None:
         counts[quadrant] = counts.get(quadrant, 0) + 1
     assert sorted(counts) == [0, 1, 2, 3]
     assert all(60 < n < 140 for n in counts.values()), counts  # 100 each if independent
+
+
+class _Keys(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        return torch.tensor(key)
+
+
+def test_an_epoch_cut_short_leaves_nothing_for_the_next() -> None:
+    # train.max_batches stops an epoch early; persistent workers have batches of it in flight by then.
+    loader = build_train_loader(_Keys(), batch_size=4, num_workers=2, seed=5)
+    loader.sampler.set_epoch(0)
+    assert len(list(itertools.islice(loader, 2))) == 2
+    loader.sampler.set_epoch(1)
+    assert torch.cat(list(loader)).tolist() == [list(key) for key in loader.sampler]

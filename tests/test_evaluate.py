@@ -283,13 +283,17 @@ def test_leaderboard_stage_scores_a_perfect_submission(
     assert board == {"miou": 1.0, "iou": {"background": 1.0, "can": 1.0, "bottle": 1.0}}
 
 
+@pytest.mark.parametrize("annotations", ["absent", "empty"])
 def test_leaderboard_stage_without_test_truth_records_not_scored(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], annotations: str
 ) -> None:
-    # The real competition's test.json has no annotations: nothing to score, and the record says so.
+    # The real competition's test.json has no annotations (no key, or COCO exports' empty list): nothing
+    # to score, and the record says so.
     _write_coco(tmp_path / "test.json", [("t/0.jpg", 16, 16)], {})
     test = json.loads((tmp_path / "test.json").read_text())
-    del test["annotations"]
+    assert test["annotations"] == []
+    if annotations == "absent":
+        del test["annotations"]
     (tmp_path / "test.json").write_text(json.dumps(test))
     (tmp_path / "sub.csv").write_text("image_id,class_id,EncodedPixels\n")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submission": {"size": None}}))

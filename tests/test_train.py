@@ -333,9 +333,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path:
 def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> None:
     params_file = _write_params(tmp_path / "params.yaml", _params(nproc=2))
     out = tmp_path / "ddp"
+    # train.nproc: 2, so the stage starts its two workers under torchrun itself.
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         *_stage_args(dataset, out, params_file)],
+        [sys.executable, *_stage_args(dataset, out, params_file)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -347,3 +347,18 @@ def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> 
     assert len(list(paths.oof.rglob("*.png"))) == N_TRAIN // 3
     assert pd.read_csv(paths.live / "plots/metrics/train_loss.tsv", sep="\t")["step"].tolist() == [0]
     assert np.isfinite(metrics["miou"])
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_train_stage_reports_a_bad_folds_file_in_one_line(dataset: Path, tmp_path: Path, nproc: int) -> None:
+    params_file = _write_params(tmp_path / "params.yaml", _params(nproc=nproc))
+    folds = tmp_path / "folds.csv"
+    folds.write_text("image_id,fold\nnot/an/image.jpg,0\n")
+    args = _stage_args(dataset, tmp_path / "out", params_file)
+    args[args.index("--folds") + 1] = str(folds)
+    run = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "folds.csv: does not match" in errors[0], run.stderr
