@@ -43,6 +43,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if target.exists():
+            # Old copies a killed swap left behind (a live writer's is gone within the swap, and if
+            # removed early its rename simply recreates it).
+            for stale in target.parent.glob(f".{target.name}.*.old"):
+                shutil.rmtree(stale, ignore_errors=True)
             # A fresh name for the old copy (renaming onto an empty folder replaces it), so two writers
             # of the same output never move each other's folders.
             old = _fresh(target, ".old", _create_dir)

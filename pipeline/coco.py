@@ -372,7 +372,7 @@ def _parse_images(path: Path, raw: list) -> list[ImageRecord]:
 def _file_name_problem(file_name: str) -> str | None:
     if not file_name:
         return "is empty"
-    if PurePosixPath(file_name.replace("\\", "/")).name in ("", ".", ".."):
+    if file_name.replace("\\", "/").split("/")[-1] in ("", ".", ".."):
         return "names a folder, not a file"
     if PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).anchor:
         return "is absolute; it must be relative to the data root"

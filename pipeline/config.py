@@ -247,6 +247,8 @@ _RANGES: dict[str, Rule] = {
     "augment.elastic_alpha": _AT_LEAST_0,
     "augment.elastic_sigma": _POSITIVE,
     "model.decoder_channels": (lambda v: len(v) > 0 and all(c >= 1 for c in v), "non-empty, all at least 1"),
+    "split.seed": _AT_LEAST_0,
+    "train.seed": _AT_LEAST_0,  # numpy's SeedSequence takes no negative entropy
     "train.nproc": _AT_LEAST_1,
     "train.epochs": _AT_LEAST_1,
     "train.batch_size": _AT_LEAST_1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -104,7 +105,18 @@ def launch_workers(nproc: int, argv: list[str]) -> int:
     worker's failure).
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return subprocess.run([*command, *argv], check=False).returncode
+    proc = subprocess.Popen([*command, *argv])
+    # A SIGTERM meant for this stage (`kill`, a scheduler, a cancelled job) must stop torchrun too, or
+    # its workers would go on writing the fold's checkpoints behind a stage already reported failed.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) and anything else: never leave the workers behind
+        proc.terminate()
+        proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def teardown(runtime: Runtime) -> None:

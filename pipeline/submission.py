@@ -336,8 +336,13 @@ def score_submission(
     The truth is rasterized exactly as for training (`coco.rasterize` with `overlap`), resized to the
     submission's size with nearest-neighbour, and one confusion matrix is summed over all images.
     Returns {"miou": float, "iou": {class name: float, NaN where absent from truth and prediction}}.
-    Raises `UserError` naming the file and its first problem if the submission is invalid.
+    Raises `UserError` naming the file and its first problem if the submission is invalid, or if every
+    annotation of the truth was skipped as bad (an all-background truth would score nonsense).
     """
+    if truth.n_annotations == 0 and truth.skipped > 0:
+        raise UserError(
+            f"{truth.path}: all {truth.skipped} annotations were skipped as bad; nothing to score against"
+        )
     problems = validate_submission(path, truth, size)
     if problems:
         raise UserError(f"{path}: invalid submission ({len(problems)} problems); first: {problems[0]}")

@@ -71,6 +71,16 @@ def test_interleaved_writers_of_one_folder_both_finish(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_atomic_dir_removes_old_copies_a_killed_swap_left(tmp_path: Path) -> None:
+    target = tmp_path / "oof"
+    target.mkdir()
+    (tmp_path / ".oof.1234abcd.old").mkdir()  # a swap killed between its two renames
+    (tmp_path / ".oof.1234abcd.old" / "stale.png").write_text("old")
+    with atomic_dir(target) as staging:
+        (staging / "new.png").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["oof"]
+
+
 def test_write_json_writes_nan_as_null(tmp_path: Path) -> None:
     write_json(tmp_path / "m.json", {"miou": float("nan"), "iou": [0.5, float("nan")]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"miou": None, "iou": [0.5, None]}

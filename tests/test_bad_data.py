@@ -182,7 +182,7 @@ def test_absolute_file_name(ds: Dataset) -> None:
     expect_error(ds, "train.json", "image id 0", "is absolute")
 
 
-@pytest.mark.parametrize("name", [".", "./", "imgs/.."])
+@pytest.mark.parametrize("name", [".", "./", "imgs/..", "imgs/", "imgs/.", "imgs\\"])
 def test_file_name_that_names_a_folder(ds: Dataset, name: str) -> None:
     ds.train["images"][0]["file_name"] = name
     expect_error(ds, "train.json", "image id 0", repr(name))

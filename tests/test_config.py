@@ -67,6 +67,7 @@ def test_int_accepted_for_float() -> None:
         ({"predict": {"fold_weights": [1.0]}}, "'predict.fold_weights' has 1 weights for 5 folds"),
         ({"train": {"grad_clip": -1}}, "'train.grad_clip' must be greater than 0, got -1"),
         ({"train": {"lr": 0}}, "'train.lr' must be greater than 0"),
+        ({"train": {"seed": -1}}, "'train.seed' must be at least 0, got -1"),
         ({"train": {"max_batches": 0}}, "'train.max_batches' must be at least 1, got 0"),
         ({"train": {"epochs": 0}}, "'train.epochs' must be at least 1, got 0"),
         ({"train": {"class_weights": [0, 0]}}, "'train.class_weights' must be all >= 0, some > 0"),

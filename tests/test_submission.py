@@ -395,6 +395,19 @@ def test_truth_as_submission_scores_one(tmp_path: Path, truth: CocoSet, fmt: str
     assert result["iou"] == {"background": 1.0, "paper": 1.0, "can": 1.0, "glass": 1.0}
 
 
+def test_truth_whose_annotations_were_all_skipped_is_refused(
+    tmp_path: Path, truth: CocoSet, files: dict[str, Path]
+) -> None:
+    path = _write(tmp_path / "s.csv", "rle", _truth_masks(truth))
+    broken = json.loads(files["truth"].read_text())
+    for ann in broken["annotations"]:
+        ann["category_id"] = 99
+    files["truth"].write_text(json.dumps(broken))
+    skipped = coco.load_coco(files["truth"], on_bad="skip")
+    with pytest.raises(UserError, match=r"truth.json: all 5 annotations were skipped as bad"):
+        score_submission(path, skipped, None, "area_desc")
+
+
 def test_overlap_rule_reaches_the_truth(tmp_path: Path, truth: CocoSet) -> None:
     path = _write(tmp_path / "s.csv", "rle", _truth_masks(truth, overlap="area_desc"))
     assert score_submission(path, truth, None, "area_desc")["miou"] == 1.0

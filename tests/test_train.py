@@ -362,3 +362,29 @@ def test_train_stage_reports_a_bad_folds_file_in_one_line(dataset: Path, tmp_pat
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "folds.csv: does not match" in errors[0], run.stderr
+
+
+def test_sigterm_to_the_launcher_stops_its_workers(tmp_path: Path) -> None:
+    # A scheduler or `kill` signals the stage's process only: torchrun and its workers must stop with it.
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, pathlib, sys, time\n"
+        "out = pathlib.Path(sys.argv[1])\n"
+        "(out / f'started{os.environ[\"RANK\"]}').touch()\n"
+        "time.sleep(6)\n"
+        "(out / f'survived{os.environ[\"RANK\"]}').touch()\n"
+    )
+    launcher = (
+        "import sys; from pipeline.runtime import launch_workers; sys.exit(launch_workers(2, sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, str(worker), str(tmp_path)], cwd=ROOT, env=_env()
+    )
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("started*"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    time.sleep(8)  # past the workers' sleep: a survivor would have written its file by now
+    assert not list(tmp_path.glob("survived*"))
