@@ -1,4 +1,4 @@
-"""What every benchmark shares: interleaved median timing and pinning to one core."""
+"""What every benchmark shares: interleaved median timing, pinning to one core, demo training data."""
 
 from __future__ import annotations
 
@@ -6,9 +6,16 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
+
+from pipeline import coco
+from pipeline.config import DemoParams
+from pipeline.demo import generate_demo
+from pipeline.folds import class_presence
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -31,3 +38,16 @@ def pin_to_one_core() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+def demo_training_data(root: Path, n_images: int, size: int) -> tuple[list[str], np.ndarray]:
+    """Demo training images at `size` px under root/demo and their masks under root/masks.
+
+    Returns the file names and their class presence (bool (N, C)), as `fit` has them for a fold.
+    """
+    generate_demo(root / "demo", DemoParams(n_train=n_images, n_test=1, image_size=size))
+    train = coco.load_coco(root / "demo" / "train.json")
+    coco.write_masks(train, root / "masks")
+    names = [image.file_name for image in train.images]
+    masks = (coco.read_mask(root / "masks" / coco.mask_relpath(name)) for name in names)
+    return names, class_presence(masks, train.n_classes)

@@ -21,42 +21,19 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from harness import pin_to_one_core
+from harness import demo_training_data, pin_to_one_core
 from pipeline import coco
-from pipeline.augment import (
-    build_elastic,
-    build_train_transform,
-    elastic_probabilities,
-    rarity_weights,
-    sampling_weights,
-)
-from pipeline.config import AugmentParams, DemoParams, load_params
+from pipeline.config import AugmentParams, load_params
 from pipeline.dataset import SegmentationDataset, build_train_loader, normalize
-from pipeline.demo import generate_demo
-from pipeline.folds import class_presence
+from pipeline.train import training_set
 
 TARGET_IMAGES_PER_S = 40.0
 
 
-def make_demo(out: Path, n_images: int, image_size: int) -> tuple[list[str], np.ndarray]:
-    """Demo images and their masks under `out`; returns file names and their class presence."""
-    generate_demo(out, DemoParams(n_train=n_images, n_test=1, image_size=image_size))
-    train = coco.load_coco(out / "train.json")
-    masks = []
-    for image in train.images:
-        mask = coco.rasterize(train, image)
-        coco.write_mask(out / "masks" / coco.mask_relpath(image.file_name), mask)
-        masks.append(mask)
-    return [image.file_name for image in train.images], class_presence(masks, train.n_classes)
-
-
 def images_per_second(
-    dataset: SegmentationDataset, presence: np.ndarray, params: AugmentParams, args: argparse.Namespace
+    dataset: SegmentationDataset, weights: np.ndarray | None, args: argparse.Namespace
 ) -> float:
-    weights = sampling_weights(presence, rarity_weights(presence, params.elastic_gamma))
-    loader = build_train_loader(
-        dataset, args.batch_size, num_workers=0, sample_weights=weights if params.oversample else None
-    )
+    loader = build_train_loader(dataset, args.batch_size, num_workers=0, sample_weights=weights)
     rates = []
     for _ in range(args.repeats):
         start, seen = time.perf_counter(), 0
@@ -108,16 +85,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         print(f"generating {args.images} demo images at 512 px ...")
-        names, presence = make_demo(Path(tmp), args.images, 512)
-        p = elastic_probabilities(presence, params)
-        dataset = SegmentationDataset(
-            Path(tmp), names, Path(tmp) / "masks", build_train_transform(params), build_elastic(params), p
-        )
-        rate = images_per_second(dataset, presence, params, args)
+        names, presence = demo_training_data(Path(tmp), args.images, 512)
+        dataset, weights = training_set(params, Path(tmp) / "demo", names, Path(tmp) / "masks", presence)
+        rate = images_per_second(dataset, weights, args)
         steps = breakdown(dataset, args.batch_size)
 
     print(f"{args.images} images 512 px -> {args.size} px, batch {args.batch_size}, one core, num_workers=0")
-    print(f"elastic: {params.elastic_impl}, mean p {p.mean():.2f}; oversample: {params.oversample}")
+    mean_p = dataset.elastic_p.mean()
+    print(f"elastic: {params.elastic_impl}, mean p {mean_p:.2f}; oversample: {params.oversample}")
     for name, ms in steps.items():
         print(f"  {name:<24}{ms:>7.2f} ms/image")
     print(f"  {'sum':<24}{sum(steps.values()):>7.2f} ms/image")

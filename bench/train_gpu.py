@@ -29,14 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import augment, coco
-from pipeline.config import DemoParams, Params, TrainParams, load_params
+from harness import demo_training_data
+from pipeline.config import Params, TrainParams, load_params
 from pipeline.dataset import SegmentationDataset, build_train_loader
-from pipeline.demo import generate_demo
-from pipeline.folds import class_presence
 from pipeline.losses import build_loss
 from pipeline.runtime import Runtime, setup_runtime
-from pipeline.train import TrainState, build_train_state, train_one_epoch
+from pipeline.train import TrainState, build_train_state, train_one_epoch, training_set
 
 TARGET_RATIO = 0.9
 EPOCH_IMAGES = 2617 * 4 // 5  # one fold's training images in the competition (5 folds)
@@ -156,26 +154,12 @@ def demo_dataset(
 
     Returns (dataset, per-item oversampling weights or None, number of classes).
     """
-    size = params.augment.size
-    generate_demo(root / "demo", DemoParams(n_train=n_images, n_test=1, image_size=size))
-    train_set = coco.load_coco(root / "demo" / "train.json")
-    coco.write_masks(train_set, root / "masks", params.data.overlap)
-    names = [image.file_name for image in train_set.images]
-    masks = (coco.read_mask(root / "masks" / coco.mask_relpath(name)) for name in names)
-    presence = class_presence(masks, train_set.n_classes)[[i % len(names) for i in range(length)]]
-    aug = params.augment
-    cycled = [names[i % len(names)] for i in range(length)]
-    dataset = SegmentationDataset(
-        root / "demo",
-        cycled,
-        root / "masks",
-        augment.build_train_transform(aug),
-        augment.build_elastic(aug),
-        augment.elastic_probabilities(presence, aug),
+    names, presence = demo_training_data(root, n_images, params.augment.size)
+    cycle = [i % len(names) for i in range(length)]
+    dataset, weights = training_set(
+        params.augment, root / "demo", [names[i] for i in cycle], root / "masks", presence[cycle]
     )
-    rarity = augment.rarity_weights(presence, aug.elastic_gamma)
-    weights = augment.sampling_weights(presence, rarity) if aug.oversample else None
-    return dataset, weights, train_set.n_classes
+    return dataset, weights, presence.shape[1]
 
 
 def synthetic_batches(

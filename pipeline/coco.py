@@ -372,11 +372,12 @@ def _parse_images(path: Path, raw: list) -> list[ImageRecord]:
 def _file_name_problem(file_name: str) -> str | None:
     if not file_name:
         return "is empty"
-    if file_name.replace("\\", "/").split("/")[-1] in ("", ".", ".."):
+    posix = file_name.replace("\\", "/")
+    if posix.split("/")[-1] in ("", ".", ".."):
         return "names a folder, not a file"
     if PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).anchor:
         return "is absolute; it must be relative to the data root"
-    if ".." in PurePosixPath(file_name.replace("\\", "/")).parts:
+    if ".." in PurePosixPath(posix).parts:
         return "climbs out of the data root with '..'"
     return None
 
@@ -429,16 +430,17 @@ def _polygon_problem(polygons: list, height: int, width: int) -> tuple[str | Non
         if len(poly) < 6:
             return f"polygon {k} has {len(poly) // 2} points; a polygon needs at least 3", False
         xs, ys = poly[0::2], poly[1::2]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
         # pycocotools walks the whole outline at 5x resolution: a corrupt far-away vertex costs memory in
         # proportion to its distance (gigabytes at 1e8) and overflows int32 at 4e8, so bound it here.
         margin = max(height, width)
-        if min(xs) < -margin or min(ys) < -margin or max(xs) > width + margin or max(ys) > height + margin:
+        if x0 < -margin or y0 < -margin or x1 > width + margin or y1 > height + margin:
             return (
                 f"polygon {k} reaches ({_far_vertex(xs, ys, height, width)}), more than the image's "
                 f"size outside the {height}x{width} image",
                 False,
             )
-        outside = outside or min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height
+        outside = outside or x0 < 0 or y0 < 0 or x1 > width or y1 > height
     return None, outside
 
 

@@ -149,15 +149,6 @@ class ImageDataset(Dataset):
         return normalize(self.resize(image=image)["image"]), index
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: seed numpy's global generator from the worker's seed.
-
-    Items keyed by `SeededSampler` need no worker state; this keeps any library drawing from numpy's
-    global generator from repeating the same numbers in every worker.
-    """
-    np.random.seed(torch.utils.data.get_worker_info().seed % 2**32)
-
-
 class SeededSampler(Sampler[tuple[int, int]]):
     """Wraps an epoch-aware sampler: yields (index, item_seed), item seeds drawn from (seed, epoch, rank).
 
@@ -276,7 +267,6 @@ def build_train_loader(
         pin_memory=pin_memory,
         drop_last=len(sampler) >= batch_size,
         persistent_workers=num_workers > 0,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed + rank),
     )
 

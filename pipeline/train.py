@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline import augment, coco
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.config import Params, TrainParams
+from pipeline.config import AugmentParams, Params, TrainParams
 from pipeline.dataset import ImageDataset, SegmentationDataset, build_eval_loader, build_train_loader
 from pipeline.errors import UserError
 from pipeline.folds import class_presence, read_folds
@@ -143,11 +143,9 @@ def fit(params: Params, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[s
     """
     train = params.train
     data = load_fold_data(params, fold, paths)
-    check_train_params(train, len(data.classes))
     all_names = data.train_names + [image.file_name for image in data.val_images]
     fingerprint = run_fingerprint(params, fold, paths, all_names, runtime.world_size)
-    elastic_p = augment.elastic_probabilities(data.presence, params.augment)
-    train_loader, val_loader = build_loaders(params, data, paths, elastic_p, runtime)
+    train_loader, val_loader = build_loaders(params, data, paths, runtime)
     steps_per_epoch = math.ceil(batches_per_epoch(len(train_loader), train.max_batches) / train.accumulate)
 
     seed_everything(train.seed)
@@ -164,6 +162,7 @@ def fit(params: Params, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[s
             else f"fold {fold}: all {done} epochs done; rewriting the outputs from best.pt",
             flush=True,
         )
+    elastic_p = train_loader.dataset.elastic_p
     elastic_by_class = augment.elastic_probability_by_class(data.presence, elastic_p, data.classes)
     live = open_live(paths.live, fold, elastic_by_class, history) if runtime.is_main else None
 
@@ -219,7 +218,11 @@ def write_outputs(
 
 
 def load_fold_data(params: Params, fold: int, paths: FoldPaths) -> FoldData:
-    """Split the training json by folds.csv (fold == `fold` is held out) and read the training masks."""
+    """Split the training json by folds.csv (fold == `fold` is held out) and read the training masks.
+
+    Every mistake in the data or in train params that needs the data raises `UserError` here, before
+    any training (or any DDP worker) starts.
+    """
     train_set = coco.load_coco(paths.train_json, root=paths.root, on_bad=params.data.on_bad_annotation)
     fold_of = read_folds(paths.folds, train_set)
     train_names = [image.file_name for image in train_set.images if fold_of[image.file_name] != fold]
@@ -234,6 +237,7 @@ def load_fold_data(params: Params, fold: int, paths: FoldPaths) -> FoldData:
         presence = class_presence(masks, train_set.n_classes)
     except ValueError as exc:
         raise UserError(f"{paths.masks}: {exc} (re-run the masks stage)") from None
+    check_train_params(params.train, train_set.n_classes)
     return FoldData(train_set.classes, train_names, val_images, presence)
 
 
@@ -247,7 +251,7 @@ def check_train_params(train: TrainParams, n_classes: int) -> None:
 
 
 def build_loaders(
-    params: Params, data: FoldData, paths: FoldPaths, elastic_p: np.ndarray, runtime: Runtime
+    params: Params, data: FoldData, paths: FoldPaths, runtime: Runtime
 ) -> tuple[DataLoader, DataLoader]:
     """(training loader, validation loader), sharded over ranks under DDP; workers persist for the run.
 
@@ -256,16 +260,7 @@ def build_loaders(
     an uninterrupted one.
     """
     train, aug = params.train, params.augment
-    train_set = SegmentationDataset(
-        paths.root,
-        data.train_names,
-        paths.masks,
-        augment.build_train_transform(aug),
-        augment.build_elastic(aug),
-        elastic_p,
-    )
-    rarity = augment.rarity_weights(data.presence, aug.elastic_gamma)
-    sample_weights = augment.sampling_weights(data.presence, rarity) if aug.oversample else None
+    train_set, sample_weights = training_set(aug, paths.root, data.train_names, paths.masks, data.presence)
     pin = runtime.device.type == "cuda"
     train_loader = build_train_loader(
         train_set,
@@ -282,6 +277,26 @@ def build_loaders(
     return train_loader, build_eval_loader(
         val_set, train.batch_size, train.num_workers, runtime.distributed, pin
     )
+
+
+def training_set(
+    aug: AugmentParams, root: Path, file_names: list[str], masks_dir: Path, presence: np.ndarray
+) -> tuple[SegmentationDataset, np.ndarray | None]:
+    """The training Dataset of `fit` (augmentation, rare-class-weighted elastic) and its per-image
+    oversampling weights (None unless `augment.oversample`). Benchmarks build theirs here too.
+
+    presence: bool (len(file_names), C), the classes in each image's mask.
+    """
+    dataset = SegmentationDataset(
+        root,
+        file_names,
+        masks_dir,
+        augment.build_train_transform(aug),
+        augment.build_elastic(aug),
+        augment.elastic_probabilities(presence, aug),
+    )
+    rarity = augment.rarity_weights(presence, aug.elastic_gamma)
+    return dataset, augment.sampling_weights(presence, rarity) if aug.oversample else None
 
 
 # The pipeline modules whose code shapes the trained weights. infer.py is left out on purpose: it only

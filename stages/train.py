@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.errors import UserError, run_main
 from pipeline.runtime import launch_workers, setup_runtime, teardown, under_torchrun
-from pipeline.train import FoldPaths, check_train_params, fit, load_fold_data
+from pipeline.train import FoldPaths, fit, load_fold_data
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     nproc = params.train.nproc
     if nproc > 1 and not under_torchrun():
         # Check the params and data here, where a mistake still prints one line, then start the workers.
-        check_train_params(params.train, len(load_fold_data(params, args.fold, paths).classes))
+        load_fold_data(params, args.fold, paths)
         code = launch_workers(nproc, [__file__, *sys.argv[1:]])
         if code != 0:
             raise UserError(
