@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,19 @@ from pipeline import coco
 from pipeline.config import DemoParams
 from pipeline.demo import generate_demo
 from pipeline.folds import class_presence
+
+PREDICT_STAGE = Path(__file__).resolve().parents[1] / "stages" / "predict.py"
+# Runs a stage script as `python stage ...` would, after importing the modules it uses, and writes two peak
+# RSS figures (kB) to the file named by argv[1]: after those imports, and at the end of the stage.
+_STAGE_PROBE = """
+import resource, runpy, sys
+import pipeline.infer, pipeline.submission  # noqa: F401  (the stage's heavy imports: torch, smp, cv2)
+result, sys.argv = sys.argv[1], sys.argv[2:]
+imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+runpy.run_path(sys.argv[0], run_name="__main__")
+with open(result, "w") as f:
+    f.write(f"{imports} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
+"""
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -51,3 +66,17 @@ def demo_training_data(root: Path, n_images: int, size: int) -> tuple[list[str],
     names = [image.file_name for image in train.images]
     masks = (coco.read_mask(root / "masks" / coco.mask_relpath(name)) for name in names)
     return names, class_presence(masks, train.n_classes)
+
+
+def predict_stage_rss(work: Path, args: list[str], log: Path) -> tuple[int, int]:
+    """(peak RSS after its imports, peak RSS of the whole run), in bytes, of `stages/predict.py ARGS` run
+    in a child process in `work`; its output goes to `log`. Exits if the stage fails."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    result = log.with_suffix(".rss")
+    with open(log, "w") as out:
+        command = [sys.executable, "-c", _STAGE_PROBE, str(result), str(PREDICT_STAGE), *args]
+        run = subprocess.run(command, cwd=work, env=env, stdout=out, stderr=out, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"the predict stage failed; see {log}")
+    imports, peak = (int(kb) * 1024 for kb in result.read_text().split())
+    return imports, peak

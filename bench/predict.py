@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,27 +30,29 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+from harness import predict_stage_rss
 from pipeline import coco, infer
-from pipeline.config import DemoParams, ModelParams
-from pipeline.dataset import ImageDataset, build_eval_loader
+from pipeline.config import AugmentParams, DemoParams, ModelParams
+from pipeline.dataset import ImageDataset, build_inference_loader
 from pipeline.demo import generate_demo
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
 
 TARGET_RSS_RATIO = 1.15
-STAGE = Path(__file__).resolve().parents[1] / "stages" / "predict.py"
 
 
 class Preloaded(Dataset):
-    """Already decoded and normalised images -> (image, index), so timings measure the model work only."""
+    """An ImageDataset's items decoded and normalised in advance, so timings measure the model work only."""
 
-    def __init__(self, images: list[torch.Tensor]) -> None:
-        self.images = images
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.images = dataset.images  # the records, as ImageDataset has them
+        self.geometry = dataset.geometry
+        self.items = list(dataset)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], index
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[int, int], None]:
+        return self.items[index]
 
 
 def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
@@ -66,7 +65,13 @@ def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
     classes = coco.load_coco(work / "data/test.json").classes
     model_params = ModelParams(arch="Unet", encoder=args.encoder, decoder_channels=[128, 64, 32, 16, 8])
     state = checkpoint_state(
-        build_model(model_params, len(classes)), model_params, classes, args.input_size, 0, 0.0, 0
+        build_model(model_params, len(classes)),
+        model_params,
+        classes,
+        AugmentParams(size=args.input_size, hflip=0.5, vflip=0.5, rot90=0.5),  # every TTA allowed
+        0,
+        0.0,
+        0,
     )
     checkpoints = [work / f"models/fold{k}/best.pt" for k in range(args.folds)]
     for path in checkpoints:
@@ -81,37 +86,17 @@ def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
     return checkpoints
 
 
-# Runs a stage script as `python stage ...` would, after importing the modules it uses, and writes two peak
-# RSS figures (kB) to the file named by argv[1]: after those imports, and at the end of the stage.
-_STAGE_PROBE = """
-import resource, runpy, sys
-import pipeline.infer, pipeline.submission  # noqa: F401  (the stage's heavy imports: torch, smp, cv2)
-result, sys.argv = sys.argv[1], sys.argv[2:]
-imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-runpy.run_path(sys.argv[0], run_name="__main__")
-with open(result, "w") as f:
-    f.write(f"{imports} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
-"""
-
-
 def stage_peak_rss(work: Path, n: int) -> tuple[int, int]:
     """(peak RSS after imports, peak RSS of the whole run), in bytes, of `stages/predict.py` on `n` images."""
     flags = {
         "--models": "models",
         "--root": "data",
         "--test-json": f"data/test_{n}.json",
+        "--train-json": "data/train.json",
         "--out": f"sub_{n}.csv",
     }
     args = [part for flag in flags.items() for part in flag]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    result = work / f"rss_{n}.txt"
-    with open(work / f"predict_{n}.log", "w") as log:
-        command = [sys.executable, "-c", _STAGE_PROBE, str(result), str(STAGE), *args]
-        run = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=log, check=False)
-    if run.returncode != 0:
-        raise SystemExit(f"predict stage failed on {n} images; see {work / f'predict_{n}.log'}")
-    imports, peak = (int(kb) * 1024 for kb in result.read_text().split())
-    return imports, peak
+    return predict_stage_rss(work, args, work / f"predict_{n}.log")
 
 
 def median_seconds(runs: list[Callable[[], None]], repeats: int) -> list[float]:
@@ -132,11 +117,11 @@ def median_seconds(runs: list[Callable[[], None]], repeats: int) -> list[float]:
 
 def throughput(work: Path, checkpoints: list[Path], args: argparse.Namespace) -> tuple[float, float]:
     """(bare, pipeline) images per second on the same preloaded batches of 2N images."""
-    models, _, input_size = infer.load_ensemble(checkpoints)
+    ensemble = infer.load_ensemble(checkpoints)
+    models = ensemble.models
     records = coco.load_coco(work / f"data/test_{4 * args.images}.json").images[: 2 * args.images]
-    images = [image for image, _ in ImageDataset(work / "data", records, input_size)]
-    data = Preloaded(images)
-    batches = [batch for batch, _ in build_eval_loader(data, args.batch_size, 0)]
+    data = Preloaded(ImageDataset(work / "data", records, ensemble.geometry))
+    batches = [batch.images for batch in build_inference_loader(data, args.batch_size, 0)]
     model = models[0]
     cpu = torch.device("cpu")
 
@@ -153,7 +138,7 @@ def throughput(work: Path, checkpoints: list[Path], args: argparse.Namespace) ->
             pass
 
     bare_s, pipeline_s = median_seconds([bare, pipeline], args.repeats)
-    return len(images) / bare_s, len(images) / pipeline_s
+    return len(data) / bare_s, len(data) / pipeline_s
 
 
 def main() -> None:
@@ -205,7 +190,7 @@ def report(
         ),
         f"  (keeping the {large - small} extra images' probabilities would add {kept / mb:.0f} MB)",
         f"  peak RSS ratio 4N/N {ratio:.3f}  target <= {TARGET_RSS_RATIO}  {status}"
-        f"  (above imports: {above[large] / above[small]:.3f})",
+        + (f"  (above imports: {above[large] / above[small]:.3f})" if above[small] > 0 else ""),
         f"  bare forward, 1 model      {bare:8.1f} images/s",
         f"  predict_images, {passes} passes {full:8.1f} images/s",
         f"  slowdown {bare / full:.2f}x for {passes} forward passes per image "

@@ -332,29 +332,54 @@ def build_elastic(params: AugmentParams) -> A.BasicTransform:
 # Pipelines.
 
 
-def build_resize(size: int) -> A.BasicTransform:
-    """Resize to size x size: area averaging when shrinking (no aliasing), bilinear when enlarging; masks
-    always nearest. Training, evaluation and test images all go through this one definition."""
+def build_resize(height: int, width: int | None = None) -> A.BasicTransform:
+    """Resize to height x width (default square): area averaging when shrinking (no aliasing), bilinear
+    when enlarging; masks always nearest. Training, evaluation and test images all go through this one
+    definition."""
     return A.Resize(
-        size,
-        size,
+        height,
+        height if width is None else width,
         interpolation=cv2.INTER_LINEAR,
         mask_interpolation=cv2.INTER_NEAREST,
         area_for_downscale="image",
     )
 
 
+def build_train_geometry(params: AugmentParams) -> list[A.BasicTransform]:
+    """The first training steps, which bring an image of any size to size x size.
+
+    squash: one resize (aspect ratio lost, as `build_resize`). crop: scale so the short side is
+    `short_side` (aspect kept; area averaging when shrinking), reflect-pad a side shorter than the crop,
+    then a random size x size crop: the model trains at the resolution it will predict at.
+    """
+    if params.resize == "squash":
+        return [build_resize(params.size)]
+    short_side = params.size if params.short_side is None else params.short_side
+    return [
+        A.SmallestMaxSize(
+            max_size=short_side,
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            area_for_downscale="image",
+        ),
+        A.PadIfNeeded(params.size, params.size, border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(params.size, params.size),
+    ]
+
+
 def build_train_transform(params: AugmentParams) -> A.Compose:
-    """Resize first (everything after runs at the training size), then flips, a random affine, colour.
+    """Bring the image to the training size first (everything after runs at that size; see
+    `build_train_geometry`), then flips, right-angle rotations, a random affine, colour.
 
     Masks use nearest interpolation throughout. The elastic step is not included: the dataset applies
     `build_elastic(params)` afterwards with a per-image probability.
     """
     return A.Compose(
         [
-            build_resize(params.size),
+            *build_train_geometry(params),
             A.HorizontalFlip(p=params.hflip),
             A.VerticalFlip(p=params.vflip),
+            A.RandomRotate90(p=params.rot90),
             A.Affine(
                 scale=AFFINE_SCALE,
                 translate_percent=AFFINE_TRANSLATE,
@@ -374,8 +399,3 @@ def build_train_transform(params: AugmentParams) -> A.Compose:
             ),
         ]
     )
-
-
-def build_eval_transform(params: AugmentParams) -> A.Compose:
-    """Resize only, the same resize as training."""
-    return A.Compose([build_resize(params.size)])

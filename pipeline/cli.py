@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--train-json",
+        type=Path,
+        help="training COCO json, which decides the classes; needed with data.unused_categories: drop",
+    )
+    parser.add_argument(
         "--size",
         type=_parse_size,
         default=_SIZE_FROM_PARAMS,
@@ -55,7 +60,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params",
         type=Path,
-        help="params file for the defaults (submission.size, submission.rle_order, data.overlap); "
+        help="params file for the defaults (submission.size, submission.rle_order, data.overlap, "
+        "data.unused_categories); "
         "default: ./params.yaml if it exists, else the built-in defaults",
     )
 
@@ -64,7 +70,7 @@ def score(args: argparse.Namespace) -> None:
     """Print mIoU and a per-class IoU table; write them to --json if asked."""
     params = _load_params(args.params)
     size = _resolve_size(args.size, params)
-    truth = coco.load_coco(args.truth, on_bad=params.data.on_bad_annotation)
+    truth = _load_with_classes(args.truth, args.train_json, params)
     if not truth.has_annotations:
         raise UserError(f"{args.truth}: no annotations; --truth must be the test set's ground truth")
     result = score_submission(
@@ -84,7 +90,7 @@ def validate(args: argparse.Namespace) -> None:
     """Print "valid: N rows" (exit 0), or one line per problem and exit 1."""
     params = _load_params(args.params)
     size = _resolve_size(args.size, params)
-    test = coco.load_coco(args.test, on_bad=params.data.on_bad_annotation)
+    test = _load_with_classes(args.test, args.train_json, params)
     report = check_submission(args.submission, test, size)
     if not report.problems:
         print(f"valid: {report.n_rows} rows ({report.fmt}, {len(test.images)} images)")
@@ -120,6 +126,13 @@ def _load_params(path: Path | None) -> Params:
         return load_params(path)
     default = Path("params.yaml")
     return load_params(default) if default.is_file() else Params()
+
+
+def _load_with_classes(path: Path, train_json: Path | None, params: Params) -> coco.CocoSet:
+    data = params.data
+    return coco.load_with_training_classes(
+        path, train_json, on_bad=data.on_bad_annotation, unused=data.unused_categories
+    )
 
 
 def _resolve_size(size: object, params: Params) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -19,6 +20,7 @@ from pipeline.errors import UserError
 
 Overlap = Literal["area_desc", "max_class"]
 OnBad = Literal["error", "skip"]
+Unused = Literal["keep", "drop"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,12 @@ class ImageRecord:
 
 @dataclass
 class CocoSet:
-    """A validated COCO json: class names, images and their annotations (raw COCO dicts).
+    """A validated COCO json: classes, images and their annotations (raw COCO dicts).
 
-    Class index 0 is background; category k of the json's `categories` list (json order) is class k + 1,
-    so data whose category ids start at 0, at 1 or anywhere else maps the same way.
+    Classes are identified by category id. Class index 0 is background; the other classes follow the
+    json's `categories` order (ids may start anywhere and have gaps), less the unused categories that
+    `load_coco(unused="drop")` removes, or are the training set's when it was given as `classes_from`.
+    `classes` holds display names: a name two classes share gets its id appended ("Glass (id 3)").
     """
 
     path: Path
@@ -51,10 +55,19 @@ class CocoSet:
     skipped: int = 0
     clipped: int = 0
     problems: list[str] = field(default_factory=list)
+    # Every category of the json, class or not: id -> the json's name, in json order.
+    category_names: dict[int, str] = field(default_factory=dict)
+    # Categories no annotation of this json names (id -> json name), kept as classes or dropped. Only
+    # filled when this json decides the classes; empty when they come from `classes_from`.
+    unused: dict[int, str] = field(default_factory=dict)
+    # Annotations left out because their category is not a class (one the training set dropped).
+    ignored: int = 0
     label_of_category: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.label_of_category = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
+        if not self.category_names:  # built by hand, not by load_coco: the display names are the json's
+            self.category_names = dict(zip(self.category_ids, self.classes[1:], strict=True))
 
     @property
     def n_classes(self) -> int:
@@ -82,6 +95,8 @@ class CocoSet:
             f"{self.path}: {len(self.images)} images, {self.n_annotations} annotations, "
             f"{self.skipped} skipped, {self.clipped} clipped to the image"
         )
+        if self.ignored:
+            line += f", {self.ignored} ignored (category not a class)"
         if self.problems:
             line += f" (first skipped: {self.problems[0]})"
         return line
@@ -93,6 +108,8 @@ def load_coco(
     on_bad: OnBad = "error",
     *,
     require_annotations: bool = False,
+    unused: Unused = "keep",
+    classes_from: CocoSet | None = None,
 ) -> CocoSet:
     """Read and validate a COCO json; `root` is the folder `file_name`s are relative to (default: the json's).
 
@@ -101,10 +118,19 @@ def load_coco(
     `on_bad="error"` and is dropped and counted in `.skipped` / `.problems` with `on_bad="skip"`. Polygon
     coordinates outside the image are legal: the rasterizer intersects the polygon with the image, and
     such annotations are counted in `.clipped`. Without an `annotations` key, or with an empty list, the
-    set has no objects, unless `require_annotations` (a training set) makes that an error.
+    set has no objects, unless `require_annotations` (a training set) makes that an error. Only
+    `segmentation` is read: `area`, `bbox` and `iscrowd` may be missing or wrong.
+
+    The classes: with `classes_from` (the loaded training set) they are its classes, the json must list
+    each of their category ids, and annotations of its other categories are ignored and counted in
+    `.ignored`. Without it this json decides: its categories in json order, where a category that no
+    annotation names is kept (`unused="keep"`, so class indexes never shift) or removed (`"drop"`); see
+    `unused_report`.
     """
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    if unused not in ("keep", "drop"):
+        raise ValueError(f"unused must be 'keep' or 'drop', got {unused!r}")
     path = Path(json_path)
     data = _read_json(path)
     if not isinstance(data, dict):
@@ -119,7 +145,21 @@ def load_coco(
     if require_annotations and not data["annotations"]:
         raise UserError(f"{path}: 'annotations' is empty; a training set needs annotated objects")
 
-    category_ids, classes = _parse_categories(path, data["categories"])
+    category_names = _parse_categories(path, data["categories"])
+    raw_annotations = data.get("annotations", [])
+    unused_found: dict[int, str] = {}
+    if classes_from is not None:
+        category_ids, classes = _classes_from(path, category_names, classes_from)
+    else:
+        unused_found = _unused_categories(category_names, raw_annotations)
+        category_ids = [cid for cid in category_names if unused == "keep" or cid not in unused_found]
+        if not category_ids:
+            raise UserError(
+                f"{path}: no annotation names any of its {len(category_names)} categories, so dropping "
+                "unused categories leaves no class (data.unused_categories: keep, or load the training "
+                "json's classes)"
+            )
+        classes = _display_names(path, category_names, category_ids)
     images = _parse_images(path, data["images"])
     coco = CocoSet(
         path=path,
@@ -128,11 +168,13 @@ def load_coco(
         category_ids=category_ids,
         images=images,
         annotations={image.id: [] for image in images},
-        has_annotations=bool(data.get("annotations")),
+        has_annotations=bool(raw_annotations),
+        category_names=category_names,
+        unused=unused_found,
     )
     by_id = {image.id: image for image in images}
-    for index, ann in enumerate(data.get("annotations", [])):
-        problem, clipped = _annotation_problem(ann, by_id, coco.label_of_category)
+    for index, ann in enumerate(raw_annotations):
+        problem, clipped = _annotation_problem(ann, by_id, category_names)
         if problem is not None:
             message = f"{path}: {_describe_annotation(ann, index)}: {problem}"
             if on_bad == "error":
@@ -140,24 +182,87 @@ def load_coco(
             coco.skipped += 1
             coco.problems.append(message)
             continue
+        if ann["category_id"] not in coco.label_of_category:
+            coco.ignored += 1  # a category the training set dropped: not a class, so not in any mask
+            continue
         coco.clipped += clipped
         coco.annotations[ann["image_id"]].append(ann)
     return coco
 
 
+def load_with_training_classes(
+    json_path: str | Path,
+    train_json: str | Path | None,
+    root: str | Path | None = None,
+    on_bad: OnBad = "error",
+    unused: Unused = "keep",
+) -> CocoSet:
+    """A test or truth json with the classes of the training json `train_json` (loaded with `unused`).
+
+    The two must agree (`check_same_classes`). Without `train_json` the json is loaded alone, which gives
+    the same classes only when unused categories are kept; with `unused="drop"` that is a `UserError`.
+    """
+    if train_json is None:
+        if unused == "drop":
+            raise UserError(
+                f"{json_path}: with data.unused_categories: drop the classes come from the training json; "
+                "give it (--train-json)"
+            )
+        return load_coco(json_path, root, on_bad)
+    train = load_coco(train_json, on_bad=on_bad, unused=unused)
+    loaded = load_coco(json_path, root, on_bad, classes_from=train)
+    check_same_classes(train, loaded)
+    return loaded
+
+
+def unused_report(coco: CocoSet) -> str | None:
+    """One line naming the categories no annotation of `coco` uses and what became of them; None if none.
+
+    e.g. `train.json: category id 0 'medical-waste' is used by no annotation: kept as class 1
+    (data.unused_categories: drop removes it)`.
+    """
+    if not coco.unused:
+        return None
+    fates = {
+        cid: f"kept as class {coco.label_of_category[cid]}" if cid in coco.label_of_category else "dropped"
+        for cid in coco.unused
+    }
+    kept = any(cid in coco.label_of_category for cid in coco.unused)  # one load keeps all or drops all
+    if len(fates) == 1:
+        cid, name = next(iter(coco.unused.items()))
+        what = f"category id {cid} {name!r} is used by no annotation: {fates[cid]}"
+        hint = "drop removes it" if kept else "keep keeps it as a class"
+    else:
+        listed = ", ".join(f"id {cid} {name!r} {fates[cid]}" for cid, name in coco.unused.items())
+        what = f"{len(fates)} categories are used by no annotation: {listed}"
+        hint = "drop removes them" if kept else "keep keeps them as classes"
+    return f"{coco.path}: {what} (data.unused_categories: {hint})"
+
+
 def check_same_classes(train: CocoSet, test: CocoSet) -> None:
-    """Raise `UserError` unless both sets list the same categories (ids and names) in the same order."""
-    a = list(zip(train.category_ids, train.classes[1:], strict=True))
-    b = list(zip(test.category_ids, test.classes[1:], strict=True))
-    if a == b:
-        return
-    if len(a) != len(b):
-        raise UserError(f"{test.path}: {len(b)} categories but {train.path} has {len(a)}; they must match")
-    k = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-    raise UserError(
-        f"{test.path}: category {k + 1} is {b[k][1]!r} (id {b[k][0]}) but in {train.path} it is "
-        f"{a[k][1]!r} (id {a[k][0]}); train and test must list the same categories"
-    )
+    """Raise `UserError` unless `test` has `train`'s classes and lists no category `train`'s json lacks.
+
+    Classes match when they have the same category ids in the same order and each id has the same name in
+    both jsons; names are compared per id, since one json may legitimately give two ids the same name.
+    """
+    a = [(cid, train.category_names[cid]) for cid in train.category_ids]
+    b = [(cid, test.category_names[cid]) for cid in test.category_ids]
+    if a != b:
+        if len(a) != len(b):
+            raise UserError(
+                f"{test.path}: {len(b)} categories but {train.path} has {len(a)}; they must match"
+            )
+        k = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        raise UserError(
+            f"{test.path}: category {k + 1} is {b[k][1]!r} (id {b[k][0]}) but in {train.path} it is "
+            f"{a[k][1]!r} (id {a[k][0]}); train and test must list the same categories"
+        )
+    extra = next((cid for cid in test.category_names if cid not in train.category_names), None)
+    if extra is not None:
+        raise UserError(
+            f"{test.path}: category id {extra} ({test.category_names[extra]!r}) is not in {train.path}; "
+            "train and test must list the same categories"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,23 +423,63 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_categories(path: Path, raw: list) -> tuple[list[int], list[str]]:
+def _parse_categories(path: Path, raw: list) -> dict[int, str]:
+    """Category id -> name, in json order; names may repeat, ids may not.
+
+    Annotations refer to categories by id alone, and Roboflow names its id-0 category after the dataset,
+    often like a real class.
+    """
     if not raw:
         raise UserError(f"{path}: 'categories' is empty")
     if len(raw) > 255:
         raise UserError(f"{path}: {len(raw)} categories; uint8 masks hold at most 255 (plus background)")
-    ids: list[int] = []
-    names: list[str] = []
+    names: dict[int, str] = {}
     for index, cat in enumerate(raw):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise UserError(f"{path}: categories[{index}] needs an integer 'id' and a string 'name': {cat!r}")
-        if cat["id"] in ids:
+        if cat["id"] in names:
             raise UserError(f"{path}: category id {cat['id']} appears twice")
-        if cat["name"] in names:
-            raise UserError(f"{path}: category name {cat['name']!r} appears twice")
-        ids.append(cat["id"])
-        names.append(cat["name"])
-    return ids, names
+        names[cat["id"]] = cat["name"]
+    return names
+
+
+def _unused_categories(category_names: dict[int, str], annotations: list) -> dict[int, str]:
+    """The categories (id -> name) no annotation names.
+
+    An annotation names its category even if it is later skipped as bad, so that mending a polygon never
+    changes which categories are unused, and so never shifts class indexes under `unused="drop"`.
+    """
+    named = {a["category_id"] for a in annotations if isinstance(a, dict) and _is_int(a.get("category_id"))}
+    return {cid: name for cid, name in category_names.items() if cid not in named}
+
+
+def _display_names(path: Path, category_names: dict[int, str], category_ids: list[int]) -> list[str]:
+    """Class names for `category_ids`: the json's, with " (id N)" added where two classes share one.
+
+    "background" counts as taken (it is class 0), so a category of that name is told apart too.
+    """
+    counts = Counter(["background", *(category_names[cid] for cid in category_ids)])
+    shown = [
+        f"{category_names[cid]} (id {cid})" if counts[category_names[cid]] > 1 else category_names[cid]
+        for cid in category_ids
+    ]
+    taken = {"background"}
+    for cid, name in zip(category_ids, shown, strict=True):
+        if name in taken:  # only if a json names a category like "Glass (id 3)" next to two "Glass"es
+            raise UserError(f"{path}: category id {cid}: class name {name!r} is given twice; rename one")
+        taken.add(name)
+    return shown
+
+
+def _classes_from(path: Path, category_names: dict[int, str], train: CocoSet) -> tuple[list[int], list[str]]:
+    """`train`'s category ids and display names, after checking this json lists every one of the ids."""
+    for cid in train.category_ids:
+        if cid not in category_names:
+            raise UserError(
+                f"{path}: no category id {cid} ({train.category_names[cid]!r} in {train.path}); "
+                "it must list every class of the training set"
+            )
+    return list(train.category_ids), train.classes[1:]
 
 
 def _parse_images(path: Path, raw: list) -> list[ImageRecord]:
@@ -389,7 +534,7 @@ def _describe_annotation(ann: Any, index: int) -> str:
 
 
 def _annotation_problem(
-    ann: Any, images: dict[int, ImageRecord], label_of_category: dict[int, int]
+    ann: Any, images: dict[int, ImageRecord], category_names: dict[int, str]
 ) -> tuple[str | None, bool]:
     """(what is wrong with `ann` or None, whether its polygon reaches outside the image)."""
     if not isinstance(ann, dict):
@@ -402,7 +547,7 @@ def _annotation_problem(
     image = images.get(ann["image_id"])
     if image is None:
         return f"image_id {ann['image_id']!r} is not in 'images'", False
-    if ann["category_id"] not in label_of_category:
+    if ann["category_id"] not in category_names:
         return f"category_id {ann['category_id']!r} is not in 'categories'", False
     if "segmentation" not in ann:
         return "no 'segmentation'", False

@@ -39,6 +39,9 @@ class DataParams:
     test_truth_json: str = "data/demo/test_truth.json"
     overlap: Literal["area_desc", "max_class"] = "area_desc"
     on_bad_annotation: Literal["error", "skip"] = "error"
+    # Categories no training annotation uses (Roboflow's id-0 dataset category): keep them as classes, so
+    # class indexes never shift, or drop them from the class list. The masks stage reports them either way.
+    unused_categories: Literal["keep", "drop"] = "keep"
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,14 @@ class SplitParams:
 class AugmentParams:
     """Training augmentation, including rare-class-weighted elastic deformation."""
 
-    size: int = 512
+    size: int = 512  # training crops / squashed images are size x size (divisible by 32)
+    # squash: resize every image to size x size (aspect ratio lost); crop: scale each image so its short
+    # side is `short_side` (aspect kept), train on random size x size crops, predict on the whole image.
+    resize: Literal["squash", "crop"] = "squash"
+    short_side: int | None = None  # crop mode: null means `size`
     hflip: float = 0.5
     vflip: float = 0.0
+    rot90: float = 0.0  # probability of a random multiple of 90 degrees (what lets d4 TTA help)
     shift_scale_rotate: float = 0.5
     color: float = 0.3
     elastic_p_min: float = 0.1
@@ -91,6 +99,8 @@ class TrainParams:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
+    # After warmup: cosine decay to 0 over the run, or the base lr throughout.
+    schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = 1.0
     losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "dice": 1.0})
     class_weights: list[float] | None = None
@@ -98,6 +108,7 @@ class TrainParams:
     channels_last: bool = True
     compile: bool = False
     num_workers: int = 4
+    val_every: int = 1  # validate every N epochs (and always after the last)
     seed: int = 42
     max_batches: int | None = None
 
@@ -106,7 +117,9 @@ class TrainParams:
 class PredictParams:
     """Test-time augmentation and fold ensembling (stage `predict`)."""
 
-    tta: Literal["none", "flips", "d4"] = "flips"
+    # auto: the symmetries the model was trained with (augment.hflip / vflip / rot90 > 0); naming one the
+    # model never saw in training is refused (see infer.resolve_tta).
+    tta: Literal["auto", "none", "hflip", "vflip", "flips", "d4"] = "auto"
     scales: list[float] = field(default_factory=lambda: [1.0])
     fold_weights: list[float] | None = None
     batch_size: int = 8
@@ -241,6 +254,8 @@ _RANGES: dict[str, Rule] = {
     "augment.size": _POSITIVE,
     "augment.hflip": _PROBABILITY,
     "augment.vflip": _PROBABILITY,
+    "augment.rot90": _PROBABILITY,
+    "augment.short_side": _POSITIVE,
     "augment.shift_scale_rotate": _PROBABILITY,
     "augment.color": _PROBABILITY,
     "augment.elastic_gamma": _AT_LEAST_0,
@@ -260,6 +275,7 @@ _RANGES: dict[str, Rule] = {
     "train.losses": (lambda v: _WEIGHTS[0](list(v.values())), "weights all >= 0, some > 0"),
     "train.class_weights": _WEIGHTS,
     "train.num_workers": _AT_LEAST_0,
+    "train.val_every": _AT_LEAST_1,
     "train.max_batches": _AT_LEAST_1,
     "predict.scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "non-empty, all greater than 0"),
     "predict.fold_weights": _WEIGHTS,

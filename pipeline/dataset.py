@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import albumentations as A
 import numpy as np
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from pipeline import coco
 from pipeline.augment import build_resize
 from pipeline.errors import UserError
+from pipeline.geometry import Geometry, pad_to_multiple, padded_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,25 +130,111 @@ class _Streams:
         )
 
 
-class ImageDataset(Dataset):
-    """Images without masks (test, or out-of-fold prediction) -> (image float32 (3, size, size), index).
+class InferenceBatch(NamedTuple):
+    """A batch of whole images for inference, as `collate_inference` builds it."""
 
-    Images are resized with the same resize as training; `images[index]` gives back the original size.
+    images: torch.Tensor  # float32 (B, 3, H, W): one padded shape per batch
+    indexes: list[int]  # dataset indexes
+    shapes: list[tuple[int, int]]  # each image's (h, w) inside `images`, before padding
+    masks: list[torch.Tensor] | None  # uint8 (height, width) truth at each image's own size, or None
+
+
+class ImageDataset(Dataset):
+    """Whole images for inference (test, validation, out-of-fold) at the model's geometry.
+
+    Item `index` -> (image float32 (3, H, W), index, (h, w), mask): the image resized to
+    `geometry.inference_shape` (h, w) with the training resize rule, then reflect-padded to multiples of
+    32 (H, W); mask is the uint8 truth at the image's own size when `masks_dir` is given, else None.
+    `images[index]` gives back the record (and so the native size).
     """
 
-    def __init__(self, root: str | Path, images: Sequence[coco.ImageRecord], size: int) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        images: Sequence[coco.ImageRecord],
+        geometry: Geometry,
+        masks_dir: str | Path | None = None,
+    ) -> None:
         self.root = Path(root)
         self.images = list(images)
-        self.size = size
-        self.resize = build_resize(size)
+        self.geometry = geometry
+        self.masks_dir = None if masks_dir is None else Path(masks_dir)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[int, int], torch.Tensor | None]:
         record = self.images[index]
         image = coco.read_image(coco.image_path(self.root, record.file_name), (record.height, record.width))
-        return normalize(self.resize(image=image)["image"]), index
+        shape = self.geometry.inference_shape(record.height, record.width)
+        image = pad_to_multiple(build_resize(*shape)(image=image)["image"])
+        mask = None
+        if self.masks_dir is not None:
+            mask_path = self.masks_dir / coco.mask_relpath(record.file_name)
+            mask = coco.read_mask(mask_path)
+            if mask.shape != (record.height, record.width):
+                raise UserError(
+                    f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                    f"{record.height}x{record.width} (re-run the masks stage)"
+                )
+            mask = torch.from_numpy(mask)
+        return normalize(image), index, shape, mask
+
+
+def collate_inference(
+    items: Sequence[tuple[torch.Tensor, int, tuple[int, int], torch.Tensor | None]],
+) -> InferenceBatch:
+    """Stack `ImageDataset` items of one padded shape (`build_inference_loader` batches them so);
+    masks stay a list, as their native sizes may differ."""
+    images = torch.stack([item[0] for item in items])
+    masks = None if items[0][3] is None else [item[3] for item in items]
+    return InferenceBatch(images, [item[1] for item in items], [tuple(item[2]) for item in items], masks)
+
+
+class ShapeBatchSampler(Sampler[list[int]]):
+    """Batches of consecutive `indices` whose images have the same padded inference shape.
+
+    Batching only equal shapes (rather than padding to the batch's largest) keeps each image's
+    prediction a function of the image alone, whatever the batch size or its neighbours.
+    """
+
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int], batch_size: int) -> None:
+        self.batches: list[list[int]] = []
+        last_shape = None
+        for index in indices:
+            record = dataset.images[index]
+            shape = padded_shape(*dataset.geometry.inference_shape(record.height, record.width))
+            if shape != last_shape or len(self.batches[-1]) == batch_size:
+                self.batches.append([])
+            self.batches[-1].append(index)
+            last_shape = shape
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def build_inference_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    num_workers: int,
+    distributed: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """In-order `InferenceBatch`es of every image (`ShapeBatchSampler`); under DDP each rank gets a
+    disjoint shard, rank, rank + world, ... (no padding with repeated images, as `ShardSampler`)."""
+    rank, world_size = _rank_and_world(distributed)
+    indices = range(rank, len(dataset), world_size)
+    return DataLoader(
+        dataset,
+        batch_sampler=ShapeBatchSampler(dataset, indices, batch_size),
+        collate_fn=collate_inference,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
@@ -272,7 +360,11 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, distributed: bool = False, pin_memory: bool = False
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    distributed: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """In-order batches of every image; under DDP each rank gets a disjoint shard (`ShardSampler`)."""
     sampler = ShardSampler(len(dataset), *_rank_and_world(True)) if distributed else None

@@ -120,7 +120,7 @@ def read_pair(
     if pred.shape != expected:
         raise UserError(
             f"{pred_path}: prediction is {pred.shape[0]}x{pred.shape[1]}, expected "
-            f"{expected[0]}x{expected[1]} (submission.size changed? re-run the train stages)"
+            f"{expected[0]}x{expected[1]} (written by an older trashseg? re-run the train stages)"
         )
     if truth.shape != pred.shape:
         truth = cv2.resize(truth, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,22 +15,64 @@ import torch.nn.functional as F
 import ttach
 from torch import nn
 
+from pipeline import coco
 from pipeline import models as model_io
-from pipeline.dataset import ImageDataset, build_eval_loader
+from pipeline.dataset import ImageDataset, build_inference_loader
 from pipeline.errors import UserError
-
-# Encoders downsample 5 times, so every side fed to a model must be a multiple of 32.
-SIZE_MULTIPLE = 32
+from pipeline.geometry import SIZE_MULTIPLE, Geometry, resize_argmax
 
 TTA_TRANSFORMS: dict[str, Callable[[], ttach.Compose]] = {
     "none": lambda: ttach.Compose([]),  # one identity transform
+    "hflip": lambda: ttach.Compose([ttach.HorizontalFlip()]),  # identity, hflip: 2 passes
+    "vflip": lambda: ttach.Compose([ttach.VerticalFlip()]),  # identity, vflip: 2 passes
     "flips": ttach.aliases.flip_transform,  # identity, hflip, vflip, both: 4 passes
-    "d4": ttach.aliases.d4_transform,  # the 8 symmetries of the square
+    "d4": ttach.aliases.d4_transform,  # the 8 symmetries of the square: 8 passes
 }
+# The training augmentation (augment.<key> > 0) each TTA set needs: a pass through a symmetry the model
+# never saw in training is an out-of-distribution prediction averaged into the good ones (on a real
+# street-photo set trained with vflip 0: test mIoU 0.289 with flips TTA, 0.364 with none).
+TTA_NEEDS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "hflip": ("hflip",),
+    "vflip": ("vflip",),
+    "flips": ("hflip", "vflip"),
+    "d4": ("hflip", "rot90"),  # ttach's d4: rotations by 0/90/180/270, each with and without hflip
+}
+# `auto` picks the largest set whose needs every model's training met, in this order of preference.
+_AUTO_ORDER = ("d4", "flips", "hflip", "vflip", "none")
+
+
+def resolve_tta(name: str, augments: Sequence[Mapping[str, Any]]) -> str:
+    """The TTA set to run for `predict.tta` = `name`, given each model's training augmentation.
+
+    "auto" becomes the largest set of symmetries that every model was trained with; a named set that
+    needs a symmetry some model never saw (augment.<key> == 0) is a `UserError` naming both keys.
+    augments: the `augment` params each checkpoint records.
+    """
+    if name == "auto":
+        return next(n for n in _AUTO_ORDER if all(_trained_with(a, TTA_NEEDS[n]) for a in augments))
+    if name not in TTA_NEEDS:
+        raise UserError(f"params: predict.tta '{name}' is unknown (valid: auto, {', '.join(TTA_NEEDS)})")
+    for augment in augments:
+        missing = next((key for key in TTA_NEEDS[name] if not augment.get(key, 0) > 0), None)
+        if missing is not None:
+            raise UserError(
+                f"params: predict.tta '{name}' averages {_SYMMETRY[missing]} passes, but the model was "
+                f"trained with augment.{missing} = {augment.get(missing, 0)}: it never saw them "
+                f"(use predict.tta: auto, or train with augment.{missing} > 0)"
+            )
+    return name
+
+
+_SYMMETRY = {"hflip": "horizontally flipped", "vflip": "vertically flipped", "rot90": "90-degree rotated"}
+
+
+def _trained_with(augment: Mapping[str, Any], keys: Sequence[str]) -> bool:
+    return all(augment.get(key, 0) > 0 for key in keys)
 
 
 def build_tta(name: str) -> ttach.Compose:
-    """The ttach transform set called `name` (a key of TTA_TRANSFORMS)."""
+    """The ttach transform set called `name` (a key of TTA_TRANSFORMS; resolve "auto" first)."""
     try:
         return TTA_TRANSFORMS[name]()
     except KeyError:
@@ -106,13 +150,14 @@ def predict_probabilities(
     num_workers: int,
     device: torch.device,
     amp: bool = True,
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (dataset indexes, (B, C, size, size) float32 probabilities on `device`) one batch at a time.
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (dataset index, (C, h, w) float32 probabilities on `device`) per image, in dataset order.
 
-    Probabilities are averaged over TTA transforms, scales and models (weighted by `weights`, normalised;
-    None = equal). The models are moved to `device` and put in eval mode. `amp`: autocast on CUDA (bf16,
-    else fp16); CPU always runs float32. Nothing is kept between batches, so memory is bounded by
-    `batch_size`, not by the size of the dataset.
+    (h, w) is the image's `geometry.inference_shape` (padding cropped off). Probabilities are averaged
+    over TTA transforms (`tta`, a resolved name: see `resolve_tta`), scales and models (weighted by
+    `weights`, normalised; None = equal). The models are moved to `device` and put in eval mode. `amp`:
+    autocast on CUDA (bf16, else fp16); CPU always runs float32. Nothing is kept between batches, so
+    memory is bounded by `batch_size`, not by the size of the dataset.
     """
     if not models or not scales:
         raise ValueError("predict_probabilities needs at least one model and one scale")
@@ -122,12 +167,14 @@ def predict_probabilities(
         ttach.SegmentationTTAWrapper(SoftmaxOutput(m.to(device).eval()), transforms, merge_mode="mean")
         for m in models
     ]
-    loader = build_eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
-    for images, indexes in loader:
+    loader = build_inference_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
+    for batch in loader:
         # The no-grad/autocast contexts live in a function, not around the `yield`: a generator suspended
         # inside them would leak inference mode into the caller's code between batches.
-        images = images.to(device, non_blocking=True)
-        yield indexes.tolist(), _predict_batch(members, shares, images, scales, amp)
+        images = batch.images.to(device, non_blocking=True)
+        probs = _predict_batch(members, shares, images, scales, amp)
+        for index, (h, w), image_probs in zip(batch.indexes, batch.shapes, probs, strict=True):
+            yield index, image_probs[:, :h, :w]
 
 
 def predict_images(
@@ -146,52 +193,64 @@ def predict_images(
 
     The mask is `out_size` x `out_size`, or the image's own height x width (from its record) when
     `out_size` is None. Probabilities are resized bilinearly to that size before the argmax, so class
-    boundaries are decided at the output resolution rather than upsampled as blocky labels.
+    boundaries are decided at the output resolution rather than upsampled as blocky labels; the resize
+    runs in strips (`geometry.resize_argmax`), so a 4000x3000 photo needs no 4000x3000xC array.
     """
-    for indexes, probs in predict_probabilities(
+    for index, probs in predict_probabilities(
         models, weights, dataset, tta, scales, batch_size, num_workers, device, amp
     ):
-        for index, image_probs in zip(indexes, probs, strict=True):
-            if out_size is None:
-                record = dataset.images[index]
-                size = (record.height, record.width)
-            else:
-                size = (out_size, out_size)
-            yield index, probabilities_to_mask(image_probs, size)
+        yield index, probabilities_to_mask(probs, output_shape(dataset.images[index], out_size))
+
+
+def output_shape(record: coco.ImageRecord, out_size: int | None) -> tuple[int, int]:
+    """(H, W) of a prediction: out_size x out_size, or the image's own size when out_size is None."""
+    return (record.height, record.width) if out_size is None else (out_size, out_size)
 
 
 def probabilities_to_mask(probs: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(C, h, w) probabilities -> uint8 (H, W) argmax labels at `size` = (H, W), resized bilinearly first."""
-    if tuple(probs.shape[-2:]) != size:
-        probs = _resize(probs[None], size)[0]
-    return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return resize_argmax(probs, size).cpu().numpy()
 
 
-def load_ensemble(checkpoint_paths: Sequence[str | Path]) -> tuple[list[nn.Module], list[str], int]:
-    """Rebuild each fold's model from its own checkpoint -> (models in eval mode, class names, input size).
+@dataclass(frozen=True)
+class Ensemble:
+    """Fold models rebuilt from their checkpoints, with what they were trained on."""
 
-    Every checkpoint must agree on the class list and the input size; a mismatch is a UserError naming
-    the offending file.
+    models: list[nn.Module]  # eval mode, on the CPU
+    classes: list[str]  # background first, shared by every model
+    geometry: Geometry  # shared by every model
+    augments: list[dict[str, Any]]  # each model's training augmentation (for `resolve_tta`)
+
+
+def load_ensemble(checkpoint_paths: Sequence[str | Path]) -> Ensemble:
+    """Rebuild each fold's model from its own checkpoint.
+
+    Every checkpoint must agree on the class list and the input geometry; a mismatch is a UserError
+    naming the offending file.
     """
     if not checkpoint_paths:
         raise ValueError("load_ensemble needs at least one checkpoint")
     models: list[nn.Module] = []
-    first_path, classes, input_size = None, None, None
+    augments: list[dict[str, Any]] = []
+    first_path, classes, geometry = None, None, None
     for path in checkpoint_paths:
         ckpt = model_io.load_checkpoint(path)
         models.append(model_io.model_from_checkpoint(ckpt, source=str(path)))  # checks the keys it needs
-        if "input_size" not in ckpt:
-            raise UserError(f"{path}: not a trashseg checkpoint (missing key 'input_size')")
+        for key in ("geometry", "augment"):
+            if key not in ckpt:
+                raise UserError(
+                    f"{path}: checkpoint has no '{key}' (an older trashseg wrote it; re-run its train stage)"
+                )
+        augments.append(dict(ckpt["augment"]))
+        ckpt_geometry = Geometry.from_dict(ckpt["geometry"])
         if first_path is None:
-            first_path, classes, input_size = path, list(ckpt["classes"]), int(ckpt["input_size"])
+            first_path, classes, geometry = path, list(ckpt["classes"]), ckpt_geometry
         elif list(ckpt["classes"]) != classes:
             raise UserError(f"{path}: classes {list(ckpt['classes'])} differ from {first_path}'s {classes}")
-        elif int(ckpt["input_size"]) != input_size:
-            raise UserError(
-                f"{path}: input size {ckpt['input_size']} differs from {first_path}'s {input_size}"
-            )
-    assert classes is not None and input_size is not None
-    return models, classes, input_size
+        elif ckpt_geometry != geometry:
+            raise UserError(f"{path}: input geometry {ckpt_geometry} differs from {first_path}'s {geometry}")
+    assert classes is not None and geometry is not None
+    return Ensemble(models, classes, geometry, augments)
 
 
 def _predict_batch(

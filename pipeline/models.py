@@ -17,8 +17,9 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from pipeline.atomic import atomic_path
-from pipeline.config import ModelParams
+from pipeline.config import AugmentParams, ModelParams
 from pipeline.errors import UserError
+from pipeline.geometry import geometry_of
 
 # smp's own registry (lower-case name -> class); we check against it to give a one-line error.
 ARCHITECTURES: dict[str, type[nn.Module]] = smp.MODEL_ARCHITECTURES_MAPPING
@@ -130,17 +131,22 @@ def checkpoint_state(
     model: nn.Module,
     model_params: ModelParams,
     classes: list[str],
-    input_size: int,
+    augment: AugmentParams,
     epoch: int,
     score: float,
     fold: int,
 ) -> dict[str, Any]:
-    """The self-describing dict that `model_from_checkpoint` rebuilds a model from."""
+    """The self-describing dict that `model_from_checkpoint` rebuilds a model from.
+
+    It records the training augmentation: inference takes the input geometry from it and checks that
+    its TTA uses only symmetries the model was trained with.
+    """
     return {
         "model_state": strip_wrapper_prefixes(model.state_dict()),
         "model_params": dataclasses.asdict(model_params),
         "classes": list(classes),
-        "input_size": int(input_size),
+        "geometry": geometry_of(augment).to_dict(),
+        "augment": dataclasses.asdict(augment),
         "epoch": int(epoch),
         "score": float(score),
         "fold": int(fold),

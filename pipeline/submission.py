@@ -337,12 +337,13 @@ def score_submission(
     submission's size with nearest-neighbour, and one confusion matrix is summed over all images.
     Returns {"miou": float, "iou": {class name: float, NaN where absent from truth and prediction}}.
     Raises `UserError` naming the file and its first problem if the submission is invalid, or if every
-    annotation of the truth was skipped as bad (an all-background truth would score nonsense).
+    annotation of the truth was skipped as bad or ignored as not a class (an all-background truth would
+    score nonsense).
     """
-    if truth.n_annotations == 0 and truth.skipped > 0:
-        raise UserError(
-            f"{truth.path}: all {truth.skipped} annotations were skipped as bad; nothing to score against"
-        )
+    left_out = truth.skipped + truth.ignored
+    if truth.n_annotations == 0 and left_out > 0:
+        why = "skipped as bad" + (" or ignored (category not a class)" if truth.ignored else "")
+        raise UserError(f"{truth.path}: all {left_out} annotations were {why}; nothing to score against")
     problems = validate_submission(path, truth, size)
     if problems:
         raise UserError(f"{path}: invalid submission ({len(problems)} problems); first: {problems[0]}")

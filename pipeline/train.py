@@ -28,10 +28,11 @@ from tqdm import tqdm
 from pipeline import augment, coco
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import AugmentParams, Params, TrainParams
-from pipeline.dataset import ImageDataset, SegmentationDataset, build_eval_loader, build_train_loader
+from pipeline.dataset import ImageDataset, SegmentationDataset, build_inference_loader, build_train_loader
 from pipeline.errors import UserError
 from pipeline.folds import class_presence, read_folds
-from pipeline.infer import predict_images
+from pipeline.geometry import geometry_of, resize_argmax
+from pipeline.infer import predict_images, resolve_tta
 from pipeline.losses import build_loss
 from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
 from pipeline.models import (
@@ -55,7 +56,7 @@ class FoldPaths:
     model_dir: Path  # best.pt and the resume state last.pt
     metrics: Path  # JSON: miou, per-class iou, best epoch
     live: Path  # dvclive per-epoch curves
-    oof: Path  # out-of-fold label PNGs at the submission size
+    oof: Path  # out-of-fold label PNGs at each image's own size
 
 
 @dataclass(frozen=True)
@@ -118,15 +119,21 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, n_classes: int, runtime: Runtime) -> np.ndarray:
-    """Dataset-level confusion matrix of argmax predictions, int64 (C, C), rows truth, summed over ranks."""
+    """Dataset-level confusion matrix, int64 (C, C), rows truth, summed over ranks.
+
+    The loader yields `InferenceBatch`es with truth masks (`build_inference_loader` over an
+    `ImageDataset` given masks): each image is predicted whole at the model's geometry and scored at
+    its own size, as the out-of-fold predictions and the leaderboard are.
+    """
     model.eval()
     cm = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=runtime.device)
-    for images, masks in loader:
+    for batch in loader:
         with runtime.autocast():
-            logits = model(runtime.to_device(images))
-        cm += confusion_matrix_torch(
-            masks.to(runtime.device, non_blocking=True), logits.argmax(dim=1), n_classes
-        )
+            logits = model(runtime.to_device(batch.images))
+        probs = logits.float().softmax(dim=1)
+        for image_probs, (h, w), mask in zip(probs, batch.shapes, batch.masks, strict=True):
+            pred = resize_argmax(image_probs[:, :h, :w], tuple(mask.shape))
+            cm += confusion_matrix_torch(mask.to(runtime.device), pred, n_classes)
     if runtime.distributed:
         dist.all_reduce(cm)  # each rank saw a disjoint shard of the held-out images
     return cm.cpu().numpy()
@@ -174,17 +181,25 @@ def fit(params: Params, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[s
         loss = train_one_epoch(state, train_loader, loss_fn, runtime, train, desc)
         if not math.isfinite(loss):
             raise UserError(f"params: fold {fold} diverged in epoch {epoch} (loss {loss}); lower train.lr")
-        cm = evaluate(state.net, val_loader, len(data.classes), runtime)
-        score = mean_iou(cm)
-        history.append({"train_loss": loss, "val_miou": score, "lr": lr})
+        # Validating a whole held-out fold costs a good share of an epoch on a CPU: train.val_every
+        # spaces it out; the last epoch is always validated, so the best checkpoint has seen the end.
+        validate = (epoch + 1) % train.val_every == 0 or epoch == train.epochs - 1
+        record = {"train_loss": loss, "lr": lr}
+        if validate:
+            cm = evaluate(state.net, val_loader, len(data.classes), runtime)
+            score = mean_iou(cm)
+            record["val_miou"] = score
+        history.append(record)
         if not runtime.is_main:
             continue
-        print(f"{desc}: train loss {loss:.4f}, val mIoU {score:.4f}, lr {lr:.2e}", flush=True)
-        log_epoch(live, history[-1])
-        if score > best_score or epoch == 0:  # epoch 0 always: even a NaN score leaves a best.pt
+        scored = f", val mIoU {score:.4f}" if validate else ""
+        print(f"{desc}: train loss {loss:.4f}{scored}, lr {lr:.2e}", flush=True)
+        log_epoch(live, record)
+        # The first validation always saves: even a NaN score leaves a best.pt.
+        if validate and (score > best_score or best_score == -math.inf):
             best_score = score
             best = checkpoint_state(
-                state.raw, params.model, data.classes, params.augment.size, epoch, best_score, fold
+                state.raw, params.model, data.classes, params.augment, epoch, best_score, fold
             )
             iou = dict(zip(data.classes, iou_per_class(cm).tolist(), strict=True))
             save_checkpoint(paths.model_dir / "best.pt", {**best, "iou": iou, "fingerprint": fingerprint})
@@ -223,7 +238,12 @@ def load_fold_data(params: Params, fold: int, paths: FoldPaths) -> FoldData:
     Every mistake in the data or in train params that needs the data raises `UserError` here, before
     any training (or any DDP worker) starts.
     """
-    train_set = coco.load_coco(paths.train_json, root=paths.root, on_bad=params.data.on_bad_annotation)
+    train_set = coco.load_coco(
+        paths.train_json,
+        root=paths.root,
+        on_bad=params.data.on_bad_annotation,
+        unused=params.data.unused_categories,
+    )
     fold_of = read_folds(paths.folds, train_set)
     train_names = [image.file_name for image in train_set.images if fold_of[image.file_name] != fold]
     val_images = [image for image in train_set.images if fold_of[image.file_name] == fold]
@@ -271,10 +291,8 @@ def build_loaders(
         seed=train.seed,
         pin_memory=pin,
     )
-    val_set = SegmentationDataset(
-        paths.root, [r.file_name for r in data.val_images], paths.masks, augment.build_eval_transform(aug)
-    )
-    return train_loader, build_eval_loader(
+    val_set = ImageDataset(paths.root, data.val_images, geometry_of(aug), masks_dir=paths.masks)
+    return train_loader, build_inference_loader(
         val_set, train.batch_size, train.num_workers, runtime.distributed, pin
     )
 
@@ -307,6 +325,7 @@ WEIGHT_MODULES = (
     "config",
     "dataset",
     "folds",
+    "geometry",
     "losses",
     "metrics",
     "models",
@@ -345,7 +364,11 @@ def run_fingerprint(
     weights = params.model.encoder_weights
     package = Path(__file__).parent
     relevant = {
-        "data": {"overlap": params.data.overlap, "on_bad_annotation": params.data.on_bad_annotation},
+        "data": {
+            "overlap": params.data.overlap,
+            "on_bad_annotation": params.data.on_bad_annotation,
+            "unused_categories": params.data.unused_categories,
+        },
         "augment": dataclasses.asdict(params.augment),
         "model": dataclasses.asdict(params.model),
         "train": train,
@@ -397,7 +420,9 @@ def build_train_state(
         fused=runtime.device.type == "cuda",
     )
     warmup_steps = round(train.warmup_epochs * total_steps / train.epochs)
-    schedule = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps)
+    schedule = functools.partial(
+        lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, cosine=train.schedule == "cosine"
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_scaler)
     if resume is not None:
@@ -415,14 +440,16 @@ def build_train_state(
     return TrainState(raw, model, net, optimizer, scheduler, scaler)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+def lr_factor(step: int, warmup_steps: int, total_steps: int, cosine: bool = True) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then cosine to 0.
 
     Warmup rises from 1/warmup_steps to 1 over `warmup_steps` steps; the cosine then falls from 1 at
-    step warmup_steps to 0 at step total_steps.
+    step warmup_steps to 0 at step total_steps. With `cosine` False the lr stays at 1 after warmup.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if not cosine:
+        return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -520,15 +547,17 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 def write_oof(
     model: nn.Module, images: list[coco.ImageRecord], params: Params, paths: FoldPaths, runtime: Runtime
 ) -> None:
-    """Predict the held-out images and write one label PNG each under paths.oof, replacing it whole."""
-    dataset = ImageDataset(paths.root, images, params.augment.size)
+    """Predict the held-out images whole, with the TTA the training augmentation allows, and write one
+    label PNG each at the image's own size under paths.oof, replacing the folder whole."""
+    dataset = ImageDataset(paths.root, images, geometry_of(params.augment))
+    tta = resolve_tta(params.predict.tta, [dataclasses.asdict(params.augment)])
     with atomic_dir(paths.oof) as staging:
         predictions = predict_images(
             models=[model],
             weights=None,
             dataset=dataset,
-            out_size=params.submission.size,
-            tta=params.predict.tta,
+            out_size=None,
+            tta=tta,
             scales=params.predict.scales,
             batch_size=params.predict.batch_size,
             num_workers=params.predict.num_workers,

@@ -35,9 +35,11 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
 
-    train = coco.load_coco(args.train_json, root=args.root, on_bad=params.data.on_bad_annotation)
+    data = params.data
+    train = coco.load_coco(args.train_json, args.root, data.on_bad_annotation, unused=data.unused_categories)
     folds = read_folds(args.folds, train)
-    size = params.submission.size
+    # Out-of-fold predictions are written at each image's own size, and scored there.
+    size = None
     result = evaluate_oof(args.oof, args.masks, folds, train.n_classes, params.train.folds, size)
     summary = cv_summary(result, train.classes)
     write_json(args.metrics, summary)

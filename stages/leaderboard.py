@@ -16,12 +16,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--submission", type=Path, required=True, help="submission CSV to score")
     parser.add_argument("--truth", type=Path, required=True, help="COCO json of the test truth")
+    parser.add_argument(
+        "--train-json", type=Path, help="training COCO json, which decides the classes (needed for drop)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="leaderboard metrics JSON to write")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
 
-    truth = coco.load_coco(args.truth, on_bad=params.data.on_bad_annotation)
+    data = params.data
+    truth = coco.load_with_training_classes(
+        args.truth, args.train_json, on_bad=data.on_bad_annotation, unused=data.unused_categories
+    )
     if not truth.has_annotations:
         # The real competition's test.json: its truth is on the leaderboard. Say so in the metrics
         # rather than fail, so a full `dvc repro` still runs; the printed line makes it visible.
@@ -34,7 +40,8 @@ def main() -> None:
         args.submission, truth, params.submission.size, params.data.overlap, order=params.submission.rle_order
     )
     write_json(args.out, result)
-    print(f"leaderboard mIoU {result['miou']:.4f}")
+    ignored = f" ({truth.ignored} truth annotations of dropped categories ignored)" if truth.ignored else ""
+    print(f"leaderboard mIoU {result['miou']:.4f}{ignored}")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,19 @@ def main() -> None:
     data = load_params(args.params).data
 
     on_bad = data.on_bad_annotation
-    train = coco.load_coco(args.train_json, args.root, on_bad, require_annotations=True)
-    test = coco.load_coco(args.test_json, args.root, on_bad)
+    train = coco.load_coco(
+        args.train_json, args.root, on_bad, require_annotations=True, unused=data.unused_categories
+    )
+    test = coco.load_coco(args.test_json, args.root, on_bad, classes_from=train)
     coco.check_same_classes(train, test)
+    # Reported here only: every stage loads the training json, but one line per `dvc repro` is enough.
+    report = coco.unused_report(train)
+    if report is not None:
+        print(report)
     coco.check_images(test)
     with atomic_dir(args.out) as tmp:
         coco.write_masks(train, tmp, data.overlap)
-        write_json(tmp / "classes.json", {"classes": train.classes})
+        write_json(tmp / "classes.json", {"classes": train.classes, "category_ids": train.category_ids})
 
     problems = train.problems + test.problems
     print(

@@ -13,7 +13,7 @@ from pipeline.atomic import atomic_path
 from pipeline.config import load_params
 from pipeline.dataset import ImageDataset
 from pipeline.errors import UserError, run_main
-from pipeline.infer import load_ensemble, predict_images
+from pipeline.infer import load_ensemble, predict_images, resolve_tta
 from pipeline.submission import SubmissionWriter, validate_submission
 
 
@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True, help="folder holding fold{k}/best.pt")
     parser.add_argument("--root", type=Path, required=True, help="images are read from ROOT/file_name")
     parser.add_argument("--test-json", type=Path, required=True, help="COCO json listing the test images")
+    parser.add_argument("--train-json", type=Path, required=True, help="training json: decides the classes")
     parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
@@ -31,18 +32,24 @@ def main() -> None:
     for fold, path in zip(params.train.folds, checkpoints, strict=True):
         if not path.is_file():
             raise UserError(f"{path}: checkpoint of fold {fold} not found (in train.folds; run train@{fold})")
-    models, classes, input_size = load_ensemble(checkpoints)
-    test = coco.load_coco(args.test_json, root=args.root, on_bad=params.data.on_bad_annotation)
+    ensemble = load_ensemble(checkpoints)
+    models, classes = ensemble.models, ensemble.classes
+    data = params.data
+    test = coco.load_with_training_classes(
+        args.test_json, args.train_json, args.root, data.on_bad_annotation, data.unused_categories
+    )
     if test.classes != classes:
         raise UserError(f"{args.test_json}: classes {test.classes} differ from the models' {classes}")
 
     predict, submission = params.predict, params.submission
+    tta = resolve_tta(predict.tta, ensemble.augments)
+    print(f"TTA: {tta} (predict.tta: {predict.tta})")
     masks = predict_images(
         models,
         weights=predict.fold_weights,
-        dataset=ImageDataset(args.root, test.images, input_size),
+        dataset=ImageDataset(args.root, test.images, ensemble.geometry),
         out_size=submission.size,
-        tta=predict.tta,
+        tta=tta,
         scales=predict.scales,
         batch_size=predict.batch_size,
         num_workers=predict.num_workers,

@@ -30,7 +30,8 @@ def main() -> None:
     all_params = load_params(args.params)
     params = all_params.split
 
-    train = coco.load_coco(args.train_json, on_bad=all_params.data.on_bad_annotation)
+    data = all_params.data
+    train = coco.load_coco(args.train_json, on_bad=data.on_bad_annotation, unused=data.unused_categories)
     file_names = [image.file_name for image in train.images]
     if len(file_names) < params.n_splits:
         raise UserError(

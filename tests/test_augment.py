@@ -17,7 +17,7 @@ from pipeline.augment import (
     ELASTIC_IMPLS,
     FastElastic,
     build_elastic,
-    build_eval_transform,
+    build_resize,
     build_train_transform,
     elastic_displacement_std,
     elastic_probabilities,
@@ -256,11 +256,11 @@ def test_train_transform_resizes_and_keeps_mask_labels() -> None:
         assert set(np.unique(out["mask"]).tolist()) <= {0, 3, 7}
 
 
-def test_eval_transform_is_a_deterministic_resize() -> None:
+def test_resize_is_deterministic_and_keeps_mask_labels() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
     mask = rng.integers(0, 5, (128, 128), dtype=np.uint8)
-    transform = build_eval_transform(AugmentParams(size=64))
+    transform = A.Compose([build_resize(64)])
     first, second = transform(image=image, mask=mask), transform(image=image, mask=mask)
     np.testing.assert_array_equal(first["image"], second["image"])
     assert first["image"].shape == (64, 64, 3)

@@ -199,6 +199,21 @@ def test_train_and_test_categories_differ(ds: Dataset) -> None:
     expect_error(ds, "test.json", "train.json", "category 2 is 'Glass'", "'Metal'")
 
 
+def test_duplicate_category_id(ds: Dataset) -> None:
+    ds.train["categories"] = [*CATEGORIES, {"id": 2, "name": "Glass"}]
+    expect_error(ds, "train.json", "category id 2 appears twice")
+
+
+def test_test_json_lacks_a_training_category(ds: Dataset) -> None:
+    ds.test["categories"] = CATEGORIES[:1]
+    expect_error(ds, "test.json", "no category id 2", "'Metal' in", "train.json")
+
+
+def test_test_json_has_a_category_the_training_json_lacks(ds: Dataset) -> None:
+    ds.test["categories"] = [*CATEGORIES, {"id": 9, "name": "Glass"}]
+    expect_error(ds, "test.json", "category id 9 ('Glass') is not in", "train.json")
+
+
 # --- the image files ---------------------------------------------------------------------------------------
 
 
@@ -260,9 +275,10 @@ def test_skip_bad_annotations_counts_them(ds: Dataset) -> None:
     ds.params.write_text("data:\n  on_bad_annotation: skip\n")
     result = ds.run_stage()
     assert result.returncode == 0, result.stderr
-    summary = result.stdout.strip().splitlines()
-    assert len(summary) == 1
-    assert "0 used, 2 skipped" in summary[0] and "annotation id 10" in summary[0]
+    lines = result.stdout.strip().splitlines()
+    # Paper is named by no annotation (annotation 10 names category 7); Metal by the skipped annotation 11.
+    assert len(lines) == 2 and "category id 1 'Paper' is used by no annotation: kept as class 1" in lines[0]
+    assert "0 used, 2 skipped" in lines[1] and "annotation id 10" in lines[1]
     assert not coco.read_mask(ds.out / "imgs" / "0.png").any()
     loaded = coco.load_coco(ds.train_json, on_bad="skip")
     assert loaded.skipped == 2 and loaded.n_annotations == 0
@@ -287,7 +303,52 @@ def test_split_skips_what_masks_skipped(ds: Dataset, tmp_path: Path) -> None:
 def test_valid_dataset_passes(ds: Dataset) -> None:
     result = ds.run_stage()
     assert result.returncode == 0, result.stderr
-    assert json.loads((ds.out / "classes.json").read_text()) == {"classes": ["background", "Paper", "Metal"]}
+    classes = json.loads((ds.out / "classes.json").read_text())
+    assert classes == {"classes": ["background", "Paper", "Metal"], "category_ids": [1, 2]}
+    assert len(result.stdout.strip().splitlines()) == 1  # the summary; no category is unused
     assert coco.read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1
     assert coco.read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2
     assert sorted(p.name for p in ds.out.parent.iterdir()) == ["data", "masks", "params.yaml"]
+
+
+# --- real-world exports ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unused", ["keep", "drop"])
+def test_roboflow_export_with_an_unused_category_named_like_a_class(
+    ds: Dataset, tmp_path: Path, unused: str
+) -> None:
+    # Roboflow adds an id-0 category named after the dataset that no annotation uses; here it is "Paper".
+    roboflow = [{"id": 0, "name": "Paper", "supercategory": "none"}, *CATEGORIES]
+    ds.train["categories"] = ds.test["categories"] = roboflow
+    ds.params.write_text(
+        f"data:\n  unused_categories: {unused}\nsplit:\n  n_splits: 2\ntrain:\n  folds: [0, 1]\n"
+    )
+    result = ds.run_stage()
+    assert result.returncode == 0, result.stderr
+    reports = [line for line in result.stdout.splitlines() if "used by no annotation" in line]
+    fate = "kept as class 1" if unused == "keep" else "dropped"
+    assert reports == [
+        f"{ds.train_json}: category id 0 'Paper' is used by no annotation: {fate} "
+        f"(data.unused_categories: {'drop removes it' if unused == 'keep' else 'keep keeps it as a class'})"
+    ]
+    names = ["Paper (id 0)", "Paper (id 1)", "Metal"] if unused == "keep" else ["Paper", "Metal"]
+    ids = [0, 1, 2] if unused == "keep" else [1, 2]
+    assert json.loads((ds.out / "classes.json").read_text()) == {
+        "classes": ["background", *names],
+        "category_ids": ids,
+    }
+    offset = 1 if unused == "keep" else 0  # kept, the id-0 category holds class 1
+    assert coco.read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1 + offset
+    assert coco.read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2 + offset
+
+    # The split stage reads the same setting, so its class list matches the masks'; it does not repeat
+    # the report.
+    split = [sys.executable, str(REPO / "stages" / "split.py"), "--masks", str(ds.out),
+             "--train-json", str(ds.train_json), "--out", str(tmp_path / "folds.csv"),
+             "--counts", str(tmp_path / "counts.json"), "--params", str(ds.params)]  # fmt: skip
+    done = subprocess.run(split, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "used by no annotation" not in done.stdout + done.stderr
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert list(counts["fold0"]) == names

@@ -23,6 +23,7 @@ RUNS = {
         "--images 2 --image-size 64 --input-size 32 --out-size 64 --folds 1 --repeats 1 --batch-size 2",
         r"peak RSS ratio 4N/N [\d.]+",
     ),
+    "native": ("--size 200x150 --short-side 64 --classes 3", r"200x150 costs -?\d+ MB more than 20x15"),
     "train_gpu": (
         "--device cpu --arch Unet --encoder resnet18 --size 64 --batch-size 2 --workers 1 --steps 2 "
         "--repeats 1 --images 4",

@@ -14,8 +14,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline import coco
+from pipeline import cli, coco
 from pipeline.errors import UserError
+from pipeline.submission import SubmissionWriter
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -97,14 +98,22 @@ def test_rle_decodes_to_the_hand_made_mask(tmp_path: Path) -> None:
         np.testing.assert_array_equal(decoded, hand_mask().astype(bool))
 
 
-def overlapping(big_area_field: float, small_area_field: float) -> list[dict[str, Any]]:
+def overlapping(big_area_field: float | None, small_area_field: float | None) -> list[dict[str, Any]]:
+    """Two overlapping squares; an area of None leaves the `area` field out (CVAT, labelme)."""
     big = ann(1, [[0, 0, 12, 0, 12, 10, 0, 10]], category_id=3, area=big_area_field)  # 120 px, class 3
     small = ann(2, [[8, 6, 14, 6, 14, 12, 8, 12]], category_id=1, area=small_area_field)  # 36 px, class 1
+    for a in (big, small):
+        if a["area"] is None:
+            del a["area"]
     return [small, big]
 
 
-@pytest.mark.parametrize("areas", [(120.0, 36.0), (1.0, 9999.0)], ids=["honest_area", "lying_area"])
-def test_area_desc_keeps_small_objects_on_top(tmp_path: Path, areas: tuple[float, float]) -> None:
+@pytest.mark.parametrize(
+    "areas", [(120.0, 36.0), (1.0, 9999.0), (None, None)], ids=["honest_area", "lying_area", "no_area"]
+)
+def test_area_desc_keeps_small_objects_on_top(
+    tmp_path: Path, areas: tuple[float | None, float | None]
+) -> None:
     data = coco.load_coco(make_json(tmp_path, overlapping(*areas)))
     mask = coco.rasterize(data, data.images[0], overlap="area_desc")
     assert mask[7, 9] == 1  # overlap: the small object wins whatever the json's `area` says
@@ -242,3 +251,274 @@ def test_rle_that_does_not_cover_the_image_is_rejected(tmp_path: Path, kind: str
     path = make_json(tmp_path, [ann(4, {"size": [H, W], "counts": counts})])
     with pytest.raises(UserError, match=rf"set\.json: annotation id 4 .*covers? {(H - 1) * W} pixels"):
         coco.load_coco(path)
+
+
+# --- real-world exports: categories by id, unused categories, minimal annotations ---------------------------
+
+SQUARE = [[0, 0, 6, 0, 6, 5, 0, 5]]  # x 0..6, y 0..5
+TRIANGLE = [[8, 1, 16, 1, 12, 11]]  # x 8..16, y 1..11
+BAR = [[0, 8, 5, 8, 5, 12, 0, 12]]  # x 0..5, y 8..12: the three never overlap
+
+
+def cats(*pairs: tuple[int, str]) -> list[dict[str, Any]]:
+    return [{"id": cid, "name": name} for cid, name in pairs]
+
+
+def write_coco(
+    path: Path, categories: list[dict[str, Any]], annotations: list[dict[str, Any]] | None
+) -> Path:
+    """A one-image COCO json at `path`; `annotations=None` leaves the key out (a competition test set)."""
+    data: dict[str, Any] = {
+        "images": [{"id": 1, "file_name": "a/img.jpg", "height": H, "width": W}],
+        "categories": categories,
+    }
+    if annotations is not None:
+        data["annotations"] = annotations
+    path.write_text(json.dumps(data))
+    return path
+
+
+def expected_mask(path: Path, labels: dict[int, int]) -> np.ndarray:
+    """pycocotools' masks of the annotations in `labels` (annotation id -> class index), non-overlapping."""
+    out = np.zeros((H, W), dtype=np.uint8)
+    for ann_id, label in labels.items():
+        out[reference_mask(path, ann_id)] = label
+    return out
+
+
+def mask_of(data: coco.CocoSet) -> np.ndarray:
+    return coco.rasterize(data, data.images[0])
+
+
+def test_duplicate_category_id_is_an_error(tmp_path: Path) -> None:
+    path = write_coco(tmp_path / "set.json", cats((1, "cat"), (2, "dog"), (1, "cow")), [])
+    with pytest.raises(UserError, match=r"set\.json: category id 1 appears twice"):
+        coco.load_coco(path)
+
+
+def test_used_categories_sharing_a_name_get_their_ids(tmp_path: Path) -> None:
+    anns = [ann(1, SQUARE, category_id=7), ann(2, TRIANGLE, category_id=3), ann(3, BAR, category_id=5)]
+    path = write_coco(tmp_path / "set.json", cats((3, "Glass"), (7, "Glass"), (5, "Metal")), anns)
+    data = coco.load_coco(path)
+    assert data.classes == ["background", "Glass (id 3)", "Glass (id 7)", "Metal"]
+    assert data.category_ids == [3, 7, 5]
+    np.testing.assert_array_equal(mask_of(data), expected_mask(path, {1: 2, 2: 1, 3: 3}))
+    assert coco.unused_report(data) is None
+
+
+def test_a_category_called_background_is_told_apart_from_class_0(tmp_path: Path) -> None:
+    path = write_coco(tmp_path / "set.json", cats((4, "background"), (9, "cat")), [ann(1, SQUARE, 9)])
+    assert coco.load_coco(path).classes == ["background", "background (id 4)", "cat"]
+
+
+@pytest.mark.parametrize("first_id", [0, 1, 40])
+def test_ids_with_gaps_map_in_json_order(tmp_path: Path, first_id: int) -> None:
+    ids = [first_id, first_id + 4, first_id + 9]
+    anns = [ann(1, SQUARE, category_id=ids[2]), ann(2, TRIANGLE, category_id=ids[0])]
+    path = write_coco(tmp_path / "set.json", cats(*zip(ids, ["a", "b", "c"], strict=True)), anns)
+    data = coco.load_coco(path)
+    assert data.category_ids == ids and data.classes == ["background", "a", "b", "c"]
+    np.testing.assert_array_equal(mask_of(data), expected_mask(path, {1: 3, 2: 1}))
+
+
+@pytest.mark.parametrize("extra", ["missing", "wrong"])
+@pytest.mark.parametrize("name", list(SEGMENTATIONS))
+def test_only_the_segmentation_is_read(tmp_path: Path, name: str, extra: str) -> None:
+    # CVAT and labelme exports may leave out iscrowd, area and bbox, or fill them wrongly.
+    fields = {} if extra == "missing" else {"iscrowd": 0, "area": -3.0, "bbox": [100, 100, 1, 1]}
+    minimal = {"id": 7, "image_id": 1, "category_id": 2, "segmentation": SEGMENTATIONS[name], **fields}
+    path = make_json(tmp_path, [minimal])
+    data = coco.load_coco(path)
+    np.testing.assert_array_equal(mask_of(data), expected_mask(path, {7: 2}))
+
+
+UNUSED_DOG = cats((1, "cat"), (2, "dog"), (3, "cow"))
+
+
+def test_unused_category_is_kept_by_default_so_indexes_stay(tmp_path: Path) -> None:
+    path = write_coco(tmp_path / "set.json", UNUSED_DOG, [ann(1, SQUARE, 1), ann(2, TRIANGLE, 3)])
+    for data in (coco.load_coco(path), coco.load_coco(path, unused="keep")):
+        assert data.classes == ["background", "cat", "dog", "cow"] and data.category_ids == [1, 2, 3]
+        np.testing.assert_array_equal(mask_of(data), expected_mask(path, {1: 1, 2: 3}))
+        assert coco.unused_report(data) == (
+            f"{path}: category id 2 'dog' is used by no annotation: kept as class 2 "
+            "(data.unused_categories: drop removes it)"
+        )
+
+
+def test_unused_category_dropped(tmp_path: Path) -> None:
+    path = write_coco(tmp_path / "set.json", UNUSED_DOG, [ann(1, SQUARE, 1), ann(2, TRIANGLE, 3)])
+    data = coco.load_coco(path, unused="drop")
+    assert data.classes == ["background", "cat", "cow"] and data.category_ids == [1, 3]
+    np.testing.assert_array_equal(mask_of(data), expected_mask(path, {1: 1, 2: 2}))
+    assert coco.unused_report(data) == (
+        f"{path}: category id 2 'dog' is used by no annotation: dropped "
+        "(data.unused_categories: keep keeps it as a class)"
+    )
+
+
+def test_several_unused_categories_make_one_report_line(tmp_path: Path) -> None:
+    path = write_coco(tmp_path / "set.json", cats((0, "x"), *[(c["id"], c["name"]) for c in UNUSED_DOG]),
+                      [ann(1, SQUARE, 1)])  # fmt: skip
+    assert coco.unused_report(coco.load_coco(path)) == (
+        f"{path}: 3 categories are used by no annotation: id 0 'x' kept as class 1, id 2 'dog' kept as "
+        "class 3, id 3 'cow' kept as class 4 (data.unused_categories: drop removes them)"
+    )
+    dropped = coco.load_coco(path, unused="drop")
+    assert dropped.classes == ["background", "cat"]
+    assert "id 0 'x' dropped, id 2 'dog' dropped, id 3 'cow' dropped" in coco.unused_report(dropped)
+
+
+def test_a_category_named_only_by_a_skipped_annotation_is_used(tmp_path: Path) -> None:
+    # Mending a broken polygon must not shift class indexes, so naming a category is what counts.
+    anns = [ann(1, SQUARE, 1), ann(2, [[1, 2, 3]], 2), ann(3, TRIANGLE, 3)]
+    path = write_coco(tmp_path / "set.json", UNUSED_DOG, anns)
+    data = coco.load_coco(path, on_bad="skip", unused="drop")
+    assert data.skipped == 1 and data.classes == ["background", "cat", "dog", "cow"]
+    assert coco.unused_report(data) is None
+
+
+def test_dropping_every_category_is_an_error(tmp_path: Path) -> None:
+    path = write_coco(tmp_path / "test.json", UNUSED_DOG, None)
+    assert coco.load_coco(path).n_classes == 4  # a test set alone keeps its categories
+    with pytest.raises(UserError, match=r"test\.json: no annotation names any of its 3 categories"):
+        coco.load_coco(path, unused="drop")
+
+
+def roboflow_categories() -> list[dict[str, Any]]:
+    # Roboflow's id-0 category is the dataset's supercategory, named like the project (here like a class).
+    return [{"id": 0, "name": "cow", "supercategory": "none"},
+            {"id": 1, "name": "cat", "supercategory": "cow"},
+            {"id": 2, "name": "cow", "supercategory": "cow"}]  # fmt: skip
+
+
+@pytest.fixture
+def drop_train(tmp_path: Path) -> coco.CocoSet:
+    path = write_coco(
+        tmp_path / "train.json", roboflow_categories(), [ann(1, SQUARE, 1), ann(2, TRIANGLE, 2)]
+    )
+    train = coco.load_coco(path, unused="drop")
+    assert train.classes == ["background", "cat", "cow"] and train.category_ids == [1, 2]
+    return train
+
+
+def test_drop_maps_a_test_json_through_the_training_classes(tmp_path: Path, drop_train: coco.CocoSet) -> None:
+    test = coco.load_coco(
+        write_coco(tmp_path / "test.json", roboflow_categories(), None), classes_from=drop_train
+    )
+    assert test.classes == drop_train.classes and test.category_ids == drop_train.category_ids
+    assert test.unused == {} and coco.unused_report(test) is None
+    coco.check_same_classes(drop_train, test)
+    # A test json that leaves out the dropped category maps the same way.
+    lean = write_coco(tmp_path / "lean.json", roboflow_categories()[1:], None)
+    assert coco.load_coco(lean, classes_from=drop_train).classes == drop_train.classes
+
+
+def test_drop_ignores_truth_annotations_of_a_dropped_category(
+    tmp_path: Path, drop_train: coco.CocoSet
+) -> None:
+    anns = [ann(1, SQUARE, category_id=0), ann(2, TRIANGLE, category_id=2), ann(3, BAR, category_id=1)]
+    path = write_coco(tmp_path / "truth.json", roboflow_categories(), anns)
+    truth = coco.load_coco(path, classes_from=drop_train)
+    assert truth.ignored == 1 and truth.n_annotations == 2 and "1 ignored" in truth.summary()
+    np.testing.assert_array_equal(mask_of(truth), expected_mask(path, {2: 2, 3: 1}))
+
+
+def test_classes_from_needs_every_training_class(tmp_path: Path, drop_train: coco.CocoSet) -> None:
+    path = write_coco(tmp_path / "test.json", cats((0, "cow"), (1, "cat")), None)
+    with pytest.raises(UserError, match=r"test\.json: no category id 2 \('cow' in .*train\.json\)"):
+        coco.load_coco(path, classes_from=drop_train)
+
+
+def test_classes_from_matches_by_id_not_by_position(tmp_path: Path) -> None:
+    train = coco.load_coco(write_coco(tmp_path / "train.json", cats((1, "cat"), (2, "cow")), []))
+    path = write_coco(tmp_path / "truth.json", cats((2, "cow"), (1, "cat")), [ann(1, SQUARE, 2)])
+    truth = coco.load_coco(path, classes_from=train)
+    coco.check_same_classes(train, truth)
+    np.testing.assert_array_equal(mask_of(truth), expected_mask(path, {1: 2}))
+
+
+def test_same_classes_compares_names_per_id_and_refuses_extra_categories(tmp_path: Path) -> None:
+    train = coco.load_coco(write_coco(tmp_path / "train.json", cats((1, "cat"), (2, "cow")), []))
+    renamed = coco.load_coco(
+        write_coco(tmp_path / "a.json", cats((1, "cat"), (2, "pig")), []), classes_from=train
+    )
+    with pytest.raises(
+        UserError, match=r"a\.json: category 2 is 'pig' \(id 2\) but in .*train\.json it is 'cow'"
+    ):
+        coco.check_same_classes(train, renamed)
+    extra = coco.load_coco(write_coco(tmp_path / "b.json", cats((1, "cat"), (2, "cow"), (9, "pig")), []),
+                           classes_from=train)  # fmt: skip
+    with pytest.raises(UserError, match=r"b\.json: category id 9 \('pig'\) is not in .*train\.json"):
+        coco.check_same_classes(train, extra)
+
+
+@pytest.mark.parametrize("unused", ["keep", "drop"])
+def test_roboflow_export_loads_cleanly(tmp_path: Path, unused: str) -> None:
+    rle = SEGMENTATIONS["compressed_rle"]
+    data = {
+        "info": {"year": "2024", "description": "Exported from roboflow.com"},
+        "licenses": [{"id": 1, "url": "https://creativecommons.org/licenses/by/4.0/", "name": "CC BY 4.0"}],
+        "categories": roboflow_categories(),
+        "images": [{"id": 0, "license": 1, "file_name": "a_jpg.rf.1f2e.jpg", "height": H, "width": W,
+                    "date_captured": "2024-01-01T00:00:00+00:00"}],
+        "annotations": [
+            {"id": 0, "image_id": 0, "category_id": 2, "bbox": [0, 0, 6, 5], "area": 30,
+             "segmentation": SQUARE, "iscrowd": 0},
+            {"id": 1, "image_id": 0, "category_id": 1, "bbox": [8, 1, 8, 10], "area": 40,
+             "segmentation": TRIANGLE, "iscrowd": 0},
+            {"id": 2, "image_id": 0, "category_id": 2, "bbox": [0, 0, 0, 0], "area": 0, "segmentation": rle,
+             "iscrowd": 1},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(data))
+    loaded = coco.load_coco(path, unused=unused)  # type: ignore[arg-type]
+    if unused == "keep":
+        assert loaded.classes == ["background", "cow (id 0)", "cat", "cow (id 2)"]
+        assert coco.unused_report(loaded) == (
+            f"{path}: category id 0 'cow' is used by no annotation: kept as class 1 "
+            "(data.unused_categories: drop removes it)"
+        )
+    else:
+        assert loaded.classes == ["background", "cat", "cow"]
+    cow = loaded.label_of_category[2]
+    expected = np.zeros((H, W), dtype=np.uint8)
+    expected[reference_mask(path, 2) | reference_mask(path, 0)] = cow
+    expected[reference_mask(path, 1)] = loaded.label_of_category[1]  # the RLE lies under the triangle
+    mask = mask_of(loaded)
+    assert (mask == cow).any() and (mask == loaded.label_of_category[1]).any()
+    # The triangle (40 px) is smaller than the RLE blob (91 px), so area_desc paints it over the blob.
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_load_with_training_classes(tmp_path: Path, drop_train: coco.CocoSet) -> None:
+    test = write_coco(tmp_path / "test.json", roboflow_categories(), None)
+    with pytest.raises(UserError, match=r"test\.json: with data.unused_categories: drop .* \(--train-json\)"):
+        coco.load_with_training_classes(test, None, unused="drop")
+    assert coco.load_with_training_classes(test, None).classes == coco.load_coco(test).classes
+    mapped = coco.load_with_training_classes(test, drop_train.path, unused="drop")
+    assert mapped.classes == drop_train.classes and mapped.category_ids == drop_train.category_ids
+    other = write_coco(tmp_path / "other.json", cats((1, "cat"), (2, "pig")), None)
+    with pytest.raises(UserError, match="category 2 is 'pig'"):
+        coco.load_with_training_classes(other, drop_train.path, unused="drop")
+
+
+def test_cli_validate_uses_the_training_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_coco(tmp_path / "train.json", roboflow_categories(), [ann(1, SQUARE, 1), ann(2, TRIANGLE, 2)])
+    test = write_coco(tmp_path / "test.json", roboflow_categories(), None)
+    submission = tmp_path / "s.csv"
+    with SubmissionWriter(submission, "dense", 4) as out:  # class 3 exists only while id 0 is kept
+        out.write("a/img.jpg", np.full((H, W), 3, dtype=np.uint8))
+    args = ["validate", str(submission), "--test", str(test), "--size", "native"]
+    keep, drop = tmp_path / "keep.yaml", tmp_path / "drop.yaml"
+    keep.write_text("data:\n  unused_categories: keep\n")
+    drop.write_text("data:\n  unused_categories: drop\n")
+    cli.main([*args, "--params", str(keep)])
+    assert capsys.readouterr().out.startswith("valid: 1 rows")
+    with pytest.raises(UserError, match="--train-json"):
+        cli.main([*args, "--params", str(drop)])
+    with pytest.raises(SystemExit) as exit_info:  # drop leaves classes 0..2
+        cli.main([*args, "--params", str(drop), "--train-json", str(tmp_path / "train.json")])
+    assert exit_info.value.code == 1
+    assert "value 3 (pixel 1) is not a class index 0..2" in capsys.readouterr().out

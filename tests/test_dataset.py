@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms.functional import normalize as tv_normalize
 
 from pipeline import coco
-from pipeline.augment import build_elastic, build_eval_transform, build_train_transform
+from pipeline.augment import build_elastic, build_resize, build_train_transform
 from pipeline.config import AugmentParams
 from pipeline.dataset import (
     IMAGENET_MEAN,
@@ -24,10 +25,12 @@ from pipeline.dataset import (
     SegmentationDataset,
     ShardSampler,
     build_eval_loader,
+    build_inference_loader,
     build_train_loader,
     normalize,
 )
 from pipeline.errors import UserError
+from pipeline.geometry import Geometry
 
 Data = tuple[Path, Path, list[str]]
 PARAMS = AugmentParams(size=32, hflip=0.5, vflip=0.5, shift_scale_rotate=0.5, color=0.5, elastic_alpha=300.0)
@@ -119,25 +122,55 @@ def test_elastic_probability_0_never_deforms(data: Data) -> None:
 def test_mask_of_the_wrong_size_is_a_user_error(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "a.jpg")
     coco.write_mask(tmp_path / "masks/a.png", np.zeros((10, 10), np.uint8))
-    dataset = SegmentationDataset(tmp_path, ["a.jpg"], tmp_path / "masks", build_eval_transform(PARAMS))
+    dataset = SegmentationDataset(tmp_path, ["a.jpg"], tmp_path / "masks", A.Compose([build_resize(8)]))
     with pytest.raises(UserError, match=r"masks/a.png: mask is 10x10 but its image is 10x12"):
         dataset[0]
+    records = [coco.ImageRecord(id=0, file_name="a.jpg", height=10, width=12)]
+    with pytest.raises(UserError, match=r"masks/a.png: mask is 10x10 but its image is 10x12"):
+        ImageDataset(tmp_path, records, Geometry("squash", 32), masks_dir=tmp_path / "masks")[0]
 
 
-def test_image_dataset_resizes_like_evaluation(data: Data) -> None:
+def test_image_dataset_squash_resizes_like_training(data: Data) -> None:
     images, masks, names = data
     records = [coco.ImageRecord(id=i, file_name=n, height=48, width=64) for i, n in enumerate(names)]
-    test_set = ImageDataset(images, records, size=32)
-    eval_set = SegmentationDataset(images, names, masks, build_eval_transform(PARAMS))
-    image, index = test_set[4]
+    test_set = ImageDataset(images, records, Geometry("squash", 32))
+    train_like = SegmentationDataset(images, names, masks, A.Compose([build_resize(32)]))
+    image, index, shape, mask = test_set[4]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and index == 4
-    torch.testing.assert_close(image, eval_set[4][0], rtol=0, atol=0)
+    assert shape == (32, 32) and mask is None
+    torch.testing.assert_close(image, train_like[4][0], rtol=0, atol=0)
+
+
+def test_image_dataset_crop_keeps_the_aspect_and_pads_to_32(data: Data) -> None:
+    images, masks, names = data
+    records = [coco.ImageRecord(id=i, file_name=n, height=48, width=64) for i, n in enumerate(names)]
+    test_set = ImageDataset(images, records, Geometry("crop", 32, short_side=40), masks_dir=masks)
+    image, _, shape, mask = test_set[1]
+    assert shape == (40, 53)  # 48x64 scaled by 40/48, rounded
+    assert image.shape == (3, 64, 64)  # padded up to multiples of 32
+    # the padding reflects the image: row 40 mirrors row 38
+    torch.testing.assert_close(image[:, 40], image[:, 38], rtol=0, atol=0)
+    expected = coco.read_mask(masks / coco.mask_relpath(names[1]))
+    np.testing.assert_array_equal(mask.numpy(), expected)  # the truth stays at the native 48x64
+
+
+def test_inference_loader_batches_equal_shapes_in_order(tmp_path: Path) -> None:
+    sizes = [(32, 32), (32, 32), (32, 64), (32, 32), (32, 32), (32, 32)]
+    records = []
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(np.full((h, w, 3), 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        records.append(coco.ImageRecord(id=i, file_name=f"{i}.png", height=h, width=w))
+    dataset = ImageDataset(tmp_path, records, Geometry("crop", 32))
+    batches = list(build_inference_loader(dataset, batch_size=2, num_workers=0))
+    assert [b.indexes for b in batches] == [[0, 1], [2], [3, 4], [5]]
+    assert [tuple(b.images.shape) for b in batches][:2] == [(2, 3, 32, 32), (1, 3, 32, 64)]
+    assert batches[1].shapes == [(32, 64)] and batches[0].masks is None
 
 
 def test_image_dataset_checks_the_json_size(data: Data) -> None:
     images, _, names = data
     test_set = ImageDataset(
-        images, [coco.ImageRecord(id=1, file_name=names[0], height=50, width=64)], size=32
+        images, [coco.ImageRecord(id=1, file_name=names[0], height=50, width=64)], Geometry("squash", 32)
     )
     with pytest.raises(UserError, match="json says 50x64"):
         test_set[0]

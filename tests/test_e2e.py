@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,26 +30,12 @@ def _tiny_params() -> dict:
     return params
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage(tmp_path: Path) -> None:
-    work = tmp_path / "project"
-    work.mkdir()
-    for name in ["dvc.yaml", "pipeline", "stages"]:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, work / name)
+def test_dvc_repro_runs_every_stage(dvc_project: Path, run: Run) -> None:
+    work = dvc_project
     (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
-    assert _run(["dvc", "init", "--no-scm", "-q"], work).returncode == 0
 
-    repro = _run(["dvc", "repro"], work)
+    repro = run(["dvc", "repro"], work)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
 
     for fold in (0, 1, 2):
@@ -66,14 +50,14 @@ def test_dvc_repro_runs_every_stage(tmp_path: Path) -> None:
     assert list((work / "plots/worst").glob("*.png"))
 
     submission = work / "submissions/submission.csv"
-    valid = _run(
+    valid = run(
         [sys.executable, "-m", "pipeline", "validate", str(submission), "--test", "data/demo/test.json"], work
     )
     assert valid.returncode == 0, valid.stdout + valid.stderr
     # rle format: one row per test image and non-background class, plus the header.
     assert len(submission.read_text().splitlines()) == 1 + 5 * 10
 
-    again = _run(["dvc", "repro"], work)
+    again = run(["dvc", "repro"], work)
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout
     assert "Running stage" not in again.stdout

@@ -42,13 +42,15 @@ FOLDS = {"a/0.jpg": 0, "a/1.jpg": 0, "b/2.jpg": 1, "b/3.jpg": 1, "b/4.jpg": 2}  
 NATIVE, SIZE = 8, 4
 
 
-def _truth_and_oof(tmp_path: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Random 8x8 truth masks and 4x4 OOF predictions on disk; returns {image_id: (truth, prediction)}."""
+def _truth_and_oof(
+    tmp_path: Path, seed: int = 0, pred_size: int = SIZE
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random 8x8 truth masks and `pred_size` square OOF predictions on disk; -> {image_id: (truth, pred)}."""
     rng = np.random.default_rng(seed)
     pairs = {}
     for image_id, fold in FOLDS.items():
         truth = rng.integers(0, 3, (NATIVE, NATIVE), dtype=np.uint8)
-        pred = rng.integers(0, 3, (SIZE, SIZE), dtype=np.uint8)
+        pred = rng.integers(0, 3, (pred_size, pred_size), dtype=np.uint8)
         coco.write_mask(tmp_path / "masks" / coco.mask_relpath(image_id), truth)
         coco.write_mask(oof_path(tmp_path / "oof", image_id, fold), pred)
         pairs[image_id] = (truth, pred)
@@ -239,13 +241,13 @@ def test_read_folds_refuses_an_empty_file(tmp_path: Path) -> None:
 def test_evaluate_stage_writes_metrics_plot_and_overlays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _truth_and_oof(tmp_path)
+    _truth_and_oof(tmp_path, pred_size=NATIVE)  # the train stages write OOF at each image's own size
     _write_coco(tmp_path / "train.json", [(name, NATIVE, NATIVE) for name in FOLDS], {})
     for image_id in FOLDS:
         (tmp_path / "images" / image_id).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (NATIVE, NATIVE)).save(tmp_path / "images" / image_id, format="JPEG")
     _write_folds(tmp_path / "folds.csv", FOLDS)
-    params = {"split": {"n_splits": 3}, "train": {"folds": [0, 1]}, "submission": {"size": SIZE}}
+    params = {"split": {"n_splits": 3}, "train": {"folds": [0, 1]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     flags = {
         "--oof": "oof", "--masks": "masks", "--folds": "folds.csv", "--train-json": "train.json",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import runpy
@@ -19,13 +20,15 @@ from torch import nn
 
 from pipeline import infer
 from pipeline.coco import ImageRecord
-from pipeline.config import ModelParams
+from pipeline.config import AugmentParams, ModelParams
 from pipeline.dataset import ImageDataset
 from pipeline.errors import UserError
+from pipeline.geometry import Geometry
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
 
 CPU = torch.device("cpu")
 STAGES = Path(__file__).resolve().parents[1] / "stages"
+AUG64 = AugmentParams(size=64)
 
 
 class ConstantLogits(nn.Module):
@@ -138,8 +141,39 @@ def test_bad_fold_weights_are_user_errors(weights: list[float]) -> None:
 
 
 def test_unknown_tta_lists_the_valid_ones() -> None:
-    with pytest.raises(KeyError, match="none, flips, d4"):
+    with pytest.raises(KeyError, match="none, hflip, vflip, flips, d4"):
         infer.build_tta("rot")
+
+
+@pytest.mark.parametrize(
+    ("trained", "expected"),
+    [
+        ({"hflip": 0.5, "vflip": 0.0, "rot90": 0.0}, "hflip"),
+        ({"hflip": 0.5, "vflip": 0.5, "rot90": 0.0}, "flips"),
+        ({"hflip": 0.5, "vflip": 0.0, "rot90": 0.5}, "d4"),
+        ({"hflip": 0.0, "vflip": 0.5, "rot90": 0.0}, "vflip"),
+        ({"hflip": 0.0, "vflip": 0.0, "rot90": 0.5}, "none"),
+    ],
+)
+def test_auto_tta_is_what_training_used(trained: dict, expected: str) -> None:
+    assert infer.resolve_tta("auto", [trained]) == expected
+
+
+def test_auto_tta_takes_what_every_model_was_trained_with() -> None:
+    both = {"hflip": 0.5, "vflip": 0.5, "rot90": 0.0}
+    horizontal = {"hflip": 0.5, "vflip": 0.0, "rot90": 0.0}
+    assert infer.resolve_tta("auto", [both, both]) == "flips"
+    assert infer.resolve_tta("auto", [both, horizontal]) == "hflip"
+
+
+def test_tta_the_model_never_trained_with_is_refused_naming_both_keys() -> None:
+    horizontal = {"hflip": 0.5, "vflip": 0.0, "rot90": 0.0}
+    assert infer.resolve_tta("hflip", [horizontal]) == "hflip"
+    assert infer.resolve_tta("none", [horizontal]) == "none"
+    with pytest.raises(UserError, match=r"predict.tta 'flips' .* augment.vflip = 0.0"):
+        infer.resolve_tta("flips", [horizontal])
+    with pytest.raises(UserError, match=r"predict.tta 'd4' .* augment.rot90 = 0.0"):
+        infer.resolve_tta("d4", [horizontal])
 
 
 @pytest.mark.parametrize(
@@ -163,7 +197,7 @@ def test_multiscale_feeds_multiples_of_32_and_returns_the_input_size() -> None:
 def test_predict_images_output_sizes(tmp_path: Path, out_size: int | None) -> None:
     sizes = [(40, 72), (96, 64), (33, 33)]  # native sizes, non-square
     records = _write_images(tmp_path, sizes)
-    dataset = ImageDataset(tmp_path, records, size=32)
+    dataset = ImageDataset(tmp_path, records, Geometry("squash", 32))
     out = list(infer.predict_images([ChannelLogits()], None, dataset, out_size, "flips", [1.0], 2, 0, CPU))
     assert [index for index, _ in out] == [0, 1, 2]
     for (_, mask), (h, w) in zip(out, sizes, strict=True):
@@ -176,7 +210,7 @@ def test_predict_images_output_sizes(tmp_path: Path, out_size: int | None) -> No
 
 
 def test_predict_images_is_a_generator_that_runs_one_batch_at_a_time(tmp_path: Path) -> None:
-    dataset = ImageDataset(tmp_path, _write_images(tmp_path, [(32, 32)] * 8), size=32)
+    dataset = ImageDataset(tmp_path, _write_images(tmp_path, [(32, 32)] * 8), Geometry("squash", 32))
     model = ChannelLogits()
     stream = infer.predict_images([model], None, dataset, None, "none", [1.0], 2, 0, CPU)
     assert model.calls == 0
@@ -195,14 +229,18 @@ def test_load_ensemble_rebuilds_models_and_checks_classes(tmp_path: Path) -> Non
     torch.manual_seed(0)
     model = build_model(params, len(classes)).eval()
     for fold in (0, 1):
-        save_checkpoint(tmp_path / f"f{fold}.pt", checkpoint_state(model, params, classes, 64, 1, 0.5, fold))
-    models, got_classes, input_size = infer.load_ensemble([tmp_path / "f0.pt", tmp_path / "f1.pt"])
-    assert (got_classes, input_size, len(models)) == (classes, 64, 2)
+        save_checkpoint(
+            tmp_path / f"f{fold}.pt", checkpoint_state(model, params, classes, AUG64, 1, 0.5, fold)
+        )
+    ensemble = infer.load_ensemble([tmp_path / "f0.pt", tmp_path / "f1.pt"])
+    models = ensemble.models
+    assert (ensemble.classes, ensemble.geometry, len(models)) == (classes, Geometry("squash", 64), 2)
+    assert ensemble.augments == [dataclasses.asdict(AUG64)] * 2
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(models[1](x), model(x))
 
-    other = checkpoint_state(build_model(params, 3), params, ["background", "can", "paper"], 64, 1, 0.5, 2)
+    other = checkpoint_state(build_model(params, 3), params, ["background", "can", "paper"], AUG64, 1, 0.5, 2)
     save_checkpoint(tmp_path / "f2.pt", other)
     with pytest.raises(UserError, match=r"f2\.pt: classes .* differ"):
         infer.load_ensemble([tmp_path / "f0.pt", tmp_path / "f2.pt"])
@@ -223,11 +261,12 @@ _MEMORY_PROBE = textwrap.dedent(
     from pipeline import infer
     from pipeline.coco import ImageRecord
     from pipeline.dataset import ImageDataset
+    from pipeline.geometry import Geometry
 
     root, n = Path(sys.argv[1]), int(sys.argv[2])
     records = [ImageRecord(i, f"{i % 8}.png", 64, 64) for i in range(n)]
     model = torch.nn.Conv2d(3, 11, 1)
-    dataset = ImageDataset(root, records, 64)
+    dataset = ImageDataset(root, records, Geometry("squash", 64))
     before = psutil.Process().memory_info().rss
     for _ in infer.predict_images([model], None, dataset, 256, "flips", [1.0], 4, 0, torch.device("cpu")):
         pass
@@ -263,7 +302,8 @@ def _stage_project(tmp_path: Path, classes: list[str]) -> None:
     params = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
     for fold in (0, 1):
         model = build_model(params, len(classes))
-        state = checkpoint_state(model, params, classes, 32, 1, 0.5, fold)
+        # trained with both flips, so the stage may run flips TTA
+        state = checkpoint_state(model, params, classes, AugmentParams(size=32, vflip=0.5), 1, 0.5, fold)
         save_checkpoint(tmp_path / f"models/fold{fold}/best.pt", state)
     records = _write_images(tmp_path / "data", [(40, 72), (64, 64), (50, 30)])
     test = {
@@ -284,7 +324,8 @@ def _stage_project(tmp_path: Path, classes: list[str]) -> None:
 
 def _run_predict(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run stages/predict.py as its command line would, but in this process (torch is imported once)."""
-    args = ["--models", "models", "--root", "data", "--test-json", "data/test.json", "--out", "sub/s.csv"]
+    args = ["--models", "models", "--root", "data", "--test-json", "data/test.json"]
+    args += ["--train-json", "data/test.json", "--out", "sub/s.csv"]  # keep mode: the test json decides
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["predict.py", *args])
     runpy.run_path(str(STAGES / "predict.py"), run_name="__main__")
@@ -306,4 +347,21 @@ def test_predict_stage_writes_a_valid_submission_or_nothing(
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: models/fold1/best.pt: checkpoint of fold 1")
+    assert not (tmp_path / "sub/s.csv").exists()
+
+
+def test_predict_stage_refuses_tta_the_models_never_trained_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _stage_project(tmp_path, ["background", "can", "bottle"])
+    params = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
+    horizontal_only = AugmentParams(size=32, hflip=0.5, vflip=0.0)
+    state = checkpoint_state(
+        build_model(params, 3), params, ["background", "can", "bottle"], horizontal_only, 1, 0.5, 1
+    )
+    save_checkpoint(tmp_path / "models/fold1/best.pt", state)
+    with pytest.raises(SystemExit):
+        _run_predict(tmp_path, monkeypatch)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "predict.tta 'flips'" in last and "augment.vflip = 0.0" in last
     assert not (tmp_path / "sub/s.csv").exists()

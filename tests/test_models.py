@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import ModelParams
+from pipeline.config import AugmentParams, ModelParams
 from pipeline.errors import UserError
 from pipeline.models import (
     build_model,
@@ -23,6 +23,8 @@ from pipeline.models import (
 SMALL = ModelParams(
     arch="Unet", encoder="resnet18", encoder_weights=None, decoder_channels=[32, 16, 16, 8, 8]
 )
+
+AUG64 = AugmentParams(size=64)
 
 
 def test_build_model_outputs_one_logit_map_per_class() -> None:
@@ -84,13 +86,13 @@ def test_encoder_weights_for_another_encoder_are_refused(tmp_path: Path) -> None
 
 def test_checkpoint_round_trip_rebuilds_from_its_own_params(tmp_path: Path) -> None:
     model = build_model(SMALL, n_classes=4).eval()
-    state = checkpoint_state(model, SMALL, ["background", "a", "b", "c"], 64, epoch=3, score=0.5, fold=1)
+    state = checkpoint_state(model, SMALL, ["background", "a", "b", "c"], AUG64, epoch=3, score=0.5, fold=1)
     path = tmp_path / "fold1" / "best.pt"
     save_checkpoint(path, state)
     assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temporary file left behind
 
     ckpt = load_checkpoint(path)
-    assert (ckpt["epoch"], ckpt["score"], ckpt["fold"], ckpt["input_size"]) == (3, 0.5, 1, 64)
+    assert (ckpt["epoch"], ckpt["score"], ckpt["fold"], ckpt["geometry"]["size"]) == (3, 0.5, 1, 64)
     rebuilt = model_from_checkpoint(ckpt)
     assert not rebuilt.training
     x = torch.randn(1, 3, 64, 64)
@@ -100,7 +102,7 @@ def test_checkpoint_round_trip_rebuilds_from_its_own_params(tmp_path: Path) -> N
 
 def test_model_from_checkpoint_strips_ddp_and_compile_prefixes() -> None:
     model = build_model(SMALL, n_classes=2)
-    state = checkpoint_state(model, SMALL, ["background", "a"], 64, epoch=0, score=0.0, fold=0)
+    state = checkpoint_state(model, SMALL, ["background", "a"], AUG64, epoch=0, score=0.0, fold=0)
     state["model_state"] = {f"module._orig_mod.{k}": v for k, v in state["model_state"].items()}
     rebuilt = model_from_checkpoint(state)
     assert torch.equal(rebuilt.encoder.conv1.weight, model.encoder.conv1.weight)
@@ -139,7 +141,7 @@ def test_load_checkpoint_bad_files(tmp_path: Path, content: bytes | None, messag
 
 
 def test_checkpoint_from_another_model_is_a_user_error() -> None:
-    state = checkpoint_state(build_model(SMALL, n_classes=3), SMALL, ["bg", "a", "b"], 64, 0, 0.0, 0)
+    state = checkpoint_state(build_model(SMALL, n_classes=3), SMALL, ["bg", "a", "b"], AUG64, 0, 0.0, 0)
     state["classes"] = ["bg", "a"]  # the head now has one channel too many for the class list
     with pytest.raises(UserError, match=r"best.pt: weights do not match: 'segmentation_head.0.weight'"):
         model_from_checkpoint(state, source="best.pt")

@@ -25,6 +25,7 @@ import yaml
 
 from pipeline import coco
 from pipeline.config import DemoParams, Params, params_from_dict
+from pipeline.dataset import InferenceBatch
 from pipeline.demo import generate_demo
 from pipeline.errors import UserError
 from pipeline.losses import build_loss
@@ -122,7 +123,7 @@ def test_tiny_run_writes_every_output(dataset: Path, tiny_run: tuple[FoldPaths, 
     paths, result = tiny_run
     best = load_checkpoint(paths.model_dir / "best.pt")
     assert best["classes"][0] == "background" and len(best["classes"]) == 11
-    assert (best["epoch"], best["fold"], best["input_size"]) == (0, 0, 64)
+    assert (best["epoch"], best["fold"], best["geometry"]["size"]) == (0, 0, 64)
     assert load_checkpoint(paths.model_dir / "last.pt")["epoch"] == 0
 
     written = json.loads(paths.metrics.read_text())
@@ -140,7 +141,7 @@ def test_tiny_run_writes_every_output(dataset: Path, tiny_run: tuple[FoldPaths, 
     oof = sorted(p.relative_to(paths.oof).as_posix() for p in paths.oof.rglob("*.png"))
     assert oof == sorted(coco.mask_relpath(name) for name in val_names)
     mask = coco.read_mask(paths.oof / oof[0])
-    assert mask.shape == (32, 32) and mask.max() < 11
+    assert mask.shape == (64, 64) and mask.max() < 11  # the image's own size, not the training size
     assert not list(paths.oof.parent.glob(".*"))  # no staging folder left behind
 
 
@@ -244,7 +245,8 @@ def test_compiled_model_trains_evaluates_and_checkpoints_plain_weights() -> None
     after = state.raw.state_dict()
     assert set(after) == set(before)  # no "_orig_mod." prefixes in what checkpoints store
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the step reached the plain model
-    cm = evaluate(state.net, [(images, masks)], 3, runtime)
+    batch = InferenceBatch(images, [0, 1], [(32, 32), (32, 32)], list(masks.to(torch.uint8)))
+    cm = evaluate(state.net, [batch], 3, runtime)
     assert cm.sum() == masks.numel()
 
 
@@ -253,6 +255,11 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[4] == 1.0 and factors[12] == pytest.approx(0.5) and factors[20] == pytest.approx(0.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+
+
+def test_constant_schedule_keeps_the_base_lr_after_warmup() -> None:
+    factors = [lr_factor(step, warmup_steps=2, total_steps=10, cosine=False) for step in range(11)]
+    assert factors == [0.5] + [1.0] * 10
 
 
 def test_cpu_runtime_is_single_process_float32() -> None:
@@ -271,6 +278,16 @@ def test_seed_everything_replays_every_generator() -> None:
     first = draw()
     seed_everything(7)
     assert draw() == first
+
+
+def test_val_every_validates_every_nth_and_the_last_epoch(dataset: Path, tmp_path: Path) -> None:
+    params = _params(epochs=3, val_every=2, max_batches=1)
+    paths = _paths(dataset, tmp_path)
+    result = fit(params, 0, paths, setup_runtime(params.train, device="cpu"))
+    history = load_checkpoint(paths.model_dir / "last.pt")["history"]
+    assert ["val_miou" in record for record in history] == [False, True, True]
+    assert result["epoch"] in (1, 2)  # the best checkpoint comes from a validated epoch
+    assert result["miou"] == max(history[1]["val_miou"], history[2]["val_miou"])
 
 
 def test_bad_class_weights_and_folds_are_user_errors(dataset: Path, tmp_path: Path) -> None:

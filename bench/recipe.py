@@ -1,0 +1,467 @@
+"""Benchmark: the pipeline's own stages vs a plain 40-line training loop, same minutes on the same cores."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import inspect
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from pipeline import coco, metrics
+from pipeline.atomic import write_json
+from pipeline.folds import read_folds
+from pipeline.submission import score_submission
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ["dvc.yaml", "pipeline", "stages"]  # what a workspace needs to run the stages, as tests/test_e2e.py
+PLAIN_SIZE = 128
+PLAIN_BATCH = 8
+PLAIN_LR = 1e-3
+PLAIN_SEED = 0
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+EPILOG = """\
+One workspace (dvc.yaml, pipeline/, stages/ copied; `dvc init --no-scm`) whose params.yaml is
+--params with data.* pointed at DATA_DIR, split.n_splits = --n-splits, train.folds = [--fold] and
+submission.size = null (scored at each image's own size, like the plain loop); `dvc repro -s masks`,
+`-s split` once. For each budget: a calibration (`dvc repro -s train@k` with train.epochs = 1, timed);
+epochs = max(1, floor(budget / calibration seconds)); then the timed `dvc repro -s train@k` and `dvc repro
+leaderboard` (predict + score). Side by side, in its own process with the same torch thread count, the
+plain loop (Unet/ResNet-18 from scratch at 128 px, Adam 1e-3, cross-entropy, horizontal flips) trains on
+the same fold split and masks until its next epoch would pass the budget, then predicts the test set at
+128 px, upsampled to each image's size. Both are scored by one dataset-level confusion matrix.
+
+  python bench/recipe.py /work/shared/data/medical-waste --params configs/real-cpu.yaml --minutes 5 10
+"""
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--plain-loop"]:
+        plain_main(sys.argv[2:])
+        return
+    args = parse_args(sys.argv[1:])
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        results = run_benchmark(args, args.keep.resolve())
+    else:
+        with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
+            results = run_benchmark(args, Path(tmp))
+    for budget in results["budgets"]:
+        print(
+            f"minutes={budget['minutes']:g} pipeline={budget['pipeline']['miou']:.3f} "
+            f"plain={budget['plain']['miou']:.3f} ratio={budget['ratio']:.2f}"
+        )
+    if args.json is not None:
+        write_json(args.json, results)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("data_dir", type=Path, help="train.json, test.json, test_truth.json, images")
+    parser.add_argument("--params", type=Path, required=True, help="params file of the pipeline's run")
+    parser.add_argument("--minutes", type=float, nargs="+", required=True, help="wall-clock budgets")
+    parser.add_argument("--fold", type=int, default=0, help="the held-out fold both recipes leave out")
+    parser.add_argument("--n-splits", type=int, default=5, help="folds of the split stage")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each recipe")
+    parser.add_argument("--keep", type=Path, help="workspace folder to use and keep (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    if not 0 <= args.fold < args.n_splits:
+        parser.error(f"--fold {args.fold} is not one of the {args.n_splits} folds")
+    if any(m <= 0 for m in args.minutes) or args.threads < 1:
+        parser.error("--minutes must be > 0 and --threads >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline's side: a DVC workspace driven through its own stages
+
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Set the workspace up, build masks and folds once, then run every budget; returns the results."""
+    data_dir = args.data_dir.resolve()
+    params = workspace_params(yaml.safe_load(args.params.read_text()), data_dir, args.fold, args.n_splits)
+    make_workspace(work)
+    env = subprocess_env(args.threads)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    dvc_log = logs / "dvc.log"
+    print(f"workspace {work}; dvc output streams to {dvc_log}")
+    print(
+        f"scoring: both recipes at each image's native size (workspace params: submission.size = null); "
+        f"fold {args.fold} of {args.n_splits} held out; {args.threads} torch thread(s) each, side by side"
+    )
+    write_params(work, params)
+    for stage in ("masks", "split"):
+        seconds = dvc(work, ["repro", "-s", stage], env, dvc_log)
+        print(f"  {stage}: {seconds:.0f} s")
+
+    results: dict[str, Any] = {
+        "data": str(data_dir),
+        "params": str(args.params),
+        "fold": args.fold,
+        "n_splits": args.n_splits,
+        "threads": args.threads,
+        "submission_size": None,
+        "budgets": [],
+    }
+    seconds_per_epoch = calibrate(work, params, args.fold, env)
+    results["calibration"] = {"pipeline_seconds_per_epoch": seconds_per_epoch}
+    for minutes in args.minutes:
+        budget = run_budget(work, params, args.fold, minutes, seconds_per_epoch, env)
+        results["budgets"].append(budget)
+        print_table(budget)
+    return results
+
+
+def calibrate(work: Path, params: dict[str, Any], fold: int, env: dict[str, str]) -> float:
+    """Seconds one more epoch adds to the pipeline's train stage: runs of 1 and 1 + N epochs, N =
+    train.val_every, (difference) / N.
+
+    The difference leaves out what does not grow with epochs (start-up, reading the data, writing the
+    out-of-fold predictions) and keeps what does (training, and one validation per N epochs). The plain
+    loop trains alongside, so the figure is taken under the same two-process load as the real runs.
+    """
+    n = int(params["train"].get("val_every", 1))
+    print(f"calibrating: the pipeline's train stage at 1 and {1 + n} epochs, the plain loop alongside")
+    with plain_loop(work, fold, math.inf, 2 + n, False, env, work / "logs" / "plain-calibration") as plain:
+        one = train_stage(work, params, fold, 1, env)
+        more = train_stage(work, params, fold, 1 + n, env)
+    per_epoch = max((more - one) / n, 1.0)
+    print(
+        f"  pipeline train@{fold} stage: {one:.1f} s at 1 epoch, {more:.1f} s at {1 + n} -> "
+        f"{per_epoch:.1f} s per epoch; plain loop: {plain['train_seconds'] / plain['epochs']:.1f} s per epoch"
+    )
+    return per_epoch
+
+
+def run_budget(
+    work: Path,
+    params: dict[str, Any],
+    fold: int,
+    minutes: float,
+    seconds_per_epoch: float,
+    env: dict[str, str],
+) -> dict:
+    """Train and score both recipes side by side for `minutes` of training wall clock.
+
+    The pipeline gets floor(budget / seconds per epoch) epochs (its cosine schedule needs the count up
+    front); the plain loop trains until its next epoch would pass the budget.
+    """
+    budget_s = minutes * 60
+    tag = f"{minutes:g}min"
+    logs = work / "logs"
+    epochs = max(1, math.floor(budget_s / seconds_per_epoch))
+    print(f"budget {minutes:g} min: pipeline {epochs} epochs; training both ({logs / 'dvc.log'}, ", end="")
+    print(f"{logs / f'plain-{tag}.log'})")
+    with plain_loop(work, fold, budget_s, None, True, env, logs / f"plain-{tag}") as plain_result:
+        train_s = train_stage(work, params, fold, epochs, env)
+        dvc(work, ["repro", "leaderboard"], env, logs / "dvc.log")
+    pipeline_result = {
+        "train_minutes": train_s / 60,
+        "loop_minutes": epochs * seconds_per_epoch / 60,
+        "epochs": epochs,
+        **pipeline_score(work, params),
+    }
+    plain_result["train_minutes"] = plain_result.pop("train_seconds") / 60
+    return {
+        "minutes": minutes,
+        "pipeline": pipeline_result,
+        "plain": plain_result,
+        "ratio": _ratio(pipeline_result["miou"], plain_result["miou"]),
+    }
+
+
+def workspace_params(raw: dict[str, Any], data_dir: Path, fold: int, n_splits: int) -> dict[str, Any]:
+    """The workspace's params: `raw` with data.* at `data_dir`, one fold trained, native-size submission."""
+    params = copy.deepcopy(raw)
+    params.setdefault("data", {}).update(
+        root=str(data_dir),
+        train_json=str(data_dir / "train.json"),
+        test_json=str(data_dir / "test.json"),
+        test_truth_json=str(data_dir / "test_truth.json"),
+    )
+    params.setdefault("split", {})["n_splits"] = n_splits
+    params.setdefault("train", {})["folds"] = [fold]
+    params.setdefault("submission", {})["size"] = None  # score at each image's own size, like the plain loop
+    return params
+
+
+def make_workspace(work: Path) -> None:
+    """Copy the repository's dvc.yaml, pipeline/ and stages/ into `work` and make it a DVC project."""
+    for name in COPIED:
+        src, dst = REPO / name, work / name
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    if not (work / ".dvc").is_dir():
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=work, check=True)
+
+
+def write_params(work: Path, params: dict[str, Any]) -> None:
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    """Environment of the stages and the plain loop: this venv first, `threads` threads, no GPU."""
+    return dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        CUDA_VISIBLE_DEVICES="",  # the same cores for both: a CPU benchmark even where a GPU is present
+        NO_ALBUMENTATIONS_UPDATE="1",
+        DVC_NO_ANALYTICS="1",
+    )
+
+
+def dvc(work: Path, args: list[str], env: dict[str, str], log: Path) -> float:
+    """Run `dvc ARGS` in `work`, appending its output to `log`; its wall seconds. Exits on failure."""
+    with log.open("a") as handle:
+        handle.write(f"\n$ dvc {' '.join(args)}\n")
+        handle.flush()
+        start = time.perf_counter()
+        code = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT
+        ).returncode
+        seconds = time.perf_counter() - start
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"dvc {' '.join(args)} failed (exit {code}); end of {log}:\n{tail}")
+    return seconds
+
+
+def train_stage(work: Path, params: dict[str, Any], fold: int, epochs: int, env: dict[str, str]) -> float:
+    """Wall seconds of `dvc repro -s train@fold` with train.epochs = `epochs`, trained from scratch."""
+    write_params(work, {**params, "train": {**params["train"], "epochs": epochs}})
+    # The model dir persists for resuming: without it a run whose fingerprint matches would not train.
+    shutil.rmtree(work / "models" / f"fold{fold}", ignore_errors=True)
+    return dvc(work, ["repro", "-s", "-f", f"train@{fold}"], env, work / "logs" / "dvc.log")
+
+
+def pipeline_score(work: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """mIoU and per-class IoU of the leaderboard stage (computed from the submission if it lacks them)."""
+    board = json.loads((work / "metrics" / "leaderboard.json").read_text())
+    if board.get("miou") is None:
+        raise SystemExit(f"{work / 'metrics/leaderboard.json'}: not scored ({board.get('reason')})")
+    if "iou" not in board:
+        data = params["data"]
+        _, truth = load_sets(data)
+        order = params.get("submission", {}).get("rle_order", "column")
+        overlap = data.get("overlap", "area_desc")
+        board = score_submission(work / "submissions/submission.csv", truth, None, overlap, order=order)
+    return {"miou": board["miou"], "iou": board["iou"]}
+
+
+def load_sets(data: dict[str, Any]) -> tuple[coco.CocoSet, coco.CocoSet]:
+    """(training set, test truth) loaded as the pipeline loads them, so both have its classes: background,
+    then the training json's categories in order (less unused ones where data.unused_categories says drop
+    and this load_coco has the keyword)."""
+    keywords = inspect.signature(coco.load_coco).parameters
+    on_bad = data.get("on_bad_annotation", "error")
+    options: dict[str, Any] = {"on_bad": on_bad}
+    if "unused" in keywords:
+        options["unused"] = data.get("unused_categories", "keep")
+    train = coco.load_coco(data["train_json"], data["root"], **options)
+    if "classes_from" in keywords:
+        truth = coco.load_coco(data["test_truth_json"], data["root"], on_bad, classes_from=train)
+    else:
+        truth = coco.load_coco(data["test_truth_json"], data["root"], **options)
+    coco.check_same_classes(train, truth)
+    return train, truth
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plain loop: run in its own process (`--plain-loop`), so both recipes progress on separate cores
+
+
+@contextlib.contextmanager
+def plain_loop(
+    work: Path,
+    fold: int,
+    budget_s: float,
+    max_epochs: int | None,
+    score: bool,
+    env: dict[str, str],
+    stem: Path,
+) -> Iterator[dict[str, Any]]:
+    """Run the plain loop in its own process while the `with` block runs; the dict it yields is filled
+    with its results when the block ends (after waiting for it). Progress goes to `stem`.log.
+
+    If the block raises, the process is killed.
+    """
+    args = ["--workspace", str(work), "--fold", str(fold), "--budget-seconds", str(budget_s)]
+    args += ["--threads", env["OMP_NUM_THREADS"], "--out", f"{stem}.json"]
+    args += ["--max-epochs", str(max_epochs)] if max_epochs is not None else []
+    args += [] if score else ["--no-score"]
+    Path(f"{stem}.json").unlink(missing_ok=True)
+    result: dict[str, Any] = {}
+    with open(f"{stem}.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--plain-loop", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield result
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    if process.wait() != 0:
+        tail = "".join(Path(f"{stem}.log").read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"the plain loop failed (exit {process.returncode}); end of {stem}.log:\n{tail}")
+    result.update(json.loads(Path(f"{stem}.json").read_text()))
+
+
+def plain_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="internal: the plain loop of bench/recipe.py")
+    parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--budget-seconds", type=float, required=True)
+    parser.add_argument("--max-epochs", type=int)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--no-score", action="store_true", help="train only (calibration)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    data = yaml.safe_load((args.workspace / "params.yaml").read_text())["data"]
+
+    train, truth = load_sets(data)
+    folds = read_folds(args.workspace / "data" / "folds.csv", train)
+    images = [image for image in train.images if folds[image.file_name] != args.fold]
+    masks = args.workspace / "data" / "masks"
+    x = torch.stack([to_input(coco.read_image(train.image_file(image))) for image in images])
+    y = torch.stack([to_target(coco.read_mask(masks / coco.mask_relpath(im.file_name))) for im in images])
+    print(f"plain loop: {len(images)} training images (fold != {args.fold}), {train.n_classes} classes")
+    model, epochs, seconds = plain_train(x, y, train.n_classes, args.budget_seconds, args.max_epochs)
+    result: dict[str, Any] = {"epochs": epochs, "train_seconds": seconds}
+    if not args.no_score:
+        cm = plain_confusion(model, truth, data.get("overlap", "area_desc"))
+        iou = metrics.iou_per_class(cm).tolist()
+        result |= {"miou": metrics.mean_iou(cm), "iou": dict(zip(truth.classes, iou, strict=True))}
+    write_json(args.out, result)
+
+
+def to_input(image: np.ndarray) -> torch.Tensor:
+    """RGB uint8 HxWx3 -> ImageNet-normalised float (3, PLAIN_SIZE, PLAIN_SIZE)."""
+    small = cv2.resize(image, (PLAIN_SIZE, PLAIN_SIZE), interpolation=cv2.INTER_LINEAR)
+    normalised = ((small / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    return torch.from_numpy(normalised).permute(2, 0, 1)
+
+
+def to_target(mask: np.ndarray) -> torch.Tensor:
+    """Class-index uint8 HxW -> int64 (PLAIN_SIZE, PLAIN_SIZE), nearest neighbour."""
+    small = cv2.resize(mask, (PLAIN_SIZE, PLAIN_SIZE), interpolation=cv2.INTER_NEAREST)
+    return torch.from_numpy(small).long()
+
+
+def plain_train(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, budget_s: float, max_epochs: int | None
+) -> tuple[torch.nn.Module, int, float]:
+    """Unet/ResNet-18 from scratch: Adam 1e-3, cross-entropy, horizontal flips, batch 8, seeded shuffle.
+
+    x: float (N, 3, S, S), y: int64 (N, S, S). Trains whole epochs until the next one would end past
+    `budget_s` (at least one; at most `max_epochs`). Returns (model, epochs, training seconds).
+    """
+    torch.manual_seed(PLAIN_SEED)
+    rng = np.random.default_rng(PLAIN_SEED)
+    model = smp.Unet("resnet18", encoder_weights=None, classes=n_classes).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=PLAIN_LR)
+    start, last, epochs = time.perf_counter(), 0.0, 0
+    bar = tqdm(desc="plain loop", unit="epoch", file=sys.stdout, mininterval=0)
+    while epochs == 0 or (
+        time.perf_counter() - start + last <= budget_s and (max_epochs is None or epochs < max_epochs)
+    ):
+        epoch_start = time.perf_counter()
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for batch in order.split(PLAIN_BATCH):
+            images, masks = x[batch], y[batch]
+            flip = torch.from_numpy(rng.random(len(batch)) < 0.5)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
+            loss = F.cross_entropy(model(images), masks)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        last, epochs = time.perf_counter() - epoch_start, epochs + 1
+        bar.set_postfix(loss=f"{loss.item():.3f}", elapsed=f"{time.perf_counter() - start:.0f}s")
+        bar.update()
+    bar.close()
+    return model, epochs, time.perf_counter() - start
+
+
+@torch.no_grad()
+def plain_confusion(model: torch.nn.Module, truth: coco.CocoSet, overlap: coco.Overlap) -> np.ndarray:
+    """Dataset confusion matrix of the model on `truth`'s images: predicted at PLAIN_SIZE, logits
+    upsampled bilinearly to each image's own size, against the truth rasterized at that size."""
+    model.eval()
+    cm = np.zeros((truth.n_classes, truth.n_classes), dtype=np.int64)
+    for image in tqdm(truth.images, desc="plain predict", unit="img", file=sys.stdout):
+        pixels = coco.read_image(truth.image_file(image), (image.height, image.width))
+        logits = model(to_input(pixels)[None])
+        logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0].numpy().astype(np.uint8)
+        cm += metrics.confusion_matrix(coco.rasterize(truth, image, overlap), pred, truth.n_classes)
+    return cm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+
+
+def print_table(budget: dict[str, Any]) -> None:
+    """One budget's results: a row per recipe with its per-class IoU, then the ratio."""
+    classes = list(budget["pipeline"]["iou"])
+    classes += [name for name in budget["plain"]["iou"] if name not in classes]
+    widths = [max(len(name), 5) for name in classes]
+    head = f"{'recipe':<9} {'train min':>9} {'epochs':>6} {'test mIoU':>9}  "
+    print(f"\nbudget {budget['minutes']:g} min (per-class IoU; '-' = class absent from truth and prediction)")
+    print(head + "  ".join(f"{name:>{w}}" for name, w in zip(classes, widths, strict=True)))
+    for recipe in ("pipeline", "plain"):
+        row = budget[recipe]
+        cells = [_fmt(row["iou"].get(name), w) for name, w in zip(classes, widths, strict=True)]
+        print(
+            f"{recipe:<9} {row['train_minutes']:>9.2f} {row['epochs']:>6d} {row['miou']:>9.3f}  "
+            + "  ".join(cells)
+        )
+    print(
+        "train min: pipeline = wall of `dvc repro -s train@k` (start-up, validation, OOF writing included; "
+        f"its epochs alone: {budget['pipeline']['loop_minutes']:.2f} min); plain = its epochs only"
+    )
+    print(f"ratio pipeline/plain: {budget['ratio']:.3f}\n")
+
+
+def _fmt(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None or value != value else f"{value:>{width}.3f}"
+
+
+def _ratio(pipeline: float, plain: float) -> float:
+    return pipeline / plain if plain > 0 else math.nan
+
+
+if __name__ == "__main__":
+    main()

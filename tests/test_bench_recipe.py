@@ -1,0 +1,96 @@
+"""bench/recipe.py end to end: both recipes trained for seconds on a tiny generated dataset, then scored."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import DemoParams
+from pipeline.demo import generate_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The repository's params at tiny sizes; the benchmark sets data.*, folds, epochs and submission.size.
+TINY = {
+    "augment": {"size": 64},
+    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
+    "train": {"batch_size": 4, "num_workers": 0},
+    "predict": {"batch_size": 4, "num_workers": 0, "tta": "none"},
+}
+
+
+def _tiny_project(tmp_path: Path, **augment: float) -> tuple[Path, Path]:
+    """A tiny generated dataset and the repository's params at tiny sizes -> (data dir, params file)."""
+    data = tmp_path / "data"
+    generate_demo(data, DemoParams(n_train=12, n_test=3, image_size=64, max_objects=2))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    params["augment"].update(augment)
+    params_file = tmp_path / "tiny.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    return data, params_file
+
+
+def _bench(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run bench/SCRIPT.py ARGS from the repository root; it must succeed."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_recipe_benchmark_scores_both_recipes(tmp_path: Path) -> None:
+    data, params_file = _tiny_project(tmp_path)
+    out = tmp_path / "recipe.json"
+
+    args = [str(data), "--params", str(params_file), "--minutes", "0.05", "--n-splits", "3"]
+    args += ["--json", str(out), "--keep", str(tmp_path / "work")]
+    run = _bench("recipe", args)
+
+    (budget,) = json.loads(out.read_text())["budgets"]
+    pipeline, plain = budget["pipeline"]["miou"], budget["plain"]["miou"]
+    assert 0.0 <= pipeline <= 1.0
+    assert 0.0 <= plain <= 1.0
+    # Seconds of training may leave the plain loop scoring 0 on every class: then the ratio is undefined.
+    assert budget["ratio"] == (pytest.approx(pipeline / plain) if plain > 0 else None)
+    assert budget["pipeline"]["epochs"] >= 1 and budget["plain"]["epochs"] >= 1
+    assert set(budget["pipeline"]["iou"]) == set(budget["plain"]["iou"])
+    assert re.search(r"^minutes=0.05 pipeline=[\d.]+ plain=[\d.]+ ratio=[\d.]+$", run.stdout, re.M), (
+        run.stdout
+    )
+    assert yaml.safe_load((tmp_path / "work" / "params.yaml").read_text())["submission"]["size"] is None
+
+
+@pytest.mark.slow
+def test_ablation_trains_each_variant_and_reuses_the_baseline_for_predict_only_ones(tmp_path: Path) -> None:
+    # vflip 0, so that the tta-hflip variant below is not what `auto` picks already
+    data, params_file = _tiny_project(tmp_path, vflip=0.0)
+    out = tmp_path / "ablation.json"
+
+    args = [str(data), "--params", str(params_file), "--epochs", "1", "--n-splits", "3", "--json", str(out)]
+    args += ["--variant", "ce-only", "train.losses={ce: 1.0}", "--variant", "tta-hflip", "predict.tta=hflip"]
+    args += ["--workdir", str(tmp_path / "work")]
+    run = _bench("ablation", args)
+
+    variants = json.loads(out.read_text())["variants"]
+    assert list(variants) == ["baseline", "ce-only", "tta-hflip"]
+    assert all(0.0 <= v["miou"] <= 1.0 for v in variants.values())
+    assert [v["reused_baseline"] for v in variants.values()] == [False, False, True]
+    written = yaml.safe_load((tmp_path / "work/ce-only/params.yaml").read_text())
+    assert written["train"]["losses"] == {"ce": 1.0} and written["train"]["epochs"] == 1
+    # The predict-only variant predicted with the baseline's fold model: its train stage did not train.
+    log = (tmp_path / "work/tta-hflip/dvc.log").read_text()
+    assert "all 1 epochs done; rewriting the outputs from best.pt" in log and "train loss" not in log
+    assert re.search(r"^ce-only\s+[\d.]+\s+[\d.]+\s+[+-][\d.]+", run.stdout, re.M), run.stdout

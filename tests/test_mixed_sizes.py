@@ -1,0 +1,100 @@
+"""A set of mixed sizes and aspect ratios (640x480, 480x640, 1024x768) through the real stages, crop mode."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import Run
+from PIL import Image
+
+from pipeline import coco
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [(480, 640), (640, 480), (768, 1024)]  # (height, width): 640x480, 480x640 and 1024x768 photos
+CATEGORIES = [{"id": 0, "name": "things"}, {"id": 1, "name": "can"}, {"id": 2, "name": "bottle"}]
+
+TINY = {
+    "augment": {"size": 64, "resize": "crop", "short_side": 96, "vflip": 0.0},
+    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
+    "train": {"epochs": 1, "batch_size": 2, "num_workers": 0, "folds": [0, 1]},
+    "split": {"n_splits": 2},
+    "predict": {"batch_size": 2, "num_workers": 0, "tta": "auto"},
+    "submission": {"size": None},
+}
+
+
+def _write_set(root: Path, name: str, n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """n photos cycling through SIZES, each with a can (rectangle) and a bottle (triangle) on noise;
+    -> (COCO images, COCO annotations)."""
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for i in range(n):
+        height, width = SIZES[i % len(SIZES)]
+        pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+        x0, y0 = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+        w, h = width // 4, height // 4
+        pixels[y0 : y0 + h, x0 : x0 + w] = (200, 40, 40)
+        file_name = f"{name}/{i:02d}.jpg"
+        (root / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / file_name, quality=90)
+        images.append({"id": i, "file_name": file_name, "height": height, "width": width})
+        can = [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
+        bottle = [width - 10, height - 10, width - 10 - w, height - 10, width - 10, height - 10 - h]
+        for k, (category, polygon) in enumerate([(1, can), (2, bottle)]):
+            # No iscrowd, area or bbox: what labelme-style exports write.
+            annotations.append(
+                {"id": 2 * i + k, "image_id": i, "category_id": category, "segmentation": [polygon]}
+            )
+    return images, annotations
+
+
+@pytest.mark.slow
+def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, run: Run) -> None:
+    work = dvc_project
+    data = work / "data" / "photos"
+    data.mkdir(parents=True)
+    train_images, train_annotations = _write_set(data, "train", 6, seed=1)
+    test_images, test_annotations = _write_set(data, "test", 3, seed=2)
+    sets = {
+        "train": {"images": train_images, "annotations": train_annotations},
+        "test": {"images": test_images},
+        "test_truth": {"images": test_images, "annotations": test_annotations},
+    }
+    for name, content in sets.items():
+        (data / f"{name}.json").write_text(json.dumps({**content, "categories": CATEGORIES}))
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    params["data"].update(
+        root="data/photos",
+        train_json="data/photos/train.json",
+        test_json="data/photos/test.json",
+        test_truth_json="data/photos/test_truth.json",
+    )
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+
+    repro = run(["dvc", "repro", "evaluate", "leaderboard"], work)
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    # The unused id-0 category is reported once and kept, so class indexes do not shift.
+    assert repro.stdout.count("category id 0 'things' is used by no annotation") == 1
+
+    # Out-of-fold predictions at each training image's own size.
+    for image in train_images:
+        fold_pngs = list((work / "oof").glob(f"fold*/{coco.mask_relpath(image['file_name'])}"))
+        assert len(fold_pngs) == 1
+        assert coco.read_mask(fold_pngs[0]).shape == (image["height"], image["width"])
+
+    submission = work / "submissions/submission.csv"
+    validate = ["-m", "pipeline", "validate", str(submission), "--test", str(data / "test.json")]
+    valid = run([sys.executable, *validate, "--size", "native"], work)
+    assert valid.returncode == 0, valid.stdout + valid.stderr
+    board = json.loads((work / "metrics/leaderboard.json").read_text())
+    assert 0.0 <= board["miou"] <= 1.0
+    cv = json.loads((work / "metrics/cv.json").read_text())
+    assert cv["n_images"] == 6 and 0.0 <= cv["oof_miou"] <= 1.0
