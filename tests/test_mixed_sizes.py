@@ -16,7 +16,8 @@ from pipeline import coco
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(480, 640), (640, 480), (768, 1024)]  # (height, width): 640x480, 480x640 and 1024x768 photos
-CATEGORIES = [{"id": 0, "name": "things"}, {"id": 1, "name": "can"}, {"id": 2, "name": "bottle"}]
+# As a Roboflow export: an id-0 supercategory no annotation uses, named like a real class.
+CATEGORIES = [{"id": 0, "name": "can"}, {"id": 1, "name": "can"}, {"id": 2, "name": "bottle"}]
 
 TINY = {
     "augment": {"size": 64, "resize": "crop", "short_side": 96, "vflip": 0.0},
@@ -82,7 +83,7 @@ def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, r
     repro = run(["dvc", "repro", "evaluate", "leaderboard"], work)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     # The unused id-0 category is reported once and kept, so class indexes do not shift.
-    assert repro.stdout.count("category id 0 'things' is used by no annotation") == 1
+    assert repro.stdout.count("category id 0 'can' is used by no annotation") == 1
 
     # Out-of-fold predictions at each training image's own size.
     for image in train_images:
