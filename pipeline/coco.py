@@ -257,6 +257,18 @@ def check_same_classes(train: CocoSet, test: CocoSet) -> None:
             f"{test.path}: category {k + 1} is {b[k][1]!r} (id {b[k][0]}) but in {train.path} it is "
             f"{a[k][1]!r} (id {a[k][0]}); train and test must list the same categories"
         )
+    # With classes_from the test set's class list is copied from train, so also compare the test json's
+    # own order: loaded alone (a CLI score without --train-json) it would index the classes that way.
+    classes = set(train.category_ids)
+    own_order = [cid for cid in test.category_names if cid in classes]
+    if own_order != train.category_ids:
+        k = next(
+            (i for i, (x, y) in enumerate(zip(own_order, train.category_ids, strict=False)) if x != y), 0
+        )
+        raise UserError(
+            f"{test.path}: lists category id {own_order[k]} where {train.path} lists id "
+            f"{train.category_ids[k]}; train and test must list the categories in the same order"
+        )
     extra = next((cid for cid in test.category_names if cid not in train.category_names), None)
     if extra is not None:
         raise UserError(

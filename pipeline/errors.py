@@ -15,5 +15,17 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(exc: UserError) -> str:
+    """The message of a UserError; one raised in a DataLoader worker comes back wrapped in the worker's
+    traceback ("Caught UserError in DataLoader worker process 0. Original Traceback ..."), whose last
+    line is the original message."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
+    return last.removeprefix(prefix)

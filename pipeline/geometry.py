@@ -88,8 +88,9 @@ def resize_argmax(probs: torch.Tensor, size: tuple[int, int], strip_bytes: int =
     """(C, h, w) probabilities -> uint8 (H, W) labels: bilinear resize to `size` = (H, W), then argmax.
 
     The same values as `F.interpolate(probs[None], size, mode="bilinear", align_corners=False)` followed
-    by argmax, computed a strip of output rows at a time so that memory stays under `strip_bytes` for
-    any output size (a 4000x3000 photo included). Returned on the device of `probs`.
+    by argmax, computed a strip of output rows at a time (columns interpolated per strip too), so the
+    temporaries stay near `strip_bytes` for any output size, a 4000x3000 photo included. Returned on
+    the device of `probs`.
     """
     if probs.ndim != 3:
         raise ValueError(f"probs must be (C, h, w), got shape {tuple(probs.shape)}")
@@ -100,18 +101,26 @@ def resize_argmax(probs: torch.Tensor, size: tuple[int, int], strip_bytes: int =
     probs = probs.float()
     rows_low, rows_high, row_weight = _source_index(out_h, in_h, probs.device)
     cols_low, cols_high, col_weight = _source_index(out_w, in_w, probs.device)
-    # Columns first, on the (few) source rows: (C, h, W) is small next to the output.
-    wide = probs[:, :, cols_low] * (1 - col_weight) + probs[:, :, cols_high] * col_weight
+
+    def widen(rows: torch.Tensor) -> torch.Tensor:
+        """Source rows `rows`, interpolated along columns to the output width: (C, len(rows), W)."""
+        picked = probs[:, rows]
+        return picked[:, :, cols_low] * (1 - col_weight) + picked[:, :, cols_high] * col_weight
+
     labels = torch.empty((out_h, out_w), dtype=torch.uint8, device=probs.device)
-    strip = max(1, strip_bytes // (4 * channels * out_w * 3))  # three (C, strip, W) temporaries
+    strip = max(1, strip_bytes // (4 * channels * out_w * 6))  # ~six (C, strip, W) temporaries
     for top in range(0, out_h, strip):
         rows = slice(top, min(out_h, top + strip))
         weight = row_weight[rows][None, :, None]
-        blended = wide[:, rows_low[rows]] * (1 - weight) + wide[:, rows_high[rows]] * weight
+        blended = widen(rows_low[rows]) * (1 - weight) + widen(rows_high[rows]) * weight
         labels[rows] = blended.argmax(dim=0).to(torch.uint8)
     return labels
 
 
 def geometry_of(augment: AugmentParams) -> Geometry:
-    """The geometry the `augment` params train with."""
-    return Geometry(mode=augment.resize, size=augment.size, short_side=augment.short_side)
+    """The geometry the `augment` params train with, normalised: squash keeps no short side, and crop
+    always names one (null means `size`), so equal geometries compare equal."""
+    if augment.resize == "squash":
+        return Geometry(mode="squash", size=augment.size)
+    short_side = augment.size if augment.short_side is None else augment.short_side
+    return Geometry(mode="crop", size=augment.size, short_side=short_side)

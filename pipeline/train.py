@@ -258,6 +258,8 @@ def load_fold_data(params: Params, fold: int, paths: FoldPaths) -> FoldData:
     except ValueError as exc:
         raise UserError(f"{paths.masks}: {exc} (re-run the masks stage)") from None
     check_train_params(params.train, train_set.n_classes)
+    # The out-of-fold predictions use predict.tta once training ends: refuse a bad one before it starts.
+    resolve_tta(params.predict.tta, [dataclasses.asdict(params.augment)])
     return FoldData(train_set.classes, train_names, val_images, presence)
 
 

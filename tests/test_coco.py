@@ -434,8 +434,11 @@ def test_classes_from_matches_by_id_not_by_position(tmp_path: Path) -> None:
     train = coco.load_coco(write_coco(tmp_path / "train.json", cats((1, "cat"), (2, "cow")), []))
     path = write_coco(tmp_path / "truth.json", cats((2, "cow"), (1, "cat")), [ann(1, SQUARE, 2)])
     truth = coco.load_coco(path, classes_from=train)
-    coco.check_same_classes(train, truth)
     np.testing.assert_array_equal(mask_of(truth), expected_mask(path, {1: 2}))
+    # ...but the stages refuse the reordered json: loaded alone (a CLI score without --train-json) it
+    # would number the classes its own way.
+    with pytest.raises(UserError, match=r"truth\.json: lists category id 2 where .*train\.json lists id 1"):
+        coco.check_same_classes(train, truth)
 
 
 def test_same_classes_compares_names_per_id_and_refuses_extra_categories(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from pipeline.dataset import (
     build_train_loader,
     normalize,
 )
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.geometry import Geometry
 
 Data = tuple[Path, Path, list[str]]
@@ -165,6 +165,17 @@ def test_inference_loader_batches_equal_shapes_in_order(tmp_path: Path) -> None:
     assert [b.indexes for b in batches] == [[0, 1], [2], [3, 4], [5]]
     assert [tuple(b.images.shape) for b in batches][:2] == [(2, 3, 32, 32), (1, 3, 32, 64)]
     assert batches[1].shapes == [(32, 64)] and batches[0].masks is None
+
+
+def test_a_user_error_in_a_loader_worker_still_prints_as_one_line(data: Data) -> None:
+    images, _, names = data
+    records = [coco.ImageRecord(id=1, file_name=names[0], height=50, width=64)]
+    loader = build_inference_loader(ImageDataset(images, records, Geometry("squash", 32)), 1, num_workers=1)
+    with pytest.raises(UserError) as caught:
+        next(iter(loader))
+    assert "Original Traceback" in str(caught.value)  # what torch re-raises from the worker
+    line = one_line(caught.value)
+    assert line.endswith("json says 50x64") and "\n" not in line
 
 
 def test_image_dataset_checks_the_json_size(data: Data) -> None:

@@ -32,6 +32,8 @@ def test_squash_ignores_the_aspect_and_crop_keeps_it() -> None:
     assert Geometry("crop", 64).inference_shape(100, 50) == (128, 64)  # short side defaults to size
     augment = AugmentParams(size=96, resize="crop", short_side=200)
     assert geometry_of(augment) == Geometry("crop", 96, 200)
+    assert geometry_of(AugmentParams(size=96, resize="crop")) == Geometry("crop", 96, short_side=96)
+    assert geometry_of(AugmentParams(size=96, short_side=200)) == Geometry("squash", 96)
     assert Geometry.from_dict(geometry_of(augment).to_dict()) == geometry_of(augment)
 
 

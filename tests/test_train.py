@@ -31,7 +31,15 @@ from pipeline.errors import UserError
 from pipeline.losses import build_loss
 from pipeline.models import load_checkpoint
 from pipeline.runtime import Runtime, seed_everything, setup_runtime
-from pipeline.train import FoldPaths, build_train_state, evaluate, fit, lr_factor, train_one_epoch
+from pipeline.train import (
+    FoldPaths,
+    build_train_state,
+    evaluate,
+    fit,
+    load_fold_data,
+    lr_factor,
+    train_one_epoch,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 12
@@ -288,6 +296,14 @@ def test_val_every_validates_every_nth_and_the_last_epoch(dataset: Path, tmp_pat
     assert ["val_miou" in record for record in history] == [False, True, True]
     assert result["epoch"] in (1, 2)  # the best checkpoint comes from a validated epoch
     assert result["miou"] == max(history[1]["val_miou"], history[2]["val_miou"])
+
+
+def test_tta_the_training_never_saw_is_refused_before_training(dataset: Path, tmp_path: Path) -> None:
+    raw = {section: dict(values) for section, values in TINY.items()}
+    raw["augment"]["vflip"] = 0.0
+    raw["predict"]["tta"] = "flips"
+    with pytest.raises(UserError, match=r"predict.tta 'flips' .* augment.vflip = 0.0"):
+        load_fold_data(params_from_dict(raw), 0, _paths(dataset, tmp_path))
 
 
 def test_bad_class_weights_and_folds_are_user_errors(dataset: Path, tmp_path: Path) -> None:
