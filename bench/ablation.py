@@ -112,7 +112,7 @@ def run_ablation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         dvc(folder, ["repro", "leaderboard"], env, log)
         if name == "baseline":
             baseline_done.set()
-        score = pipeline_score(folder, apply(base, overrides))
+        score = pipeline_score(folder)
         print(f"  {name}: mIoU {score['miou']:.3f}, train stage {train_s / 60:.1f} min", flush=True)
         minutes = train_s / 60
         return {"overrides": overrides, "train_minutes": minutes, "reused_baseline": predict_only, **score}

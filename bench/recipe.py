@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
@@ -29,7 +28,6 @@ from tqdm import tqdm
 from pipeline import coco, metrics
 from pipeline.atomic import write_json
 from pipeline.folds import read_folds
-from pipeline.submission import score_submission
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["dvc.yaml", "pipeline", "stages"]  # what a workspace needs to run the stages, as tests/test_e2e.py
@@ -183,7 +181,7 @@ def run_budget(
         "train_minutes": train_s / 60,
         "loop_minutes": epochs * seconds_per_epoch / 60,
         "epochs": epochs,
-        **pipeline_score(work, params),
+        **pipeline_score(work),
     }
     plain_result["train_minutes"] = plain_result.pop("train_seconds") / 60
     return {
@@ -263,35 +261,22 @@ def train_stage(work: Path, params: dict[str, Any], fold: int, epochs: int, env:
     return dvc(work, ["repro", "-s", "-f", f"train@{fold}"], env, work / "logs" / "dvc.log")
 
 
-def pipeline_score(work: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """mIoU and per-class IoU of the leaderboard stage (computed from the submission if it lacks them)."""
+def pipeline_score(work: Path) -> dict[str, Any]:
+    """mIoU and per-class IoU of the leaderboard stage (`metrics/leaderboard.json`)."""
     board = json.loads((work / "metrics" / "leaderboard.json").read_text())
     if board.get("miou") is None:
         raise SystemExit(f"{work / 'metrics/leaderboard.json'}: not scored ({board.get('reason')})")
-    if "iou" not in board:
-        data = params["data"]
-        _, truth = load_sets(data)
-        order = params.get("submission", {}).get("rle_order", "column")
-        overlap = data.get("overlap", "area_desc")
-        board = score_submission(work / "submissions/submission.csv", truth, None, overlap, order=order)
     return {"miou": board["miou"], "iou": board["iou"]}
 
 
 def load_sets(data: dict[str, Any]) -> tuple[coco.CocoSet, coco.CocoSet]:
-    """(training set, test truth) loaded as the pipeline loads them, so both have its classes: background,
-    then the training json's categories in order (less unused ones where data.unused_categories says drop
-    and this load_coco has the keyword)."""
-    keywords = inspect.signature(coco.load_coco).parameters
+    """(training set, test truth) loaded as the pipeline's stages load them, so both have its classes."""
     on_bad = data.get("on_bad_annotation", "error")
-    options: dict[str, Any] = {"on_bad": on_bad}
-    if "unused" in keywords:
-        options["unused"] = data.get("unused_categories", "keep")
-    train = coco.load_coco(data["train_json"], data["root"], **options)
-    if "classes_from" in keywords:
-        truth = coco.load_coco(data["test_truth_json"], data["root"], on_bad, classes_from=train)
-    else:
-        truth = coco.load_coco(data["test_truth_json"], data["root"], **options)
-    coco.check_same_classes(train, truth)
+    unused = data.get("unused_categories", "keep")
+    train = coco.load_coco(data["train_json"], data["root"], on_bad, unused=unused)
+    truth = coco.load_with_training_classes(
+        data["test_truth_json"], data["train_json"], data["root"], on_bad, unused
+    )
     return train, truth
 
 
