@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test lint bench install clean-demo
+.PHONY: demo test test-fast lint bench install clean-demo
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: install
 
 test: install
 	pytest -q
+
+# The unit tests only: the `slow` ones (real stages under dvc, real training runs) are left out.
+test-fast: install
+	pytest -q -m "not slow"
 
 lint: install
 	ruff check .

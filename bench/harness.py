@@ -1,4 +1,5 @@
-"""What every benchmark shares: interleaved median timing, pinning to one core, demo training data."""
+"""What every benchmark shares: interleaved median timing, pinning to one core, demo training data, the
+predict stage's peak memory."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 from pipeline import coco
 from pipeline.config import DemoParams
 from pipeline.demo import generate_demo
-from pipeline.folds import class_presence
 
 PREDICT_STAGE = Path(__file__).resolve().parents[1] / "stages" / "predict.py"
 # Runs a stage script as `python stage ...` would, after importing the modules it uses, and writes two peak
@@ -58,14 +58,13 @@ def pin_to_one_core() -> None:
 def demo_training_data(root: Path, n_images: int, size: int) -> tuple[list[str], np.ndarray]:
     """Demo training images at `size` px under root/demo and their masks under root/masks.
 
-    Returns the file names and their class presence (bool (N, C)), as `fit` has them for a fold.
+    Returns the file names and their class presence (bool (N, C)), as the masks stage's manifest
+    records them and `fit` reads them for a fold.
     """
     generate_demo(root / "demo", DemoParams(n_train=n_images, n_test=1, image_size=size))
     train = coco.load_coco(root / "demo" / "train.json")
-    coco.write_masks(train, root / "masks")
-    names = [image.file_name for image in train.images]
-    masks = (coco.read_mask(root / "masks" / coco.mask_relpath(name)) for name in names)
-    return names, class_presence(masks, train.n_classes)
+    presence = coco.write_masks(train, root / "masks")
+    return [image.file_name for image in train.images], presence
 
 
 def predict_stage_rss(work: Path, args: list[str], log: Path) -> tuple[int, int]:

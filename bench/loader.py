@@ -1,11 +1,12 @@
 """Benchmark: training images per second per CPU core through the full input pipeline.
 
-JPEG + mask decoding, the training augmentations of params.yaml (at --size), the rarity-weighted elastic
-step and batch collation, through `build_train_loader` with num_workers=0 on one pinned core, on demo
-images generated at 512 px. Prints the median images/s over passes (target >= 40) and a per-step
-breakdown in ms per image.
+JPEG + mask decoding, the training augmentations of one model recipe of params.yaml (--model, default
+the first of its `models`; its augment section, at --size), the rarity-weighted elastic step and batch
+collation, through `build_train_loader` with num_workers=0 on one pinned core, on demo images generated
+at 512 px. Prints the median images/s over passes (target >= 40) and a per-step breakdown in ms per image.
 
     python bench/loader.py [--images 48] [--size 512] [--batch-size 8] [--repeats 3] [--params params.yaml]
+                           [--model NAME]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from harness import demo_training_data, pin_to_one_core
 from pipeline import coco
 from pipeline.config import AugmentParams, load_params
 from pipeline.dataset import SegmentationDataset, build_train_loader, normalize
+from pipeline.errors import run_main
 from pipeline.train import training_set
 
 TARGET_IMAGES_PER_S = 40.0
@@ -71,16 +73,29 @@ def breakdown(dataset: SegmentationDataset, batch_size: int) -> dict[str, float]
     return {k: v / len(outputs) * 1e3 for k, v in steps.items()}
 
 
+def recipe_augment(path: Path, model: str | None) -> tuple[str, AugmentParams]:
+    """(name, augment section) of recipe `model` (or the first) of the params file; the defaults if the
+    file does not exist."""
+    if not path.is_file():
+        if model is not None:
+            raise SystemExit(f"--model {model}: {path} not found")
+        return f"defaults ({path} not found)", AugmentParams()
+    params = load_params(path)
+    recipe = params.recipe(model or next(iter(params.models)))
+    return recipe.name, recipe.augment
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--size", type=int, default=512, help="training size (the demo images are 512 px)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="augment section to use")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the recipes' params file")
+    parser.add_argument("--model", help="the recipe whose augment section to use (default: the first)")
     args = parser.parse_args()
     pin_to_one_core()
-    base = load_params(args.params).augment if args.params.is_file() else AugmentParams()
+    recipe, base = recipe_augment(args.params, args.model)
     params = dataclasses.replace(base, size=args.size)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +105,10 @@ def main() -> None:
         rate = images_per_second(dataset, weights, args)
         steps = breakdown(dataset, args.batch_size)
 
-    print(f"{args.images} images 512 px -> {args.size} px, batch {args.batch_size}, one core, num_workers=0")
+    print(
+        f"{args.images} images 512 px -> {args.size} px, batch {args.batch_size}, one core, num_workers=0; "
+        f"augment of recipe {recipe}"
+    )
     mean_p = dataset.elastic_p.mean()
     print(f"elastic: {params.elastic_impl}, mean p {mean_p:.2f}; oversample: {params.oversample}")
     for name, ms in steps.items():
@@ -101,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,7 +5,9 @@ become 341x256 at the default), so the difference in peak RSS is the cost of pro
 writing a submission at the photo's own size: decoding it, the strip-wise resize + argmax
 (`geometry.resize_argmax`), RLE rows at 12 Mpixel. Without strips the native-size probabilities alone
 would take classes x 4000 x 3000 x 4 bytes (504 MiB for 11 classes). Runs `stages/predict.py` in a child
-process per photo (a randomly initialised checkpoint; figures are memory, not accuracy).
+process per photo, as the pipeline's predict stage runs it: one ensemble member (models/model/fold0/best.pt,
+a randomly initialised checkpoint; figures are memory, not accuracy) with weight 1 in a fitted-weights
+JSON, and a manifest per photo listing it as the only test image.
 
     python bench/native.py [--size 4000x3000] [--short-side 256] [--classes 11] [--workdir DIR]
 """
@@ -22,34 +24,40 @@ import yaml
 from PIL import Image
 
 from harness import predict_stage_rss
+from pipeline.coco import ImageRecord
 from pipeline.config import AugmentParams, ModelParams
+from pipeline.manifest import Manifest, write_manifest
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
 
 MB = 2**20
+MEMBER = "model"  # the recipe name params.yaml without a `models` section gets
 
 
 def make_project(work: Path, sizes: list[tuple[int, int]], n_classes: int, short_side: int) -> None:
-    """A photo and a test json per (width, height), one fold checkpoint and params.yaml."""
+    """A photo and a manifest per (width, height), one member's fold checkpoint, weights.json, params.yaml."""
     rng = np.random.default_rng(0)
     classes = ["background"] + [f"class {k}" for k in range(1, n_classes)]
-    categories = [{"id": k, "name": name} for k, name in enumerate(classes[1:], start=1)]
     (work / "data").mkdir(parents=True, exist_ok=True)
     for width, height in sizes:
         name = f"{width}x{height}.jpg"
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(work / "data" / name)
-        images = [{"id": 1, "file_name": name, "height": height, "width": width}]
-        (work / "data" / f"{width}x{height}.json").write_text(
-            json.dumps({"images": images, "categories": categories})
+        photo = ImageRecord(id=1, file_name=name, height=height, width=width)
+        manifest = Manifest(
+            classes, list(range(1, n_classes)), [], np.zeros((0, n_classes), bool), [photo], {}
         )
+        write_manifest(work / "data" / f"manifest_{width}x{height}.json", manifest)
     model_params = ModelParams(arch="Unet", encoder="resnet18")
     augment = AugmentParams(size=256, resize="crop", short_side=short_side, hflip=0.5)
     model = build_model(model_params, n_classes)
     save_checkpoint(
-        work / "models/fold0/best.pt", checkpoint_state(model, model_params, classes, augment, 0, 0.0, 0)
+        work / f"models/{MEMBER}/fold0/best.pt",
+        checkpoint_state(model, model_params, classes, augment, 0, 0.0, 0),
     )
+    weights = {"members": [MEMBER], "folds": [0], "classes": classes, "weights": [[1.0] * n_classes]}
+    (work / "weights.json").write_text(json.dumps(weights))
     params = {
         "split": {"n_splits": 2},
-        "train": {"folds": [0]},
+        "ensemble": {"folds": [0]},
         "predict": {"tta": "auto", "batch_size": 1, "num_workers": 0},
         "submission": {"format": "rle", "size": None},
     }
@@ -73,8 +81,8 @@ def main() -> None:
         make_project(work, sizes, args.classes, args.short_side)
         peaks = {}
         for w, h in sizes:
-            flags = ["--models", "models", "--root", "data", "--test-json", f"data/{w}x{h}.json"]
-            flags += ["--train-json", f"data/{w}x{h}.json", "--out", f"sub_{w}x{h}.csv"]
+            flags = ["--models", "models", "--weights", "weights.json", "--root", "data"]
+            flags += ["--manifest", f"data/manifest_{w}x{h}.json", "--out", f"sub_{w}x{h}.csv"]
             peaks[(w, h)] = predict_stage_rss(work, flags, work / f"predict_{w}x{h}.log")
     (small, large) = sizes
     print(

@@ -1,7 +1,8 @@
 """Benchmark: the predict stage's peak memory on N vs 4N test images, and its TTA + ensembling throughput.
 
 Memory: runs `stages/predict.py` in a child process on the first N and then all 4N demo test images
-(one randomly initialised checkpoint copied into every fold) and reads the child's peak RSS after its
+(an ensemble of --members models x --folds folds, one randomly initialised checkpoint copied into
+every (model, fold), merged with equal fitted weights) and reads the child's peak RSS after its
 imports and at the end. Prediction streams batch by batch, so the 4N run should peak no higher than
 the N run: target ratio <= 1.15 (total peak RSS). The growth above the imports' baseline is printed
 too, next to what keeping every image's probabilities would have added.
@@ -13,7 +14,8 @@ TTA x folds implies; their quotient is the cost of the merging itself. Other pro
 the CPU skew these timings; run it on an idle machine.
 
     python bench/predict.py [--images 8] [--image-size 256] [--input-size 128] [--out-size 256]
-                            [--folds 2] [--tta flips] [--batch-size 8] [--repeats 3] [--workdir DIR]
+                            [--members 2] [--folds 2] [--tta flips] [--batch-size 8] [--repeats 3]
+                            [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import Dataset
@@ -35,6 +38,7 @@ from pipeline import coco, infer
 from pipeline.config import AugmentParams, DemoParams, ModelParams
 from pipeline.dataset import ImageDataset, build_inference_loader
 from pipeline.demo import generate_demo
+from pipeline.manifest import Manifest, write_manifest
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
 
 TARGET_RSS_RATIO = 1.15
@@ -56,13 +60,17 @@ class Preloaded(Dataset):
 
 
 def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
-    """Demo test images, test jsons of N and 4N images, fold checkpoints and params.yaml; -> checkpoints."""
+    """Demo test images, manifests of N and 4N test images, (model, fold) checkpoints, fitted weights and
+    params.yaml; -> the first member's checkpoints."""
     demo = DemoParams(n_train=1, n_test=4 * args.images, image_size=args.image_size, max_objects=4)
     generate_demo(work / "data", demo)
-    test = json.loads((work / "data/test.json").read_text())
+    test = coco.load_coco(work / "data/test.json")
+    classes = test.classes
     for n in (args.images, 4 * args.images):
-        (work / f"data/test_{n}.json").write_text(json.dumps({**test, "images": test["images"][:n]}))
-    classes = coco.load_coco(work / "data/test.json").classes
+        manifest = Manifest(
+            classes, test.category_ids, [], np.zeros((0, len(classes)), bool), test.images[:n], {}
+        )
+        write_manifest(work / f"data/manifest_{n}.json", manifest)
     model_params = ModelParams(arch="Unet", encoder=args.encoder, decoder_channels=[128, 64, 32, 16, 8])
     state = checkpoint_state(
         build_model(model_params, len(classes)),
@@ -73,26 +81,30 @@ def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
         0.0,
         0,
     )
-    checkpoints = [work / f"models/fold{k}/best.pt" for k in range(args.folds)]
-    for path in checkpoints:
-        save_checkpoint(path, state)
+    members = [f"m{i}" for i in range(args.members)]
+    for name in members:
+        for k in range(args.folds):
+            save_checkpoint(work / f"models/{name}/fold{k}/best.pt", state)
+    weights = [[1.0 / len(members)] * len(classes) for _ in members]
+    fitted = {"members": members, "folds": list(range(args.folds)), "classes": classes, "weights": weights}
+    (work / "weights.json").write_text(json.dumps(fitted))
     params = {
         "split": {"n_splits": max(2, args.folds)},
-        "train": {"folds": list(range(args.folds))},
+        "ensemble": {"folds": list(range(args.folds))},
         "predict": {"tta": args.tta, "batch_size": args.batch_size, "num_workers": 0},
         "submission": {"format": "rle", "size": args.out_size},
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    return checkpoints
+    return [work / f"models/{members[0]}/fold{k}/best.pt" for k in range(args.folds)]
 
 
 def stage_peak_rss(work: Path, n: int) -> tuple[int, int]:
     """(peak RSS after imports, peak RSS of the whole run), in bytes, of `stages/predict.py` on `n` images."""
     flags = {
         "--models": "models",
+        "--weights": "weights.json",
         "--root": "data",
-        "--test-json": f"data/test_{n}.json",
-        "--train-json": "data/train.json",
+        "--manifest": f"data/manifest_{n}.json",
         "--out": f"sub_{n}.csv",
     }
     args = [part for flag in flags.items() for part in flag]
@@ -119,7 +131,7 @@ def throughput(work: Path, checkpoints: list[Path], args: argparse.Namespace) ->
     """(bare, pipeline) images per second on the same preloaded batches of 2N images."""
     ensemble = infer.load_ensemble(checkpoints)
     models = ensemble.models
-    records = coco.load_coco(work / f"data/test_{4 * args.images}.json").images[: 2 * args.images]
+    records = coco.load_coco(work / "data/test.json").images[: 2 * args.images]
     data = Preloaded(ImageDataset(work / "data", records, ensemble.geometry))
     batches = [batch.images for batch in build_inference_loader(data, args.batch_size, 0)]
     model = models[0]
@@ -149,7 +161,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="demo photo size (px)")
     parser.add_argument("--input-size", type=int, default=128, help="the checkpoint's model input size")
     parser.add_argument("--out-size", type=int, default=256, help="submission mask size")
-    parser.add_argument("--folds", type=int, default=2, help="fold checkpoints in the ensemble")
+    parser.add_argument("--members", type=int, default=2, help="models (recipes) in the ensemble")
+    parser.add_argument("--folds", type=int, default=2, help="fold checkpoints of each model")
     parser.add_argument("--tta", choices=list(infer.TTA_TRANSFORMS), default="flips")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -178,9 +191,11 @@ def report(
     ratio = peaks[large] / peaks[small]
     above = {n: (peaks[n] - imports) / mb for n in peaks}
     passes = len(infer.build_tta(args.tta)) * args.folds
+    stage_passes = passes * args.members
     status = "OK" if ratio <= TARGET_RSS_RATIO else "ABOVE TARGET"
     lines = [
-        f"predict stage: {args.folds} folds, tta {args.tta}, {args.image_size} px photos, "
+        f"predict stage: {args.members} models x {args.folds} folds ({stage_passes} passes per image), "
+        f"tta {args.tta}, {args.image_size} px photos, "
         f"{args.input_size} px model input, {args.out_size} px masks, batch {args.batch_size}; "
         f"medians of {args.repeats} runs",
         f"  peak RSS after imports     {imports / mb:8.1f} MB",

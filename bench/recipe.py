@@ -1,4 +1,9 @@
-"""Benchmark: the pipeline's own stages vs a plain 40-line training loop, same minutes on the same cores."""
+"""Benchmark: the pipeline's own stages vs a plain 40-line training loop, same minutes on the same cores.
+
+The pipeline side is one model recipe (the first of the params' `models`, or --model) trained on one
+fold through `dvc repro`, its single-member ensemble predicting the test set; the plain side trains on
+the same fold split and masks in its own process. Both are scored on the test truth at native size.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,10 @@ from tqdm import tqdm
 
 from pipeline import coco, metrics
 from pipeline.atomic import write_json
+from pipeline.config import Params, load_params, params_from_dict
+from pipeline.errors import UserError
 from pipeline.folds import read_folds
+from pipeline.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["dvc.yaml", "pipeline", "stages"]  # what a workspace needs to run the stages, as tests/test_e2e.py
@@ -39,17 +47,23 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 EPILOG = """\
-One workspace (dvc.yaml, pipeline/, stages/ copied; `dvc init --no-scm`) whose params.yaml is
---params with data.* pointed at DATA_DIR, split.n_splits = --n-splits, train.folds = [--fold] and
-submission.size = null (scored at each image's own size, like the plain loop); `dvc repro -s masks`,
-`-s split` once. For each budget: a calibration (`dvc repro -s train@k` with train.epochs = 1, timed);
-epochs = max(1, floor(budget / calibration seconds)); then the timed `dvc repro -s train@k` and `dvc repro
-leaderboard` (predict + score). Side by side, in its own process with the same torch thread count, the
-plain loop (Unet/ResNet-18 from scratch at 128 px, Adam 1e-3, cross-entropy, horizontal flips) trains on
-the same fold split and masks until its next epoch would pass the budget, then predicts the test set at
-128 px, upsampled to each image's size. Both are scored by one dataset-level confusion matrix.
+One workspace (dvc.yaml, pipeline/, stages/ copied; `dvc init --no-scm`) whose params.yaml is --params
+with data.* pointed at DATA_DIR, split.n_splits = --n-splits, `models` cut down to one recipe M (--model,
+default the first the file defines), ensemble.folds = [--fold] and submission.size = null (scored at each
+image's own size, like the plain loop); `dvc repro -s masks`, `-s split` once. For each budget: a
+calibration (`dvc repro -s -f train@M-k` with train.epochs = 1, then 1 + train.val_every, timed; a
+train.epochs of M's own is dropped: the benchmark sets the shared one); epochs = max(1, floor(budget /
+seconds per epoch)); then the timed `dvc repro -s -f train@M-k` and `dvc repro leaderboard` (oof@M-k,
+ensemble of the one member, predict, leaderboard). Per-class IoUs come from reports/leaderboard.json.
+Side by side, in its own process with the same torch thread count, the plain loop (Unet/ResNet-18 from
+scratch at 128 px, Adam 1e-3, cross-entropy, horizontal flips) trains on the fold split and masks the
+stages wrote (data/folds.csv, data/masks, the images of data/manifest.json) until its next epoch would
+pass the budget, then predicts the test set at 128 px, upsampled to each image's size. Both are scored
+by one dataset-level confusion matrix.
 
   python bench/recipe.py /work/shared/data/medical-waste --params configs/real-cpu.yaml --minutes 5 10
+  python bench/recipe.py /work/shared/data/medical-waste --params configs/real-cpu.yaml --model fpn \\
+      --minutes 5
 """
 
 
@@ -80,6 +94,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("data_dir", type=Path, help="train.json, test.json, test_truth.json, images")
     parser.add_argument("--params", type=Path, required=True, help="params file of the pipeline's run")
     parser.add_argument("--minutes", type=float, nargs="+", required=True, help="wall-clock budgets")
+    parser.add_argument("--model", help="the recipe of the params' `models` to train (default: the first)")
     parser.add_argument("--fold", type=int, default=0, help="the held-out fold both recipes leave out")
     parser.add_argument("--n-splits", type=int, default=5, help="folds of the split stage")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each recipe")
@@ -100,7 +115,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Set the workspace up, build masks and folds once, then run every budget; returns the results."""
     data_dir = args.data_dir.resolve()
-    params = workspace_params(yaml.safe_load(args.params.read_text()), data_dir, args.fold, args.n_splits)
+    models = "first" if args.model is None else [args.model]
+    raw = yaml.safe_load(args.params.read_text())
+    params = workspace_params(raw, data_dir, [args.fold], args.n_splits, models, source=str(args.params))
+    (model,) = params["models"]
     make_workspace(work)
     env = subprocess_env(args.threads)
     logs = work / "logs"
@@ -109,7 +127,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print(f"workspace {work}; dvc output streams to {dvc_log}")
     print(
         f"scoring: both recipes at each image's native size (workspace params: submission.size = null); "
-        f"fold {args.fold} of {args.n_splits} held out; {args.threads} torch thread(s) each, side by side"
+        f"pipeline: model recipe '{model}' alone; fold {args.fold} of {args.n_splits} held out; "
+        f"{args.threads} torch thread(s) each, side by side"
     )
     write_params(work, params)
     for stage in ("masks", "split"):
@@ -119,37 +138,39 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "data": str(data_dir),
         "params": str(args.params),
+        "model": model,
         "fold": args.fold,
         "n_splits": args.n_splits,
         "threads": args.threads,
         "submission_size": None,
         "budgets": [],
     }
-    seconds_per_epoch = calibrate(work, params, args.fold, env)
+    seconds_per_epoch = calibrate(work, params, model, args.fold, env)
     results["calibration"] = {"pipeline_seconds_per_epoch": seconds_per_epoch}
     for minutes in args.minutes:
-        budget = run_budget(work, params, args.fold, minutes, seconds_per_epoch, env)
+        budget = run_budget(work, params, model, args.fold, minutes, seconds_per_epoch, env)
         results["budgets"].append(budget)
         print_table(budget)
     return results
 
 
-def calibrate(work: Path, params: dict[str, Any], fold: int, env: dict[str, str]) -> float:
-    """Seconds one more epoch adds to the pipeline's train stage: runs of 1 and 1 + N epochs, N =
-    train.val_every, (difference) / N.
+def calibrate(work: Path, params: dict[str, Any], model: str, fold: int, env: dict[str, str]) -> float:
+    """Seconds one more epoch adds to the pipeline's train stage: runs of 1 and 1 + N epochs, N = the
+    recipe's train.val_every, (difference) / N.
 
     The difference leaves out what does not grow with epochs (start-up, reading the data, writing the
-    out-of-fold predictions) and keeps what does (training, and one validation per N epochs). The plain
-    loop trains alongside, so the figure is taken under the same two-process load as the real runs.
+    metrics) and keeps what does (training, and one validation per N epochs). The plain loop trains
+    alongside, so the figure is taken under the same two-process load as the real runs.
     """
-    n = int(params["train"].get("val_every", 1))
-    print(f"calibrating: the pipeline's train stage at 1 and {1 + n} epochs, the plain loop alongside")
+    n = checked(params, "workspace params").recipe(model).train.val_every
+    stage = train_stage_name(model, fold)
+    print(f"calibrating: the pipeline's {stage} stage at 1 and {1 + n} epochs, the plain loop alongside")
     with plain_loop(work, fold, math.inf, 2 + n, False, env, work / "logs" / "plain-calibration") as plain:
-        one = train_stage(work, params, fold, 1, env)
-        more = train_stage(work, params, fold, 1 + n, env)
+        one = train_stage(work, params, model, fold, 1, env)
+        more = train_stage(work, params, model, fold, 1 + n, env)
     per_epoch = max((more - one) / n, 1.0)
     print(
-        f"  pipeline train@{fold} stage: {one:.1f} s at 1 epoch, {more:.1f} s at {1 + n} -> "
+        f"  pipeline {stage} stage: {one:.1f} s at 1 epoch, {more:.1f} s at {1 + n} -> "
         f"{per_epoch:.1f} s per epoch; plain loop: {plain['train_seconds'] / plain['epochs']:.1f} s per epoch"
     )
     return per_epoch
@@ -158,6 +179,7 @@ def calibrate(work: Path, params: dict[str, Any], fold: int, env: dict[str, str]
 def run_budget(
     work: Path,
     params: dict[str, Any],
+    model: str,
     fold: int,
     minutes: float,
     seconds_per_epoch: float,
@@ -175,7 +197,7 @@ def run_budget(
     print(f"budget {minutes:g} min: pipeline {epochs} epochs; training both ({logs / 'dvc.log'}, ", end="")
     print(f"{logs / f'plain-{tag}.log'})")
     with plain_loop(work, fold, budget_s, None, True, env, logs / f"plain-{tag}") as plain_result:
-        train_s = train_stage(work, params, fold, epochs, env)
+        train_s = train_stage(work, params, model, fold, epochs, env)
         dvc(work, ["repro", "leaderboard"], env, logs / "dvc.log")
     pipeline_result = {
         "train_minutes": train_s / 60,
@@ -192,8 +214,30 @@ def run_budget(
     }
 
 
-def workspace_params(raw: dict[str, Any], data_dir: Path, fold: int, n_splits: int) -> dict[str, Any]:
-    """The workspace's params: `raw` with data.* at `data_dir`, one fold trained, native-size submission."""
+def checked(params: dict[str, Any], source: str) -> Params:
+    """`params` as the stages will read them; a mistake in them exits with the config's message."""
+    try:
+        return params_from_dict(params, source)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def workspace_params(
+    raw: dict[str, Any],
+    data_dir: Path,
+    folds: list[int],
+    n_splits: int,
+    models: str | list[str] = "first",
+    source: str = "params",
+) -> dict[str, Any]:
+    """The workspace's params: `raw` (a params file's contents) with data.* at `data_dir`, split.n_splits
+    = `n_splits`, ensemble.folds = `folds`, a native-size submission, and `models` cut down to the
+    recipes named: a list of names, "first" (the first `raw` defines; "model" where it has no `models`
+    section) or "all".
+
+    The kept recipes lose any train.epochs of their own, so the shared train.epochs (`with_epochs`) is
+    what every one trains. Exits with the config's message if the result is not valid params.
+    """
     params = copy.deepcopy(raw)
     params.setdefault("data", {}).update(
         root=str(data_dir),
@@ -202,9 +246,40 @@ def workspace_params(raw: dict[str, Any], data_dir: Path, fold: int, n_splits: i
         test_truth_json=str(data_dir / "test_truth.json"),
     )
     params.setdefault("split", {})["n_splits"] = n_splits
-    params.setdefault("train", {})["folds"] = [fold]
+    params.setdefault("ensemble", {})["folds"] = list(folds)
     params.setdefault("submission", {})["size"] = None  # score at each image's own size, like the plain loop
+    overrides = params.get("models", {"model": {}})  # config's default: one recipe of the shared sections
+    if not isinstance(overrides, dict) or not overrides:
+        checked(params, source)  # exits with the config's message
+        raise SystemExit(f"error: {source}: 'models' must map recipe names to their settings")
+    defined = list(overrides)
+    keep = {"first": defined[:1], "all": defined}[models] if isinstance(models, str) else models
+    unknown = [name for name in keep if name not in defined]
+    if unknown:
+        raise SystemExit(f"error: {source}: no model recipe '{unknown[0]}' (defined: {', '.join(defined)})")
+    params["models"] = {}
+    for name in keep:
+        override = copy.deepcopy(overrides.get(name) or {})
+        if (
+            isinstance(override, dict)
+            and isinstance(override.get("train"), dict)
+            and "epochs" in override["train"]
+        ):
+            print(f"note: models.{name}.train.epochs dropped: the benchmark sets train.epochs")
+            del override["train"]["epochs"]
+        params["models"][name] = override
+    checked(params, source)
     return params
+
+
+def with_epochs(params: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """A copy of workspace params with the shared train.epochs = `epochs` (every recipe's, see above)."""
+    return {**params, "train": {**params.get("train", {}), "epochs": epochs}}
+
+
+def train_stage_name(model: str, fold: int) -> str:
+    """The train stage of (model recipe, fold) in dvc.yaml's matrix."""
+    return f"train@{model}-{fold}"
 
 
 def make_workspace(work: Path) -> None:
@@ -253,31 +328,24 @@ def dvc(work: Path, args: list[str], env: dict[str, str], log: Path) -> float:
     return seconds
 
 
-def train_stage(work: Path, params: dict[str, Any], fold: int, epochs: int, env: dict[str, str]) -> float:
-    """Wall seconds of `dvc repro -s train@fold` with train.epochs = `epochs`, trained from scratch."""
-    write_params(work, {**params, "train": {**params["train"], "epochs": epochs}})
+def train_stage(
+    work: Path, params: dict[str, Any], model: str, fold: int, epochs: int, env: dict[str, str]
+) -> float:
+    """Wall seconds of `dvc repro -s -f train@model-fold` with train.epochs = `epochs`, from scratch."""
+    write_params(work, with_epochs(params, epochs))
     # The model dir persists for resuming: without it a run whose fingerprint matches would not train.
-    shutil.rmtree(work / "models" / f"fold{fold}", ignore_errors=True)
-    return dvc(work, ["repro", "-s", "-f", f"train@{fold}"], env, work / "logs" / "dvc.log")
+    shutil.rmtree(work / "models" / model / f"fold{fold}", ignore_errors=True)
+    stage = train_stage_name(model, fold)
+    return dvc(work, ["repro", "-s", "-f", stage], env, work / "logs" / "dvc.log")
 
 
 def pipeline_score(work: Path) -> dict[str, Any]:
-    """mIoU and per-class IoU of the leaderboard stage (`metrics/leaderboard.json`)."""
-    board = json.loads((work / "metrics" / "leaderboard.json").read_text())
+    """mIoU and per-class IoU of the leaderboard stage (its report, `reports/leaderboard.json`)."""
+    path = work / "reports" / "leaderboard.json"
+    board = json.loads(path.read_text())
     if board.get("miou") is None:
-        raise SystemExit(f"{work / 'metrics/leaderboard.json'}: not scored ({board.get('reason')})")
+        raise SystemExit(f"{path}: not scored ({board.get('reason')})")
     return {"miou": board["miou"], "iou": board["iou"]}
-
-
-def load_sets(data: dict[str, Any]) -> tuple[coco.CocoSet, coco.CocoSet]:
-    """(training set, test truth) loaded as the pipeline's stages load them, so both have its classes."""
-    on_bad = data.get("on_bad_annotation", "error")
-    unused = data.get("unused_categories", "keep")
-    train = coco.load_coco(data["train_json"], data["root"], on_bad, unused=unused)
-    truth = coco.load_with_training_classes(
-        data["test_truth_json"], data["train_json"], data["root"], on_bad, unused
-    )
-    return train, truth
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,19 +401,30 @@ def plain_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
-    data = yaml.safe_load((args.workspace / "params.yaml").read_text())["data"]
+    data = load_params(args.workspace / "params.yaml").data
 
-    train, truth = load_sets(data)
-    folds = read_folds(args.workspace / "data" / "folds.csv", train)
-    images = [image for image in train.images if folds[image.file_name] != args.fold]
+    # The training images, classes, folds and masks the stages wrote, as the train stage reads them.
+    manifest_path = args.workspace / "data" / "manifest.json"
+    manifest = read_manifest(manifest_path)
+    folds = read_folds(args.workspace / "data" / "folds.csv", manifest.train_names(), manifest_path)
+    images = [image for image in manifest.train if folds[image.file_name] != args.fold]
     masks = args.workspace / "data" / "masks"
-    x = torch.stack([to_input(coco.read_image(train.image_file(image))) for image in images])
+    x = torch.stack([to_input(coco.read_image(coco.image_path(data.root, im.file_name))) for im in images])
     y = torch.stack([to_target(coco.read_mask(masks / coco.mask_relpath(im.file_name))) for im in images])
-    print(f"plain loop: {len(images)} training images (fold != {args.fold}), {train.n_classes} classes")
-    model, epochs, seconds = plain_train(x, y, train.n_classes, args.budget_seconds, args.max_epochs)
+    n_classes = manifest.n_classes
+    print(f"plain loop: {len(images)} training images (fold != {args.fold}), {n_classes} classes")
+    model, epochs, seconds = plain_train(x, y, n_classes, args.budget_seconds, args.max_epochs)
     result: dict[str, Any] = {"epochs": epochs, "train_seconds": seconds}
     if not args.no_score:
-        cm = plain_confusion(model, truth, data.get("overlap", "area_desc"))
+        # The test truth with the training json's classes, loaded as the leaderboard stage loads it.
+        truth = coco.load_with_training_classes(
+            data.test_truth_json, data.train_json, data.root, data.on_bad_annotation, data.unused_categories
+        )
+        if truth.classes != manifest.classes:
+            raise SystemExit(
+                f"{data.test_truth_json}: classes {truth.classes} differ from {manifest.classes}"
+            )
+        cm = plain_confusion(model, truth, data.overlap)
         iou = metrics.iou_per_class(cm).tolist()
         result |= {"miou": metrics.mean_iou(cm), "iou": dict(zip(truth.classes, iou, strict=True))}
     write_json(args.out, result)
@@ -434,7 +513,7 @@ def print_table(budget: dict[str, Any]) -> None:
             + "  ".join(cells)
         )
     print(
-        "train min: pipeline = wall of `dvc repro -s train@k` (start-up, validation, OOF writing included; "
+        "train min: pipeline = wall of `dvc repro -s train@M-k` (start-up and validation included; "
         f"its epochs alone: {budget['pipeline']['loop_minutes']:.2f} min); plain = its epochs only"
     )
     print(f"ratio pipeline/plain: {budget['ratio']:.3f}\n")

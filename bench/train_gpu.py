@@ -1,10 +1,12 @@
 """Benchmark: GPU training img/s fed by the real data loader vs the same model fed from GPU memory.
 
-Trains the competition config (configs/trash.yaml: 512 px, bf16 autocast where supported, channels_last,
-its arch and encoder with random init) through `pipeline.train.train_one_epoch`, alternating per repeat:
-  real       one loader for all passes, as `fit` keeps one for the run (persistent workers, set_epoch
-             per pass): demo JPEGs generated at --size, their masks, the full training augmentation
-             with rare-class elastic, oversampling, pinned memory and non-blocking copies;
+Trains one model recipe of the competition config (configs/trash.yaml; --model, default its first
+recipe: 512 px, bf16 autocast where supported, channels_last, the recipe's arch and encoder with random
+init) through `pipeline.train.train_one_epoch`, alternating per repeat:
+  real       one loader for all passes, as `fit` keeps one for the run (runtime.num_workers persistent
+             workers, set_epoch per pass): demo JPEGs generated at --size, their masks, the recipe's
+             full training augmentation with rare-class elastic, oversampling, pinned memory and
+             non-blocking copies;
   synthetic  one random batch already on the GPU, so the loader costs nothing.
 A pass is one competition fold's epoch by default (2,617 training images x 4/5). Prints the median img/s
 of each, the workers' start-up (time to the first batch of the first pass, not in the medians) and
@@ -12,6 +14,7 @@ real / synthetic (target >= 0.9: the loader keeps the GPU fed).
 
     python bench/train_gpu.py                   # exits 0 with a message when there is no CUDA device
     python bench/train_gpu.py --steps 100 --workers 12 --batch-size 16 --compile
+    python bench/train_gpu.py --model segformer  # another recipe of configs/trash.yaml's `models`
     python bench/train_gpu.py --device cpu --arch Unet --encoder resnet18 --size 64 --steps 2  # smoke run
 """
 
@@ -30,8 +33,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from harness import demo_training_data
-from pipeline.config import Params, TrainParams, load_params
+from pipeline.config import Params, Recipe, TrainParams, load_params
 from pipeline.dataset import SegmentationDataset, build_train_loader
+from pipeline.errors import run_main
 from pipeline.losses import build_loss
 from pipeline.runtime import Runtime, setup_runtime
 from pipeline.train import TrainState, build_train_state, train_one_epoch, training_set
@@ -46,11 +50,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", type=Path, default=Path("configs/trash.yaml"), help="params to train")
-    parser.add_argument("--arch", help="override model.arch")
-    parser.add_argument("--encoder", help="override model.encoder")
-    parser.add_argument("--size", type=int, help="override augment.size (and the demo image size)")
-    parser.add_argument("--batch-size", type=int, help="override train.batch_size")
-    parser.add_argument("--workers", type=int, help="override train.num_workers")
+    parser.add_argument("--model", help="the recipe of the config's `models` to train (default: the first)")
+    parser.add_argument("--arch", help="override the recipe's model.arch")
+    parser.add_argument("--encoder", help="override the recipe's model.encoder")
+    parser.add_argument("--size", type=int, help="override the recipe's augment.size (and the demo images')")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's train.batch_size")
+    parser.add_argument("--workers", type=int, help="override runtime.num_workers (loader workers)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     parser.add_argument("--steps", type=int, help=f"batches per timed pass (default: {EPOCH_IMAGES} images)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes of each kind (median)")
@@ -63,27 +68,27 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device (torch.cuda.is_available() is False); run this on a GPU machine")
         return
-    params = bench_params(load_params(args.config), args)
-    runtime = setup_runtime(params.train, device=args.device)
-    train = params.train
+    recipe, workers = bench_recipe(load_params(args.config), args)
+    runtime = setup_runtime(recipe.train, workers, device=args.device)
+    train = recipe.train
     steps = train.max_batches
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
-        f"{device_name}: {params.model.arch}/{params.model.encoder}, "
-        f"{params.augment.size} px, batch {train.batch_size}, {train.num_workers} workers, "
+        f"{device_name}: recipe {recipe.name}, {recipe.model.arch}/{recipe.model.encoder}, "
+        f"{recipe.augment.size} px, batch {train.batch_size}, {workers} workers, "
         f"amp {runtime.amp_dtype}, channels_last {runtime.channels_last}, compile {train.compile}, "
         f"{steps} steps per pass"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        dataset, weights, n_classes = demo_dataset(Path(tmp), params, args.images, steps * train.batch_size)
-        state = build_train_state(params, n_classes, runtime, total_steps=10**6, resume=None)
+        dataset, weights, n_classes = demo_dataset(Path(tmp), recipe, args.images, steps * train.batch_size)
+        state = build_train_state(recipe, n_classes, runtime, total_steps=10**6, resume=None)
         loss_fn = build_loss(train.losses, train.class_weights).to(runtime.device)
-        synthetic = synthetic_batches(runtime, train.batch_size, params.augment.size, n_classes, steps)
+        synthetic = synthetic_batches(runtime, train.batch_size, recipe.augment.size, n_classes, steps)
 
         pin = runtime.device.type == "cuda"
         loader = FirstBatchTimer(
-            build_train_loader(dataset, train.batch_size, train.num_workers, weights, seed=0, pin_memory=pin)
+            build_train_loader(dataset, train.batch_size, workers, weights, seed=0, pin_memory=pin)
         )
 
         # Warm-up: cuDNN autotuning (and compilation), the workers' start, and the images into the page
@@ -128,36 +133,39 @@ class FirstBatchTimer:
             yield batch
 
 
-def bench_params(params: Params, args: argparse.Namespace) -> Params:
-    """The config with the command line's overrides; encoder weights are never downloaded here."""
+def bench_recipe(params: Params, args: argparse.Namespace) -> tuple[Recipe, int]:
+    """(the recipe --model names, or the config's first, with the command line's overrides; the loader
+    workers: runtime.num_workers or --workers). No pretrained weights (encoder or whole-model) are loaded."""
+    recipe = params.recipe(args.model or next(iter(params.models)))
     model = dataclasses.replace(
-        params.model,
-        arch=args.arch or params.model.arch,
-        encoder=args.encoder or params.model.encoder,
+        recipe.model,
+        arch=args.arch or recipe.model.arch,
+        encoder=args.encoder or recipe.model.encoder,
         encoder_weights=None,
+        from_pretrained=None,
     )
-    aug = dataclasses.replace(params.augment, size=args.size or params.augment.size)
+    aug = dataclasses.replace(recipe.augment, size=args.size or recipe.augment.size)
     train = dataclasses.replace(
-        params.train,
-        batch_size=args.batch_size or params.train.batch_size,
-        num_workers=params.train.num_workers if args.workers is None else args.workers,
-        compile=args.compile or params.train.compile,
+        recipe.train,
+        batch_size=args.batch_size or recipe.train.batch_size,
+        compile=args.compile or recipe.train.compile,
     )
     train = dataclasses.replace(train, max_batches=args.steps or max(1, EPOCH_IMAGES // train.batch_size))
-    return dataclasses.replace(params, model=model, augment=aug, train=train)
+    workers = params.runtime.num_workers if args.workers is None else args.workers
+    return dataclasses.replace(recipe, model=model, augment=aug, train=train), workers
 
 
 def demo_dataset(
-    root: Path, params: Params, n_images: int, length: int
+    root: Path, recipe: Recipe, n_images: int, length: int
 ) -> tuple[SegmentationDataset, np.ndarray | None, int]:
     """Demo images and masks at the training size, as the training Dataset of `fit`, cycled to `length`.
 
     Returns (dataset, per-item oversampling weights or None, number of classes).
     """
-    names, presence = demo_training_data(root, n_images, params.augment.size)
+    names, presence = demo_training_data(root, n_images, recipe.augment.size)
     cycle = [i % len(names) for i in range(length)]
     dataset, weights = training_set(
-        params.augment, root / "demo", [names[i] for i in cycle], root / "masks", presence[cycle]
+        recipe.augment, root / "demo", [names[i] for i in cycle], root / "masks", presence[cycle]
     )
     return dataset, weights, presence.shape[1]
 
@@ -188,4 +196,4 @@ def timed_pass(
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

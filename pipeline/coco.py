@@ -385,11 +385,18 @@ def check_images(coco: CocoSet) -> None:
         read_image(coco.image_file(image), (image.height, image.width))
 
 
-def write_masks(coco: CocoSet, out_dir: str | Path, overlap: Overlap = "area_desc") -> None:
-    """Check each image of `coco` and write its semantic mask to `out_dir/mask_relpath(file_name)`."""
-    for image in tqdm(coco.images, desc=f"masks for {coco.path.name}", unit="img"):
+def write_masks(coco: CocoSet, out_dir: str | Path, overlap: Overlap = "area_desc") -> np.ndarray:
+    """Check each image of `coco` and write its semantic mask to `out_dir/mask_relpath(file_name)`.
+
+    Returns bool (len(coco.images), n_classes): the classes each mask holds (column 0 background).
+    """
+    presence = np.zeros((len(coco.images), coco.n_classes), dtype=bool)
+    for row, image in enumerate(tqdm(coco.images, desc=f"masks for {coco.path.name}", unit="img")):
         read_image(coco.image_file(image), (image.height, image.width))
-        write_mask(Path(out_dir) / mask_relpath(image.file_name), rasterize(coco, image, overlap))
+        mask = rasterize(coco, image, overlap)
+        presence[row, np.unique(mask)] = True
+        write_mask(Path(out_dir) / mask_relpath(image.file_name), mask)
+    return presence
 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -84,19 +85,21 @@ class ModelParams:
     # null (random init), "imagenet" (downloaded by smp), or a path to a local state-dict file.
     encoder_weights: str | None = None
     decoder_channels: list[int] | None = None
+    # A whole smp model saved with `save_pretrained` (a local folder, or a Hugging Face hub id fetched
+    # once): arch and encoder then come from its config.json and its weights initialise the model.
+    from_pretrained: str | None = None
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    """The training loop, run once per fold (stage `train@k`)."""
+    """The training loop of one (model, fold): only settings that shape the trained weights."""
 
-    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    # Processes per node for DDP: above 1, stages/train.py starts that many workers under torchrun.
-    nproc: int = 1
     epochs: int = 30
     batch_size: int = 8
     accumulate: int = 1
     lr: float = 3e-4
+    # The encoder's lr (null: train.lr): a pretrained encoder often wants a smaller one than the decoder.
+    encoder_lr: float | None = None
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     # After warmup: cosine decay to 0 over the run, or the base lr throughout.
@@ -107,10 +110,43 @@ class TrainParams:
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
-    num_workers: int = 4
     val_every: int = 1  # validate every N epochs (and always after the last)
     seed: int = 42
     max_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """How a train stage runs, not what it learns: changing these re-runs nothing and keeps resume state."""
+
+    # Processes per node for DDP: above 1, stages/train.py starts that many workers under torchrun.
+    nproc: int = 1
+    num_workers: int = 4  # training and validation loader workers
+
+
+@dataclass(frozen=True)
+class EnsembleParams:
+    """Which folds every model trains, and how the members' weights are fitted (stage `ensemble`)."""
+
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # Weights on a simplex grid of this step (0.1: 11 candidates for 2 models, 66 for 3), chosen by OOF mIoU.
+    grid_step: float = 0.1
+    # false: one weight per model; true: one per (model, class), by coordinate ascent from the former.
+    per_class: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One named model: the shared model/augment/train sections with its own overrides applied."""
+
+    name: str
+    model: ModelParams
+    augment: AugmentParams
+    train: TrainParams
+
+
+RECIPE_SECTIONS = ("model", "augment", "train")
+_RECIPE_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 @dataclass(frozen=True)
@@ -121,7 +157,6 @@ class PredictParams:
     # model never saw in training is refused (see infer.resolve_tta).
     tta: Literal["auto", "none", "hflip", "vflip", "flips", "d4"] = "auto"
     scales: list[float] = field(default_factory=lambda: [1.0])
-    fold_weights: list[float] | None = None
     batch_size: int = 8
     num_workers: int = 2
     # Mixed precision on CUDA (bf16, or fp16 where the GPU lacks bf16, e.g. a T4); false: float32.
@@ -144,11 +179,25 @@ class Params:
     demo: DemoParams = field(default_factory=DemoParams)
     data: DataParams = field(default_factory=DataParams)
     split: SplitParams = field(default_factory=SplitParams)
+    # Shared defaults of every model recipe (params.yaml's `models` overrides them per model).
     augment: AugmentParams = field(default_factory=AugmentParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    ensemble: EnsembleParams = field(default_factory=EnsembleParams)
     predict: PredictParams = field(default_factory=PredictParams)
     submission: SubmissionParams = field(default_factory=SubmissionParams)
+    # The named model recipes, resolved; params.yaml without a `models` section has one, "model".
+    models: dict[str, Recipe] = field(default_factory=dict)
+
+    def recipe(self, name: str) -> Recipe:
+        """The recipe called `name`, or a UserError listing the names params.yaml defines."""
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UserError(
+                f"params: no model recipe '{name}' in 'models' (defined: {', '.join(self.models)})"
+            ) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -164,10 +213,61 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
-    """Build `Params` from a nested dict, checking every key and type."""
-    params = _build(Params, raw, source, prefix="")
+    """Build `Params` from a nested dict, checking every key and type, and resolve the model recipes."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the top level must be a mapping, got {raw!r}")
+    overrides = raw.get("models", {"model": {}})
+    shared = {key: value for key, value in raw.items() if key != "models"}
+    params = _build(Params, shared, source, prefix="")
+    params = dataclasses.replace(params, models=_resolve_recipes(shared, overrides, source))
     _check_consistency(params, source)
     return params
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    """The plain dict `params_from_dict` reads back as `params` (each recipe written out in full)."""
+    raw = {
+        f.name: dataclasses.asdict(getattr(params, f.name))
+        for f in dataclasses.fields(params)
+        if f.name != "models"
+    }
+    raw["models"] = {
+        name: {section: dataclasses.asdict(getattr(recipe, section)) for section in RECIPE_SECTIONS}
+        for name, recipe in params.models.items()
+    }
+    return raw
+
+
+def _resolve_recipes(shared: dict[str, Any], overrides: Any, source: str) -> dict[str, Recipe]:
+    """Each `models.<name>` entry merged over the shared model/augment/train sections, type-checked."""
+    if not isinstance(overrides, dict) or not overrides:
+        raise UserError(f"{source}: 'models' must map recipe names to their settings, got {overrides!r}")
+    recipes = {}
+    for name, override in overrides.items():
+        if not isinstance(name, str) or not _RECIPE_NAME.fullmatch(name):
+            raise UserError(f"{source}: model name {name!r} must be letters, digits and _ (it names stages)")
+        override = {} if override is None else override
+        prefix = f"models.{name}"
+        if not isinstance(override, dict):
+            raise UserError(f"{source}: '{prefix}' must be a mapping, got {override!r}")
+        unknown = sorted(set(override) - set(RECIPE_SECTIONS))
+        if unknown:
+            raise UserError(
+                f"{source}: unknown key '{prefix}.{unknown[0]}' "
+                f"(valid keys here: {', '.join(RECIPE_SECTIONS)})"
+            )
+        hints = typing.get_type_hints(Recipe)
+        sections = {}
+        for section in RECIPE_SECTIONS:
+            base, own = shared.get(section) or {}, override.get(section) or {}
+            for key, what in ((section, base), (f"{prefix}.{section}", own)):
+                if not isinstance(what, dict):
+                    raise UserError(f"{source}: '{key}' must be a mapping, got {what!r}")
+            # Shared keys were checked already; an error here names the recipe's own key.
+            _build(hints[section], own, source, prefix=f"{prefix}.{section}.")
+            sections[section] = _build(hints[section], {**base, **own}, source, prefix=f"{section}.")
+        recipes[name] = Recipe(name=name, **sections)
+    return recipes
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -264,33 +364,37 @@ _RANGES: dict[str, Rule] = {
     "model.decoder_channels": (lambda v: len(v) > 0 and all(c >= 1 for c in v), "non-empty, all at least 1"),
     "split.seed": _AT_LEAST_0,
     "train.seed": _AT_LEAST_0,  # numpy's SeedSequence takes no negative entropy
-    "train.nproc": _AT_LEAST_1,
     "train.epochs": _AT_LEAST_1,
     "train.batch_size": _AT_LEAST_1,
     "train.accumulate": _AT_LEAST_1,
     "train.lr": _POSITIVE,
+    "train.encoder_lr": _POSITIVE,
     "train.weight_decay": _AT_LEAST_0,
     "train.warmup_epochs": _AT_LEAST_0,
     "train.grad_clip": _POSITIVE,
     "train.losses": (lambda v: _WEIGHTS[0](list(v.values())), "weights all >= 0, some > 0"),
     "train.class_weights": _WEIGHTS,
-    "train.num_workers": _AT_LEAST_0,
     "train.val_every": _AT_LEAST_1,
     "train.max_batches": _AT_LEAST_1,
+    "runtime.nproc": _AT_LEAST_1,
+    "runtime.num_workers": _AT_LEAST_0,
+    "ensemble.grid_step": (lambda v: 0 < v <= 1 and abs(round(1 / v) * v - 1) < 1e-9, "1/n for an integer n"),
     "predict.scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "non-empty, all greater than 0"),
-    "predict.fold_weights": _WEIGHTS,
     "predict.batch_size": _AT_LEAST_1,
     "predict.num_workers": _AT_LEAST_0,
     "submission.size": _POSITIVE,
 }
 
 
-def _check_ranges(params: Params, source: str) -> None:
+def _check_ranges(sections: Any, source: str, prefix: str = "") -> None:
+    """Check the _RANGES of each section `sections` has (Params, or a Recipe with prefix models.<name>.)."""
     for key, (rule, what) in _RANGES.items():
         section, name = key.split(".")
-        value = getattr(getattr(params, section), name)
+        if not hasattr(sections, section):
+            continue
+        value = getattr(getattr(sections, section), name)
         if value is not None and not rule(value):
-            raise UserError(f"{source}: '{key}' must be {what}, got {value!r}")
+            raise UserError(f"{source}: '{prefix}{key}' must be {what}, got {value!r}")
 
 
 def _check_consistency(params: Params, source: str) -> None:
@@ -299,21 +403,29 @@ def _check_consistency(params: Params, source: str) -> None:
     n = params.split.n_splits
     if n < 2:
         raise UserError(f"{source}: 'split.n_splits' must be at least 2, got {n}")
-    bad = [k for k in params.train.folds if not 0 <= k < n]
+    folds = params.ensemble.folds
+    bad = [k for k in folds if not 0 <= k < n]
     if bad:
         raise UserError(
-            f"{source}: 'train.folds' names fold {bad[0]}, but split.n_splits is {n} (folds 0..{n - 1})"
+            f"{source}: 'ensemble.folds' names fold {bad[0]}, but split.n_splits is {n} (folds 0..{n - 1})"
         )
-    if len(set(params.train.folds)) != len(params.train.folds):
-        raise UserError(f"{source}: 'train.folds' lists a fold twice: {params.train.folds}")
-    fw = params.predict.fold_weights
-    if fw is not None and len(fw) != len(params.train.folds):
+    if not folds or len(set(folds)) != len(folds):
+        raise UserError(f"{source}: 'ensemble.folds' must list each fold once, got {folds}")
+    if len(params.models) > 1 and len(folds) < 2:
+        # Each fold's weights are fitted on the other folds; with one fold there is nothing to fit on.
         raise UserError(
-            f"{source}: 'predict.fold_weights' has {len(fw)} weights for {len(params.train.folds)} folds"
+            f"{source}: 'ensemble.folds' needs at least 2 folds to fit the weights of "
+            f"{len(params.models)} models honestly (cross-validated), got {folds}"
         )
-    if params.augment.size % 32:
-        raise UserError(
-            f"{source}: 'augment.size' must be divisible by 32 (encoder strides), got {params.augment.size}"
-        )
-    if not 0 <= params.augment.elastic_p_min <= params.augment.elastic_p_max <= 1:
-        raise UserError(f"{source}: need 0 <= augment.elastic_p_min <= augment.elastic_p_max <= 1")
+    for recipe in params.models.values():
+        prefix = f"models.{recipe.name}."
+        _check_ranges(recipe, source, prefix)
+        if recipe.augment.size % 32:
+            raise UserError(
+                f"{source}: '{prefix}augment.size' must be divisible by 32 (encoder strides), "
+                f"got {recipe.augment.size}"
+            )
+        if not 0 <= recipe.augment.elastic_p_min <= recipe.augment.elastic_p_max <= 1:
+            raise UserError(
+                f"{source}: need 0 <= {prefix}augment.elastic_p_min <= {prefix}augment.elastic_p_max <= 1"
+            )

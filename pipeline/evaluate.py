@@ -60,7 +60,7 @@ class OofResult:
     confusion: np.ndarray  # int64 (C, C) over every evaluated image, rows truth
     fold_confusion: dict[int, np.ndarray]  # the same per fold
     scores: list[ImageScore]  # per evaluated image, in folds.csv order
-    n_skipped: int  # images of folds not in train.folds (no OOF prediction expected)
+    n_skipped: int  # images of folds not in ensemble.folds (no OOF prediction expected)
 
 
 def evaluate_oof(
@@ -98,12 +98,12 @@ def evaluate_oof(
         fold_confusion[fold] += cm
         scores.append(ImageScore(image_id, fold, metrics.mean_iou(cm)))
     if not scores:
-        raise UserError(f"{oof_dir}: no out-of-fold predictions to score (train.folds: {sorted(trained)})")
+        raise UserError(f"{oof_dir}: no out-of-fold predictions to score (ensemble.folds: {sorted(trained)})")
     return OofResult(confusion, fold_confusion, scores, n_skipped)
 
 
 def oof_path(oof_dir: str | Path, image_id: str, fold: int) -> Path:
-    """Where the training stage of fold `fold` writes the prediction of `image_id`."""
+    """Where the label of `image_id` (held out in fold `fold`) is: the ensemble stage's layout."""
     return Path(oof_dir) / f"fold{fold}" / coco.mask_relpath(image_id)
 
 
@@ -113,14 +113,14 @@ def read_pair(
     """(truth, prediction) uint8 masks of one image at the prediction's size (checked against `size`)."""
     pred_path = oof_path(oof_dir, image_id, fold)
     if not pred_path.is_file():
-        raise UserError(f"{pred_path}: out-of-fold prediction not found (re-run train@{fold})")
+        raise UserError(f"{pred_path}: out-of-fold prediction not found (re-run the ensemble stage)")
     pred = coco.read_mask(pred_path)
     truth = coco.read_mask(Path(masks_dir) / coco.mask_relpath(image_id))
     expected = truth.shape if size is None else (size, size)
     if pred.shape != expected:
         raise UserError(
             f"{pred_path}: prediction is {pred.shape[0]}x{pred.shape[1]}, expected "
-            f"{expected[0]}x{expected[1]} (written by an older trashseg? re-run the train stages)"
+            f"{expected[0]}x{expected[1]} (written by an older trashseg? re-run the ensemble stage)"
         )
     if truth.shape != pred.shape:
         truth = cv2.resize(truth, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)

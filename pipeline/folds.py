@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-from pipeline import coco
 from pipeline.errors import UserError
 
 
@@ -79,8 +78,8 @@ def fold_class_counts(
     )
 
 
-def read_folds(path: str | Path, train: coco.CocoSet) -> dict[str, int]:
-    """folds.csv (image_id,fold) -> {image_id: fold}; it must list exactly the images of `train`."""
+def read_folds(path: str | Path, file_names: Iterable[str], source: str | Path) -> dict[str, int]:
+    """folds.csv (image_id,fold) -> {image_id: fold}; it must list exactly `file_names` (from `source`)."""
     path = Path(path)
     try:
         # Image ids are file names: none is a missing value, not even one called "NA" or "null".
@@ -99,10 +98,10 @@ def read_folds(path: str | Path, train: coco.CocoSet) -> dict[str, int]:
     folds = {
         str(image_id): int(fold) for image_id, fold in zip(table["image_id"], table["fold"], strict=True)
     }
-    names = set(train.by_file_name())
+    names = set(file_names)
     stray = next((name for name in folds if name not in names), None)
     missing = next((name for name in names if name not in folds), None)
     if stray is not None or missing is not None:
         example = stray if stray is not None else missing
-        raise UserError(f"{path}: does not match {train.path} (e.g. '{example}'); re-run the split stage")
+        raise UserError(f"{path}: does not match {source} (e.g. '{example}'); re-run the split stage")
     return folds

@@ -106,7 +106,7 @@ def normalise_weights(weights: Sequence[float] | None, n_models: int) -> list[fl
     if weights is None:
         return [1.0 / n_models] * n_models
     if len(weights) != n_models:
-        raise UserError(f"predict.fold_weights: {len(weights)} weights for {n_models} models")
+        raise UserError(f"ensemble weights: {len(weights)} weights for {n_models} models")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(
             f"predict.fold_weights: weights must be >= 0 with a positive sum, got {list(weights)}"
@@ -175,6 +175,68 @@ def predict_probabilities(
         probs = _predict_batch(members, shares, images, scales, amp)
         for index, (h, w), image_probs in zip(batch.indexes, batch.shapes, probs, strict=True):
             yield index, image_probs[:, :h, :w]
+
+
+def merge_probabilities(probs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of members' (C, h_m, w_m) probabilities at the largest member's (h, w).
+
+    weights: (M, C), one weight per member and class (a per-model weight repeated over classes). The
+    smaller members are resized bilinearly first (as predict resizes to the output size: resizing is
+    linear, so merging first and resizing once later gives the same result). Returns (C, h, w) float32.
+    """
+    shape = max((p.shape[-2:] for p in probs), key=lambda s: s[0] * s[1])
+    total = torch.zeros((probs[0].shape[0], *shape), dtype=torch.float32, device=probs[0].device)
+    for member_probs, member_weights in zip(probs, weights, strict=True):
+        if member_probs.shape[-2:] != shape:
+            member_probs = _resize(member_probs[None], tuple(shape))[0]
+        total += member_weights.to(total)[:, None, None] * member_probs
+    return total
+
+
+@dataclass(frozen=True)
+class Member:
+    """One ensemble member at inference: its fold models and how they see an image."""
+
+    name: str
+    folds: Ensemble  # the member's fold models (equal weights), classes and geometry
+    tta: str  # resolved TTA name
+
+
+def predict_members(
+    members: Sequence[Member],
+    weights: torch.Tensor,
+    root: str | Path,
+    images: Sequence[coco.ImageRecord],
+    scales: Sequence[float],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    amp: bool = True,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (index into `images`, (C, h, w) merged probabilities) per image, in order, streaming.
+
+    Each member averages its fold models with its own TTA at its own geometry (`predict_probabilities`);
+    the members' probabilities are then merged with `weights` (M, C) at the largest member's shape
+    (`merge_probabilities`). One image per member is held at a time (plus each member's batch).
+    """
+    streams = [
+        predict_probabilities(
+            member.folds.models,
+            None,
+            ImageDataset(root, images, member.folds.geometry),
+            member.tta,
+            scales,
+            batch_size,
+            num_workers,
+            device,
+            amp,
+        )
+        for member in members
+    ]
+    for outputs in zip(*streams, strict=True):
+        index = outputs[0][0]
+        assert all(other[0] == index for other in outputs), "members yield images in the same order"
+        yield index, merge_probabilities([probs for _, probs in outputs], weights.to(device))
 
 
 def predict_images(

@@ -1,9 +1,11 @@
-"""segmentation-models-pytorch model factory and self-describing checkpoints."""
+"""segmentation-models-pytorch model factory, optimizer parameter groups and self-describing checkpoints."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
+import json
 import pickle
 import re
 import zipfile
@@ -11,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
+import timm
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
+from segmentation_models_pytorch.base import SegmentationModel
 from torch import nn
 
 from pipeline.atomic import atomic_path
@@ -27,47 +33,228 @@ ARCHITECTURES: dict[str, type[nn.Module]] = smp.MODEL_ARCHITECTURES_MAPPING
 # Wrappers add these to parameter names: DistributedDataParallel and torch.compile respectively.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
+# What smp's save_pretrained writes (huggingface_hub's PyTorchModelHubMixin file names).
+_CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "model.safetensors"
+# A Hugging Face hub repo id: owner/name, no leading "." "/" "~" (those are local paths).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
 
 def build_model(model_params: ModelParams, n_classes: int) -> nn.Module:
     """Create the smp model that outputs `n_classes` logits per pixel (N, n_classes, H, W).
 
     `model.encoder_weights` is None (random init), a name smp knows for the encoder such as
     "imagenet" (smp downloads it), or a path to a local state-dict file (.pt/.pth or .safetensors)
-    that is loaded into `model.encoder`, which works offline.
+    that is loaded into `model.encoder`, which works offline. With `model.from_pretrained` the whole
+    model comes from an smp `save_pretrained` folder (or hub id) instead: see `load_pretrained`.
     """
+    if model_params.from_pretrained is not None:
+        for key in ("encoder_weights", "decoder_channels"):
+            if getattr(model_params, key) is not None:
+                raise UserError(
+                    f"params: model.{key} does not apply with model.from_pretrained (its config.json "
+                    "fixes the model and its weights initialise it): leave it null"
+                )
+        return load_pretrained(model_params.from_pretrained, n_classes)
     arch = model_params.arch
-    if arch.lower() not in ARCHITECTURES:
-        valid = ", ".join(cls.__name__ for cls in ARCHITECTURES.values())
-        raise UserError(f"params: model.arch '{arch}' is not an smp architecture (valid: {valid})")
+    check_arch(arch, "params: model.arch")
     encoder = model_params.encoder
-    if not encoder.startswith("tu-") and encoder not in smp.encoders.encoders:
+    check_encoder(encoder)
+
+    weights = model_params.encoder_weights
+    local_weights = weights is not None and not _is_named_weights(encoder, weights)
+    init: dict[str, Any] = {
+        "encoder_name": encoder,
+        "encoder_weights": None if local_weights else weights,
+        "classes": n_classes,
+    }
+    if model_params.decoder_channels is not None:
+        init["decoder_channels"] = _decoder_channels(arch, model_params.decoder_channels)
+    model = _create(arch, init, f"params: model {arch}/{encoder}")
+    if local_weights:
+        load_encoder_weights(model.encoder, Path(weights), encoder)
+    return model
+
+
+def check_model_params(model_params: ModelParams) -> None:
+    """Everything `build_model` would refuse, found without training or downloading: arch, encoder,
+    settings the arch rejects, a missing local weights file or pretrained folder (a UserError)."""
+    pretrained = model_params.from_pretrained
+    if pretrained is not None:
+        if Path(pretrained).expanduser().exists() or not _HUB_ID.fullmatch(pretrained):
+            load_pretrained(pretrained, n_classes=2)  # local: reads config.json and the weights
+        return
+    weights = model_params.encoder_weights
+    local = weights is not None and not _is_named_weights(model_params.encoder, weights)
+    if local and not Path(weights).is_file():
+        raise UserError(f"{weights}: encoder weights file not found (params: model.encoder_weights)")
+    # A random-init build catches every arch/encoder/setting mismatch in about a second, offline.
+    build_model(dataclasses.replace(model_params, encoder_weights=None), n_classes=2)
+
+
+def check_arch(arch: str, where: str) -> None:
+    """Refuse an architecture smp's registry lacks (names are case-insensitive, as in smp.create_model)."""
+    if not isinstance(arch, str) or arch.lower() not in ARCHITECTURES:
+        valid = ", ".join(cls.__name__ for cls in ARCHITECTURES.values())
+        raise UserError(f"{where} '{arch}' is not an smp architecture (valid: {valid})")
+
+
+def check_encoder(encoder: str) -> None:
+    """Refuse an encoder name that is neither smp's nor `tu-<a timm model>`, before smp raises deep inside."""
+    if encoder.startswith("tu-"):
+        if not timm.is_model(encoder.removeprefix("tu-")):
+            close = difflib.get_close_matches(encoder.removeprefix("tu-"), timm.list_models(), n=3)
+            hint = f" (did you mean {', '.join('tu-' + name for name in close)}?)" if close else ""
+            raise UserError(f"params: model.encoder '{encoder}' is not a timm model{hint}")
+    elif encoder not in smp.encoders.encoders:
         valid = ", ".join(smp.encoders.get_encoder_names())
         raise UserError(
             f"params: model.encoder '{encoder}' is not an smp encoder (valid: {valid}, or tu-<timm model>)"
         )
 
-    weights = model_params.encoder_weights
-    local_weights = weights is not None and not _is_named_weights(encoder, weights)
-    kwargs: dict[str, Any] = {}
-    if model_params.decoder_channels is not None:
-        # smp forwards unknown keyword arguments to the encoder, which drops them silently.
-        if "decoder_channels" not in inspect.signature(ARCHITECTURES[arch.lower()]).parameters:
-            raise UserError(f"params: model.decoder_channels is not a setting of model.arch '{arch}'")
-        kwargs["decoder_channels"] = list(model_params.decoder_channels)
-    try:
-        model = smp.create_model(
-            arch,
-            encoder_name=encoder,
-            encoder_weights=None if local_weights else weights,
-            classes=n_classes,
-            **kwargs,
+
+def _decoder_channels(arch: str, channels: list[int]) -> list[int]:
+    """`model.decoder_channels` (one width per decoder stage) for an arch that takes such a list."""
+    parameter = inspect.signature(ARCHITECTURES[arch.lower()]).parameters.get("decoder_channels")
+    # smp forwards unknown keyword arguments to the encoder, which drops them silently.
+    if parameter is None:
+        raise UserError(f"params: model.decoder_channels is not a setting of model.arch '{arch}'")
+    # DeepLabV3(Plus), PAN and UPerNet take one width; smp would fail on a list with a TypeError.
+    if isinstance(parameter.default, int):
+        raise UserError(
+            f"params: model.decoder_channels is a list of stage widths, but model.arch '{arch}' "
+            f"takes a single decoder width (default {parameter.default}): leave it null"
         )
-    except (TypeError, ValueError) as exc:
-        # e.g. a decoder_channels list whose length is not the encoder depth
-        raise UserError(f"params: model {arch}/{encoder} rejects these settings ({exc})") from None
-    if local_weights:
-        load_encoder_weights(model.encoder, Path(weights), encoder)
+    return list(channels)
+
+
+def _create(arch: str, init: dict[str, Any], where: str) -> nn.Module:
+    """smp.create_model(arch, **init), with settings smp or timm reject turned into a one-line UserError."""
+    try:
+        return smp.create_model(arch, **init)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        # e.g. a decoder_channels list whose length is not the encoder depth, or a timm model
+        # without the feature maps smp needs
+        raise UserError(f"{where} rejects these settings ({_first_line(exc)})") from None
+
+
+def load_pretrained(source: str, n_classes: int) -> nn.Module:
+    """The smp model saved in `source` (params: model.from_pretrained), with `n_classes` outputs.
+
+    `source` is a folder written by smp's `save_pretrained`, or a Hugging Face hub id (owner/name) that
+    is not a local path. The architecture and encoder come from its config.json and its weights
+    initialise every layer; when the saved model has another number of classes, the head keeps a
+    fresh initialisation, as `smp.from_pretrained(source, classes=n, strict=False)` does.
+    """
+    config_file, weights_file = _pretrained_files(source)
+    where = f"{source} (params: model.from_pretrained)"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{where}: cannot read its {_CONFIG_FILE} ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: its {_CONFIG_FILE} is not a JSON object")
+    model = model_from_smp_config(config, n_classes, where)
+    try:
+        saved = load_safetensors(weights_file, device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{where}: cannot read its {_WEIGHTS_FILE} ({_first_line(exc)})") from None
+    # model_from_smp_config leaves out a saved classification head (aux_params).
+    state = {key: value for key, value in saved.items() if not key.startswith("classification_head.")}
+    expected = model.state_dict()
+    # Another class count changes only the head's last conv: that layer keeps its fresh init.
+    for key, tensor in expected.items():
+        if key.startswith("segmentation_head.") and key in state and state[key].shape != tensor.shape:
+            state[key] = tensor
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"{where}: {_mismatch(expected, state)} for its config.json") from None
     return model
+
+
+def _pretrained_files(source: str) -> tuple[Path, Path]:
+    """(config.json, model.safetensors) of a local save_pretrained folder, or fetched for a hub id."""
+    folder = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(source)
+    if folder.exists() or looks_local:
+        if not folder.is_dir():
+            what = "not a folder" if folder.exists() else "folder not found"
+            raise UserError(f"{source}: {what} (params: model.from_pretrained)")
+        files = folder / _CONFIG_FILE, folder / _WEIGHTS_FILE
+        for file in files:
+            if not file.is_file():
+                raise UserError(
+                    f"{source}: no {file.name}, not a folder written by smp's save_pretrained "
+                    "(params: model.from_pretrained)"
+                )
+        return files
+    try:
+        # Cached after the first run; HF_HUB_OFFLINE=1 then reads the cache without the network.
+        config_file = hf_hub_download(source, _CONFIG_FILE)
+        weights_file = hf_hub_download(source, _WEIGHTS_FILE)
+    except (OSError, ValueError, EntryNotFoundError) as exc:
+        raise UserError(
+            f"{source}: no such local folder, and cannot fetch it from the Hugging Face hub "
+            f"({_first_line(exc)}) (params: model.from_pretrained)"
+        ) from None
+    return Path(config_file), Path(weights_file)
+
+
+def model_from_smp_config(config: dict[str, Any], n_classes: int, where: str) -> nn.Module:
+    """A randomly initialised smp model from the config smp's save_pretrained writes.
+
+    `config` is the `_model_class` plus the model's init arguments. The model outputs `n_classes`
+    logits: trashseg's losses and inference take logits, so a saved activation or classification head
+    (aux_params) is not rebuilt, and weights are never downloaded: they come from the caller.
+    """
+    arch = config.get("_model_class")
+    check_arch(arch, f"{where}: config's _model_class")
+    init = {key: value for key, value in config.items() if not key.startswith("_")}
+    if init.get("in_channels", 3) != 3:
+        raise UserError(f"{where}: the model takes {init['in_channels']} input channels; images are RGB (3)")
+    init.update(encoder_weights=None, classes=n_classes, activation=None, aux_params=None)
+    return _create(arch, init, f"{where}: model {arch}/{init.get('encoder_name')}")
+
+
+def smp_config(model: nn.Module) -> dict[str, Any] | None:
+    """What `model_from_smp_config` rebuilds `model` from (the config.json save_pretrained writes), or None
+    for a model that is not an smp SegmentationModel."""
+    while not isinstance(model, SegmentationModel):
+        # DistributedDataParallel keeps the model in .module, torch.compile in ._orig_mod.
+        inner = getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None) if inner is None else inner
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    # smp's HubMixin records the init arguments (defaults included) when the model is created.
+    return {"_model_class": type(model).__name__, **model.config}
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, encoder_lr: float | None, weight_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: `model.encoder` at `encoder_lr` (None: `lr`), everything else at `lr`.
+
+    Within each part, weight decay applies to weights (ndim >= 2) only: decaying biases and norm scales
+    just fights the normalisation. Every parameter is in exactly one group; empty groups are left out.
+    Each group is {"name": "encoder/decay" etc. (for logging), "params", "lr", "weight_decay"}.
+    """
+    in_encoder = {id(p) for p in model.get_submodule("encoder").parameters()}
+    groups: dict[str, dict[str, Any]] = {}
+    for part, part_lr in (("encoder", lr if encoder_lr is None else encoder_lr), ("decoder", lr)):
+        for kind, decay in (("decay", weight_decay), ("no_decay", 0.0)):
+            groups[f"{part}/{kind}"] = {
+                "name": f"{part}/{kind}",
+                "params": [],
+                "lr": part_lr,
+                "weight_decay": decay,
+            }
+    for parameter in model.parameters():  # each shared parameter once
+        part = "encoder" if id(parameter) in in_encoder else "decoder"
+        kind = "decay" if parameter.ndim >= 2 else "no_decay"
+        groups[f"{part}/{kind}"]["params"].append(parameter)
+    return [group for group in groups.values() if group["params"]]
 
 
 def _is_named_weights(encoder: str, weights: str) -> bool:
@@ -138,10 +325,11 @@ def checkpoint_state(
 ) -> dict[str, Any]:
     """The self-describing dict that `model_from_checkpoint` rebuilds a model from.
 
-    It records the training augmentation: inference takes the input geometry from it and checks that
-    its TTA uses only symmetries the model was trained with.
+    It records smp's own config of the model, so a `from_pretrained` model rebuilds without its folder
+    or the network, and the training augmentation: inference takes the input geometry from it and
+    checks that its TTA uses only symmetries the model was trained with.
     """
-    return {
+    state = {
         "model_state": strip_wrapper_prefixes(model.state_dict()),
         "model_params": dataclasses.asdict(model_params),
         "classes": list(classes),
@@ -151,28 +339,41 @@ def checkpoint_state(
         "score": float(score),
         "fold": int(fold),
     }
+    config = smp_config(model)
+    if config is not None:
+        state["smp_config"] = config
+    return state
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint describes (its own params, not today's) and load it, in eval mode.
+    """Rebuild the model a checkpoint describes (its own config, not today's params), loaded, in eval mode.
 
+    Checkpoints without "smp_config" (written before it was recorded) rebuild from their model_params.
     `source` names the file in error messages.
     """
     missing = [key for key in ("model_state", "model_params", "classes") if key not in ckpt]
     if missing:
         raise UserError(f"{source}: not a trashseg checkpoint (missing key '{missing[0]}')")
-    try:
-        model_params = ModelParams(**ckpt["model_params"])
-    except TypeError as exc:
-        raise UserError(f"{source}: model_params do not match this version's ModelParams ({exc})") from None
-    # The weights come from the checkpoint; never download or read the encoder's init weights again.
-    model_params = dataclasses.replace(model_params, encoder_weights=None)
-    model = build_model(model_params, n_classes=len(ckpt["classes"]))
+    n_classes = len(ckpt["classes"])
+    if "smp_config" in ckpt:
+        # The weights come from the checkpoint; the config never downloads or reads init weights.
+        model = model_from_smp_config(dict(ckpt["smp_config"]), n_classes, source)
+    else:
+        try:
+            model_params = ModelParams(**ckpt["model_params"])
+        except TypeError as exc:
+            raise UserError(
+                f"{source}: model_params do not match this version's ModelParams ({exc})"
+            ) from None
+        if model_params.from_pretrained is not None:
+            raise UserError(f"{source}: a from_pretrained model's checkpoint needs its 'smp_config'")
+        # Never download or read the encoder's init weights again.
+        model = build_model(dataclasses.replace(model_params, encoder_weights=None), n_classes)
     state = strip_wrapper_prefixes(ckpt["model_state"])
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"{source}: {_mismatch(model.state_dict(), state)} for its model_params") from None
+        raise UserError(f"{source}: {_mismatch(model.state_dict(), state)} for its model config") from None
     return model.eval()
 
 

@@ -51,13 +51,13 @@ class Runtime:
         return images.to(self.device, non_blocking=True, memory_format=memory_format)
 
 
-def setup_runtime(train: TrainParams, device: str | None = None) -> Runtime:
+def setup_runtime(train: TrainParams, num_workers: int = 0, device: str | None = None) -> Runtime:
     """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE, pick the device, join the process group if > 1 process.
 
     `device` forces a device ("cpu", "cuda"); by default CUDA is used when available. AMP and
     channels_last follow `train.amp` / `train.channels_last` on CUDA only: on CPU autocast is
     slower than float32 for convolutions, so CPU runs the same code in float32. On CPU, torch's
-    thread count leaves a core per DataLoader worker, unless OMP_NUM_THREADS says otherwise.
+    thread count leaves a core per DataLoader worker (`num_workers`), unless OMP_NUM_THREADS says otherwise.
     """
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -78,7 +78,7 @@ def setup_runtime(train: TrainParams, device: str | None = None) -> Runtime:
         if "OMP_NUM_THREADS" not in os.environ:
             # Leave each DataLoader worker a core: OpenMP threads sharing cores with busy processes
             # wait on each other at every op and run several times slower than fewer threads would.
-            torch.set_num_threads(max(1, _cpu_cores() // world_size - train.num_workers))
+            torch.set_num_threads(max(1, _cpu_cores() // world_size - num_workers))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Runtime(

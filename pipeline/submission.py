@@ -19,6 +19,7 @@ from pipeline import coco, metrics, rle
 from pipeline.atomic import atomic_path
 from pipeline.coco import CocoSet
 from pipeline.errors import UserError
+from pipeline.manifest import ImageSet
 
 # The header of each format; a submission's format is recognised from its header.
 #   rle:   one row per image and non-background class 1..C-1; EncodedPixels is Kaggle RLE (empty = absent).
@@ -132,7 +133,7 @@ class SubmissionReport:
     problems: list[str] = field(default_factory=list)
 
 
-def validate_submission(path: str | Path, test: CocoSet, size: int | None) -> list[str]:
+def validate_submission(path: str | Path, test: ImageSet | CocoSet, size: int | None) -> list[str]:
     """Problems with a submission for the images of `test`, one line each; an empty list means valid.
 
     `size` is the mask size the rows must describe: None for each image's own height x width, an int
@@ -142,7 +143,7 @@ def validate_submission(path: str | Path, test: CocoSet, size: int | None) -> li
     return check_submission(path, test, size).problems
 
 
-def check_submission(path: str | Path, test: CocoSet, size: int | None) -> SubmissionReport:
+def check_submission(path: str | Path, test: ImageSet | CocoSet, size: int | None) -> SubmissionReport:
     """`validate_submission` with the detected format and the count of data rows.
 
     Checks: header, empty file, unknown and missing images (per class for "rle"), duplicate rows,
@@ -211,7 +212,7 @@ class _RleChecker:
         others.append((label, row, begins, ends))
         return None if problem is None else f"image {image_id}: {problem}"
 
-    def missing(self, test: CocoSet) -> list[str]:
+    def missing(self, test: ImageSet | CocoSet) -> list[str]:
         lines = []
         for image in test.images:
             absent = [k for k in range(1, self.n_classes) if (image.file_name, k) not in self.seen]
@@ -272,7 +273,7 @@ class _DenseChecker:
             return f"image {image_id}: value {values[i]} (pixel {i + 1}) is not a class index 0..{top}"
         return None
 
-    def missing(self, test: CocoSet) -> list[str]:
+    def missing(self, test: ImageSet | CocoSet) -> list[str]:
         return [
             f"image {im.file_name}: missing (no row)" for im in test.images if im.file_name not in self.seen
         ]
@@ -287,7 +288,7 @@ _CHECKERS: dict[str, type[_RleChecker] | type[_DenseChecker]] = {"rle": _RleChec
 
 
 def iter_submission(
-    path: str | Path, test: CocoSet, size: int | None, order: str = "column"
+    path: str | Path, test: ImageSet | CocoSet, size: int | None, order: str = "column"
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (image_id, uint8 HxW mask) for each image of a submission, in the order its rows complete.
 
@@ -406,7 +407,7 @@ def _text_problem(fields: list[str]) -> str | None:
     return None
 
 
-def _target_shapes(test: CocoSet, size: int | None) -> dict[str, tuple[int, int]]:
+def _target_shapes(test: ImageSet | CocoSet, size: int | None) -> dict[str, tuple[int, int]]:
     if size is not None and size < 1:
         raise ValueError(f"size must be a positive int or None (native), got {size}")
     return {im.file_name: (im.height, im.width) if size is None else (size, size) for im in test.images}

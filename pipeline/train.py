@@ -1,16 +1,11 @@
-"""Training one fold: train_one_epoch, evaluate and fit, resumable, on one process or many (DDP)."""
+"""Training one (model, fold): train_one_epoch, evaluate and fit, resumable, on one process or many (DDP)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import hashlib
-import importlib.metadata
 import itertools
-import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,37 +21,31 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import augment, coco
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.config import AugmentParams, Params, TrainParams
+from pipeline.atomic import write_json
+from pipeline.config import AugmentParams, Recipe, TrainParams
 from pipeline.dataset import ImageDataset, SegmentationDataset, build_inference_loader, build_train_loader
 from pipeline.errors import UserError
-from pipeline.folds import class_presence, read_folds
+from pipeline.folds import read_folds
 from pipeline.geometry import geometry_of, resize_argmax
-from pipeline.infer import predict_images, resolve_tta
 from pipeline.losses import build_loss
+from pipeline.manifest import read_manifest
 from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
-from pipeline.models import (
-    build_model,
-    checkpoint_state,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from pipeline.models import build_model, checkpoint_state, load_checkpoint, parameter_groups, save_checkpoint
+from pipeline.resume import read_resume_state, restore_rng_states, rng_states, run_fingerprint
 from pipeline.runtime import Runtime, seed_everything
 
 
 @dataclass(frozen=True)
 class FoldPaths:
-    """What one fold's run reads and writes; dvc.yaml names every one of these."""
+    """What one (model, fold)'s run reads and writes; dvc.yaml names every one of these."""
 
     root: Path  # images are root/file_name
-    train_json: Path
+    manifest: Path  # the masks stage's manifest: classes, images, class presence
     masks: Path  # one PNG per training image (stage `masks`)
     folds: Path  # folds.csv: image_id,fold
     model_dir: Path  # best.pt and the resume state last.pt
-    metrics: Path  # JSON: miou, per-class iou, best epoch
+    metrics: Path  # JSON: the best epoch's validation mIoU and its index
     live: Path  # dvclive per-epoch curves
-    oof: Path  # out-of-fold label PNGs at each image's own size
 
 
 @dataclass(frozen=True)
@@ -139,34 +128,36 @@ def evaluate(model: nn.Module, loader: DataLoader, n_classes: int, runtime: Runt
     return cm.cpu().numpy()
 
 
-def fit(params: Params, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[str, Any]:
-    """Train `fold`, keep the epoch with the best validation mIoU, write the fold's outputs.
+def fit(recipe: Recipe, num_workers: int, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[str, Any]:
+    """Train `recipe` on all folds but `fold`, keep the epoch with the best validation mIoU in best.pt.
 
-    Resumes after the last finished epoch when model_dir/last.pt was written by the same settings and
-    data (`run_fingerprint`); each epoch reseeds from seed + epoch (the model's draws, the data order
+    Resumes after the last finished epoch when model_dir/last.pt was written by the same recipe and
+    data (`resume.run_fingerprint`); each epoch reseeds from seed + epoch (the model's draws, the data order
     and every item's augmentation), so a resumed run ends like an uninterrupted one: bit for bit on
     CPU, and on a GPU up to the nondeterminism of cuDNN's kernels. Only the main process writes.
     Returns the metrics written to `paths.metrics` (on the main process; other processes return {}).
     """
-    train = params.train
-    data = load_fold_data(params, fold, paths)
+    train = recipe.train
+    data = load_fold_data(recipe, fold, paths)
     all_names = data.train_names + [image.file_name for image in data.val_images]
-    fingerprint = run_fingerprint(params, fold, paths, all_names, runtime.world_size)
-    train_loader, val_loader = build_loaders(params, data, paths, runtime)
+    fingerprint = run_fingerprint(
+        recipe, fold, runtime.world_size, [paths.folds, paths.manifest], paths.root, paths.masks, all_names
+    )
+    train_loader, val_loader = build_loaders(recipe.augment, train, num_workers, data, paths, runtime)
     steps_per_epoch = math.ceil(batches_per_epoch(len(train_loader), train.max_batches) / train.accumulate)
 
     seed_everything(train.seed)
     resume = read_resume_state(paths.model_dir, fingerprint)
-    state = build_train_state(params, len(data.classes), runtime, steps_per_epoch * train.epochs, resume)
+    state = build_train_state(recipe, len(data.classes), runtime, steps_per_epoch * train.epochs, resume)
     loss_fn = build_loss(train.losses, train.class_weights).to(runtime.device)
     history: list[dict[str, float]] = resume["history"] if resume else []
     best_score = resume["best_score"] if resume else -math.inf
     if runtime.is_main and resume:  # messages count epochs from 1; files index them from 0 (dvclive's step)
         done = len(history)
         print(
-            f"resuming fold {fold} from epoch {done + 1}/{train.epochs}"
+            f"resuming {recipe.name} fold {fold} from epoch {done + 1}/{train.epochs}"
             if done < train.epochs
-            else f"fold {fold}: all {done} epochs done; rewriting the outputs from best.pt",
+            else f"{recipe.name} fold {fold}: all {done} epochs done; rewriting the outputs from best.pt",
             flush=True,
         )
     elastic_p = train_loader.dataset.elastic_p
@@ -176,16 +167,24 @@ def fit(params: Params, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[s
     for epoch in range(len(history), train.epochs):
         seed_everything(train.seed + epoch)
         train_loader.sampler.set_epoch(epoch)  # this epoch's order and augmentation seeds
-        desc = f"fold {fold} epoch {epoch + 1}/{train.epochs}"
+        desc = f"{recipe.name} fold {fold} epoch {epoch + 1}/{train.epochs}"
         lr = state.optimizer.param_groups[0]["lr"]  # the lr this epoch starts at
         loss = train_one_epoch(state, train_loader, loss_fn, runtime, train, desc)
         if not math.isfinite(loss):
-            raise UserError(f"params: fold {fold} diverged in epoch {epoch} (loss {loss}); lower train.lr")
+            raise UserError(
+                f"params: {recipe.name} fold {fold} diverged in epoch {epoch} (loss {loss}); "
+                f"lower models.{recipe.name}.train.lr"
+            )
         # Validating a whole held-out fold costs a good share of an epoch on a CPU: train.val_every
         # spaces it out; the last epoch is always validated, so the best checkpoint has seen the end.
         validate = (epoch + 1) % train.val_every == 0 or epoch == train.epochs - 1
         record = {"train_loss": loss, "lr": lr}
         if validate:
+            if runtime.distributed:
+                # Without SyncBatchNorm (CPU) each rank's last forward updated its own BatchNorm
+                # running stats; validate every shard with rank 0's, the ones best.pt stores.
+                for buffer in state.raw.buffers():
+                    dist.broadcast(buffer, src=0)
             cm = evaluate(state.net, val_loader, len(data.classes), runtime)
             score = mean_iou(cm)
             record["val_miou"] = score
@@ -199,81 +198,71 @@ def fit(params: Params, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[s
         if validate and (score > best_score or best_score == -math.inf):
             best_score = score
             best = checkpoint_state(
-                state.raw, params.model, data.classes, params.augment, epoch, best_score, fold
+                state.raw, recipe.model, data.classes, recipe.augment, epoch, best_score, fold
             )
             iou = dict(zip(data.classes, iou_per_class(cm).tolist(), strict=True))
-            save_checkpoint(paths.model_dir / "best.pt", {**best, "iou": iou, "fingerprint": fingerprint})
+            extra = {"iou": iou, "fingerprint": fingerprint, "recipe": recipe.name}
+            save_checkpoint(paths.model_dir / "best.pt", {**best, **extra})
         save_checkpoint(paths.model_dir / "last.pt", resume_state(state, fingerprint, history, best_score))
 
     if not runtime.is_main:
         return {}
     live.end()
-    return write_outputs(params, fold, paths, data.val_images, runtime)
+    return write_metrics(paths)
 
 
-def write_outputs(
-    params: Params, fold: int, paths: FoldPaths, val_images: list[coco.ImageRecord], runtime: Runtime
-) -> dict[str, Any]:
-    """From best.pt alone: the out-of-fold predictions, then the metrics JSON (returned too)."""
+def write_metrics(paths: FoldPaths) -> dict[str, Any]:
+    """The headline metric of best.pt, its validation mIoU, to paths.metrics; returns it with the epoch.
+
+    Per-class IoUs and the epoch stay in best.pt ("iou", "epoch") and in the ensemble report: a metrics
+    file with more columns makes `dvc metrics show`, one table for every file, unreadable.
+    """
     best = load_checkpoint(paths.model_dir / "best.pt")
-    write_oof(
-        model_from_checkpoint(best, source=str(paths.model_dir / "best.pt")),
-        val_images,
-        params,
-        paths,
-        runtime,
-    )
-    result = {"fold": fold, "miou": best["score"], "iou": best["iou"], "epoch": best["epoch"]}
-    write_json(paths.metrics, result)
-    return result
+    write_json(paths.metrics, {"miou": best["score"]})
+    return {"miou": best["score"], "epoch": best["epoch"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Building blocks of fit, in the order it uses them.
 
 
-def load_fold_data(params: Params, fold: int, paths: FoldPaths) -> FoldData:
-    """Split the training json by folds.csv (fold == `fold` is held out) and read the training masks.
+def load_fold_data(recipe: Recipe, fold: int, paths: FoldPaths) -> FoldData:
+    """Split the manifest's training images by folds.csv (fold == `fold` is held out).
 
     Every mistake in the data or in train params that needs the data raises `UserError` here, before
     any training (or any DDP worker) starts.
     """
-    train_set = coco.load_coco(
-        paths.train_json,
-        root=paths.root,
-        on_bad=params.data.on_bad_annotation,
-        unused=params.data.unused_categories,
-    )
-    fold_of = read_folds(paths.folds, train_set)
-    train_names = [image.file_name for image in train_set.images if fold_of[image.file_name] != fold]
-    val_images = [image for image in train_set.images if fold_of[image.file_name] == fold]
+    manifest = read_manifest(paths.manifest)
+    fold_of = read_folds(paths.folds, manifest.train_names(), paths.manifest)
+    held_out = np.array([fold_of[image.file_name] == fold for image in manifest.train], dtype=bool)
+    train_names = [image.file_name for image, out in zip(manifest.train, held_out, strict=True) if not out]
+    val_images = [image for image, out in zip(manifest.train, held_out, strict=True) if out]
     if not val_images or not train_names:
         raise UserError(
             f"{paths.folds}: fold {fold} leaves {len(val_images)} validation, "
             f"{len(train_names)} training images"
         )
-    masks = (coco.read_mask(paths.masks / coco.mask_relpath(name)) for name in train_names)
-    try:
-        presence = class_presence(masks, train_set.n_classes)
-    except ValueError as exc:
-        raise UserError(f"{paths.masks}: {exc} (re-run the masks stage)") from None
-    check_train_params(params.train, train_set.n_classes)
-    # The out-of-fold predictions use predict.tta once training ends: refuse a bad one before it starts.
-    resolve_tta(params.predict.tta, [dataclasses.asdict(params.augment)])
-    return FoldData(train_set.classes, train_names, val_images, presence)
+    check_train_params(recipe, manifest.n_classes)
+    return FoldData(manifest.classes, train_names, val_images, manifest.presence[~held_out])
 
 
-def check_train_params(train: TrainParams, n_classes: int) -> None:
+def check_train_params(recipe: Recipe, n_classes: int) -> None:
     """The train-section rules that need the data (config checks the rest)."""
-    if train.class_weights is not None and len(train.class_weights) != n_classes:
+    weights = recipe.train.class_weights
+    if weights is not None and len(weights) != n_classes:
         raise UserError(
-            f"params: train.class_weights has {len(train.class_weights)} weights for {n_classes} classes "
-            "(background first)"
+            f"params: models.{recipe.name}: train.class_weights has {len(weights)} weights for "
+            f"{n_classes} classes (background first)"
         )
 
 
 def build_loaders(
-    params: Params, data: FoldData, paths: FoldPaths, runtime: Runtime
+    aug: AugmentParams,
+    train: TrainParams,
+    num_workers: int,
+    data: FoldData,
+    paths: FoldPaths,
+    runtime: Runtime,
 ) -> tuple[DataLoader, DataLoader]:
     """(training loader, validation loader), sharded over ranks under DDP; workers persist for the run.
 
@@ -281,13 +270,12 @@ def build_loaders(
     functions of (seed, epoch) alone, never of what ran before, which is what lets a resumed run match
     an uninterrupted one.
     """
-    train, aug = params.train, params.augment
     train_set, sample_weights = training_set(aug, paths.root, data.train_names, paths.masks, data.presence)
     pin = runtime.device.type == "cuda"
     train_loader = build_train_loader(
         train_set,
         train.batch_size,
-        train.num_workers,
+        num_workers,
         sample_weights,
         runtime.distributed,
         seed=train.seed,
@@ -295,7 +283,7 @@ def build_loaders(
     )
     val_set = ImageDataset(paths.root, data.val_images, geometry_of(aug), masks_dir=paths.masks)
     return train_loader, build_inference_loader(
-        val_set, train.batch_size, train.num_workers, runtime.distributed, pin
+        val_set, train.batch_size, num_workers, runtime.distributed, pin
     )
 
 
@@ -319,108 +307,20 @@ def training_set(
     return dataset, augment.sampling_weights(presence, rarity) if aug.oversample else None
 
 
-# The pipeline modules whose code shapes the trained weights. infer.py is left out on purpose: it only
-# shapes the out-of-fold predictions, which are rewritten from best.pt without retraining.
-WEIGHT_MODULES = (
-    "augment",
-    "coco",
-    "config",
-    "dataset",
-    "folds",
-    "geometry",
-    "losses",
-    "metrics",
-    "models",
-    "runtime",
-    "train",
-)
-# Libraries whose versions shape the weights (augmentation draws, kernels, initialisation). OpenCV is
-# installed under one of several distribution names; the one that is not installed reads None.
-WEIGHT_LIBRARIES = (
-    "albumentations",
-    "numpy",
-    "opencv-python",
-    "opencv-python-headless",
-    "segmentation-models-pytorch",
-    "torch",
-)
-
-
-def run_fingerprint(
-    params: Params, fold: int, paths: FoldPaths, file_names: list[str], world_size: int
-) -> str:
-    """Hash of everything that shapes the trained weights; a resume state with another hash is stale.
-
-    DVC re-runs a train stage when any of its deps changes, and the fold's folder persists, so this is
-    what tells a killed run (resume it) from a finished run whose inputs changed (train again): the
-    settings, folds.csv, the json, the bytes of every image and mask the fold reads (`file_names`), a
-    local encoder weights file, the code in WEIGHT_MODULES and the library versions.
-    predict/submission settings are left out: they only change the outputs, which are rewritten anyway.
-    """
-    train = dataclasses.asdict(params.train)
-    del train["folds"]  # which other folds run does not change this one
-    data = hashlib.sha256()
-    for name in file_names:
-        for path in (coco.image_path(paths.root, name), paths.masks / coco.mask_relpath(name)):
-            data.update(_sha256(path).encode())
-    weights = params.model.encoder_weights
-    package = Path(__file__).parent
-    relevant = {
-        "data": {
-            "overlap": params.data.overlap,
-            "on_bad_annotation": params.data.on_bad_annotation,
-            "unused_categories": params.data.unused_categories,
-        },
-        "augment": dataclasses.asdict(params.augment),
-        "model": dataclasses.asdict(params.model),
-        "train": train,
-        "fold": fold,
-        "world_size": world_size,
-        "folds_csv": _sha256(paths.folds),
-        "train_json": _sha256(paths.train_json),
-        "images_and_masks": data.hexdigest(),
-        "encoder_weights_file": _sha256(Path(weights)) if weights and Path(weights).is_file() else None,
-        "code": {name: _sha256(package / f"{name}.py") for name in WEIGHT_MODULES},
-        "libraries": {name: _version(name) for name in WEIGHT_LIBRARIES},
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def read_resume_state(model_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """last.pt if it and best.pt were both written by a run with this fingerprint, else None (start fresh)."""
-    last, best = model_dir / "last.pt", model_dir / "best.pt"
-    if not (last.is_file() and best.is_file()):
-        return None
-    try:
-        state = load_checkpoint(last)
-        best_fingerprint = load_checkpoint(best).get("fingerprint")
-    except UserError as exc:  # e.g. written by an older version: retraining beats refusing to run
-        print(f"warning: cannot resume ({exc}); starting fresh", flush=True)
-        return None
-    if state.get("fingerprint") != fingerprint or best_fingerprint != fingerprint:
-        return None
-    return state
-
-
 def build_train_state(
-    params: Params, n_classes: int, runtime: Runtime, total_steps: int, resume: dict[str, Any] | None
+    recipe: Recipe, n_classes: int, runtime: Runtime, total_steps: int, resume: dict[str, Any] | None
 ) -> TrainState:
     """Model, AdamW and warmup-cosine schedule (per optimizer step), loaded from `resume` if given."""
-    train = params.train
-    raw = build_model(params.model, n_classes).to(runtime.device)
+    train = recipe.train
+    raw = build_model(recipe.model, n_classes).to(runtime.device)
     if runtime.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     if runtime.distributed and runtime.device.type == "cuda":
         # Per-GPU batches are small at 512 px; statistics over the global batch are steadier.
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    # Weight decay on weights only: decaying biases and norm scales just fights the normalisation.
-    decay = [p for p in raw.parameters() if p.ndim >= 2]
-    no_decay = [p for p in raw.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train.lr,
-        fused=runtime.device.type == "cuda",
-    )
+    # Encoder and decoder at their own lrs; weight decay on weights only (models.parameter_groups).
+    groups = parameter_groups(raw, train.lr, train.encoder_lr, train.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, fused=runtime.device.type == "cuda")
     warmup_steps = round(train.warmup_epochs * total_steps / train.epochs)
     schedule = functools.partial(
         lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, cosine=train.schedule == "cosine"
@@ -516,73 +416,3 @@ def resume_state(
         "scaler_state": state.scaler.state_dict(),
         "rng": rng_states(),
     }
-
-
-def rng_states() -> dict[str, Any]:
-    """Python, NumPy and torch generator states in a form `torch.load(weights_only=True)` accepts."""
-    numpy_state = np.random.get_state(legacy=False)
-    return {
-        "python": random.getstate(),
-        "numpy": {
-            **numpy_state,
-            "state": {
-                **numpy_state["state"],
-                "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            },
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of `rng_states` (each epoch also reseeds; this restores the state between epochs)."""
-    random.setstate(states["python"])
-    numpy_state = states["numpy"]
-    key = numpy_state["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def write_oof(
-    model: nn.Module, images: list[coco.ImageRecord], params: Params, paths: FoldPaths, runtime: Runtime
-) -> None:
-    """Predict the held-out images whole, with the TTA the training augmentation allows, and write one
-    label PNG each at the image's own size under paths.oof, replacing the folder whole."""
-    dataset = ImageDataset(paths.root, images, geometry_of(params.augment))
-    tta = resolve_tta(params.predict.tta, [dataclasses.asdict(params.augment)])
-    with atomic_dir(paths.oof) as staging:
-        predictions = predict_images(
-            models=[model],
-            weights=None,
-            dataset=dataset,
-            out_size=None,
-            tta=tta,
-            scales=params.predict.scales,
-            batch_size=params.predict.batch_size,
-            num_workers=params.predict.num_workers,
-            device=runtime.device,
-            amp=params.predict.amp,
-        )
-        for index, mask in tqdm(predictions, "out-of-fold predictions", total=len(images)):
-            coco.write_mask(staging / coco.mask_relpath(images[index].file_name), mask)
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    return digest.hexdigest()

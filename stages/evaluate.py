@@ -1,14 +1,14 @@
-"""Stage `evaluate`: out-of-fold mIoU over all training images, the confusion plot, worst-image overlays."""
+"""Stage `evaluate`: the ensemble's out-of-fold mIoU, each model's, a confusion plot, worst-image overlays."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
-from pipeline import coco
 from pipeline.atomic import write_json
-from pipeline.config import load_params
-from pipeline.errors import run_main
+from pipeline.errors import UserError, run_main
 from pipeline.evaluate import (
     N_WORST,
     cv_summary,
@@ -18,39 +18,57 @@ from pipeline.evaluate import (
     write_worst_overlays,
 )
 from pipeline.folds import read_folds
+from pipeline.manifest import read_manifest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--oof", type=Path, required=True, help="folder of fold{k}/ out-of-fold label PNGs")
+    parser.add_argument("--labels", type=Path, required=True, help="the ensemble's fold<k>/ OOF label PNGs")
+    parser.add_argument("--report", type=Path, required=True, help="the ensemble stage's report JSON")
+    parser.add_argument("--manifest", type=Path, required=True, help="the masks stage's manifest JSON")
     parser.add_argument("--masks", type=Path, required=True, help="folder of per-image truth mask PNGs")
     parser.add_argument("--folds", type=Path, required=True, help="folds CSV (image_id,fold)")
-    parser.add_argument("--train-json", type=Path, required=True, help="COCO json of the training images")
     parser.add_argument("--root", type=Path, required=True, help="images are read from ROOT/file_name")
-    parser.add_argument("--metrics", type=Path, required=True, help="cross-validation metrics JSON to write")
+    parser.add_argument("--metrics", type=Path, required=True, help="headline cross-validation metrics JSON")
+    parser.add_argument("--details", type=Path, required=True, help="the same with fold and per-class detail")
     parser.add_argument("--confusion", type=Path, required=True, help="confusion plot CSV (actual,predicted)")
     parser.add_argument("--worst", type=Path, required=True, help="folder for the worst images' overlays")
     parser.add_argument("--n-worst", type=int, default=N_WORST, help="how many worst images to draw")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
-    params = load_params(args.params)
 
-    data = params.data
-    train = coco.load_coco(args.train_json, args.root, data.on_bad_annotation, unused=data.unused_categories)
-    folds = read_folds(args.folds, train)
-    # Out-of-fold predictions are written at each image's own size, and scored there.
-    size = None
-    result = evaluate_oof(args.oof, args.masks, folds, train.n_classes, params.train.folds, size)
-    summary = cv_summary(result, train.classes)
-    write_json(args.metrics, summary)
-    write_confusion_csv(args.confusion, result.confusion, train.classes)
+    manifest = read_manifest(args.manifest)
+    report = json.loads(args.report.read_text())
+    trained = [int(k) for k in report["ensemble"]["folds"]]
+    folds = read_folds(args.folds, manifest.train_names(), args.manifest)
+    # The labels are the ensemble's, each fold merged with weights fitted without it, at native size.
+    result = evaluate_oof(args.labels, args.masks, folds, manifest.n_classes, trained, size=None)
+    summary = cv_summary(result, manifest.classes)
+    reported = report["ensemble"]["oof_miou"]  # NaN is written as null
+    scored = summary["oof_miou"]
+    agree = math.isnan(scored) if reported is None else math.isclose(scored, reported, abs_tol=1e-9)
+    if not agree:
+        raise UserError(
+            f"{args.labels}: scores {summary['oof_miou']}, but {args.report} says otherwise (stale?)"
+        )
+    summary["models"] = report["models"]
+    summary["weights"] = report["weights"]
+    write_json(args.details, summary)
+    # Headline numbers only, so `dvc metrics show` fits a terminal: each model's OOF and the ensemble's.
+    headline = {
+        "oof_miou": summary["oof_miou"],
+        "models": {name: {"oof_miou": scores["oof_miou"]} for name, scores in report["models"].items()},
+    }
+    if all(isinstance(w, float) for w in report["weights"].values()):  # per-class weights: in the details
+        headline["weights"] = report["weights"]
+    write_json(args.metrics, headline)
+    write_confusion_csv(args.confusion, result.confusion, manifest.classes)
     worst = worst_images(result.scores, args.n_worst)
-    write_worst_overlays(args.worst, worst, args.root, args.oof, args.masks, train.classes, size)
+    write_worst_overlays(args.worst, worst, args.root, args.labels, args.masks, manifest.classes, None)
 
+    singles = ", ".join(f"{name} {s['oof_miou']:.4f}" for name, s in report["models"].items())
     print(
-        f"OOF mIoU {summary['oof_miou']:.4f} over {summary['n_images']} images "
-        f"(folds {summary['fold_miou_mean']:.4f} +- {summary['fold_miou_std']:.4f}; "
-        f"{summary['n_skipped']} images of untrained folds skipped)"
+        f"ensemble OOF mIoU {summary['oof_miou']:.4f} over {summary['n_images']} images "
+        f"(folds {summary['fold_miou_mean']:.4f} +- {summary['fold_miou_std']:.4f}); models: {singles}"
     )
 
 

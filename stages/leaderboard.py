@@ -19,7 +19,10 @@ def main() -> None:
     parser.add_argument(
         "--train-json", type=Path, help="training COCO json, which decides the classes (needed for drop)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="leaderboard metrics JSON to write")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="leaderboard metrics JSON to write (headline)"
+    )
+    parser.add_argument("--report", type=Path, required=True, help="JSON with the per-class IoUs too")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
@@ -32,14 +35,18 @@ def main() -> None:
         # The real competition's test.json: its truth is on the leaderboard. Say so in the metrics
         # rather than fail, so a full `dvc repro` still runs; the printed line makes it visible.
         write_json(
-            args.out, {"miou": None, "iou": {}, "scored": False, "reason": f"{args.truth} has no annotations"}
+            args.report,
+            {"miou": None, "iou": {}, "scored": False, "reason": f"{args.truth} has no annotations"},
         )
+        write_json(args.out, {"miou": None})
         print(f"leaderboard: not scored, {args.truth} has no annotations (the organisers hold the truth)")
         return
     result = score_submission(
         args.submission, truth, params.submission.size, params.data.overlap, order=params.submission.rle_order
     )
-    write_json(args.out, result)
+    write_json(args.report, result)
+    # Headline only: per-class columns would make `dvc metrics show` unreadable.
+    write_json(args.out, {"miou": result["miou"]})
     ignored = f" ({truth.ignored} truth annotations of dropped categories ignored)" if truth.ignored else ""
     print(f"leaderboard mIoU {result['miou']:.4f}{ignored}")
 

@@ -1,4 +1,4 @@
-"""Stage `masks`: check the COCO data and images, write one semantic mask PNG per training image."""
+"""Stage `masks`: check the COCO data and images, write one mask PNG per training image and the manifest."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pipeline import coco
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import load_params
 from pipeline.errors import run_main
+from pipeline.manifest import manifest_of, write_manifest
 
 
 def main() -> None:
@@ -16,6 +17,7 @@ def main() -> None:
     parser.add_argument("--train-json", required=True)
     parser.add_argument("--test-json", required=True)
     parser.add_argument("--out", required=True, help="masks folder, replaced as a whole")
+    parser.add_argument("--manifest", required=True, help="manifest JSON: classes, images, class presence")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     data = load_params(args.params).data
@@ -26,14 +28,14 @@ def main() -> None:
     )
     test = coco.load_coco(args.test_json, args.root, on_bad, classes_from=train)
     coco.check_same_classes(train, test)
-    # Reported here only: every stage loads the training json, but one line per `dvc repro` is enough.
     report = coco.unused_report(train)
     if report is not None:
         print(report)
     coco.check_images(test)
     with atomic_dir(args.out) as tmp:
-        coco.write_masks(train, tmp, data.overlap)
+        presence = coco.write_masks(train, tmp, data.overlap)
         write_json(tmp / "classes.json", {"classes": train.classes, "category_ids": train.category_ids})
+    write_manifest(args.manifest, manifest_of(train, test, presence))
 
     problems = train.problems + test.problems
     print(

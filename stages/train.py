@@ -1,4 +1,4 @@
-"""Stage `train@k`: train one fold (resumable; DDP if train.nproc > 1); write model, metrics, curves, OOF."""
+"""Stage `train@<model>-<fold>`: train one model recipe on one fold (resumable; DDP if runtime.nproc > 1)."""
 
 from __future__ import annotations
 
@@ -6,55 +6,71 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.config import Recipe, load_params
 from pipeline.errors import UserError, run_main
+from pipeline.models import check_model_params
 from pipeline.runtime import launch_workers, setup_runtime, teardown, under_torchrun
 from pipeline.train import FoldPaths, fit, load_fold_data
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="the recipe's name in params.yaml's `models`")
     parser.add_argument("--fold", type=int, required=True, help="the held-out fold")
-    parser.add_argument("--root", type=Path, required=True, help="folder of the json's file_names")
-    parser.add_argument("--train-json", type=Path, required=True, help="COCO json of the training images")
+    parser.add_argument("--root", type=Path, required=True, help="folder of the images' file_names")
+    parser.add_argument("--manifest", type=Path, required=True, help="the masks stage's manifest JSON")
     parser.add_argument("--masks", type=Path, required=True, help="folder of per-image mask PNGs")
     parser.add_argument("--folds", type=Path, required=True, help="folds CSV (image_id,fold)")
     parser.add_argument("--model-dir", type=Path, required=True, help="for best.pt and last.pt (resume)")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON of the best epoch's IoUs")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON of the best epoch's mIoU")
     parser.add_argument("--live", type=Path, required=True, help="dvclive folder of the per-epoch curves")
-    parser.add_argument("--oof", type=Path, required=True, help="folder of out-of-fold prediction PNGs")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
+    recipe = params.recipe(args.model)
+    # Every recipe, not only this one: a typo in the last model stops `dvc repro` before the first trains.
+    for other in params.models.values():
+        check_recipe(other)
     paths = FoldPaths(
         root=args.root,
-        train_json=args.train_json,
+        manifest=args.manifest,
         masks=args.masks,
         folds=args.folds,
         model_dir=args.model_dir,
         metrics=args.metrics,
         live=args.live,
-        oof=args.oof,
     )
 
-    nproc = params.train.nproc
+    nproc = params.runtime.nproc
     if nproc > 1 and not under_torchrun():
         # Check the params and data here, where a mistake still prints one line, then start the workers.
-        load_fold_data(params, args.fold, paths)
+        load_fold_data(recipe, args.fold, paths)
         code = launch_workers(nproc, [__file__, *sys.argv[1:]])
         if code != 0:
             raise UserError(
-                f"train@{args.fold}: the {nproc} DDP workers failed (exit code {code}); see above"
+                f"train@{args.model}-{args.fold}: the {nproc} DDP workers failed (exit code {code}); "
+                "see above"
             )
         return
 
-    runtime = setup_runtime(params.train)
+    runtime = setup_runtime(recipe.train, params.runtime.num_workers)
     try:
-        result = fit(params, args.fold, paths, runtime)
+        result = fit(recipe, params.runtime.num_workers, args.fold, paths, runtime)
     finally:
         teardown(runtime)
     if runtime.is_main:
-        print(f"fold {args.fold}: best val mIoU {result['miou']:.4f} (epoch {result['epoch'] + 1})")
+        print(
+            f"{args.model} fold {args.fold}: best val mIoU {result['miou']:.4f} (epoch {result['epoch'] + 1})"
+        )
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """`models.check_model_params` of one recipe, its errors naming the recipe's key."""
+    try:
+        check_model_params(recipe.model)
+    except UserError as exc:
+        # The value may be the recipe's own or inherited from the shared `model` section: name the recipe.
+        raise UserError(str(exc).replace("params: model.", f"params: models.{recipe.name}: model.")) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Bad input to the masks stage: one test per case, each a one-line error naming the file and the item.
 
 Each case runs `stages/masks.py` as a subprocess on a small valid dataset with one thing broken, and checks
-exit code 2, a single `error:` line on stderr, no traceback, and an output folder left exactly as it was.
+exit code 2, a single `error:` line on stderr, no traceback, and an output folder and manifest left exactly
+as they were.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from PIL import Image
 
 from pipeline import coco
 from pipeline.errors import UserError
+from pipeline.manifest import read_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -29,12 +31,14 @@ CATEGORIES = [{"id": 1, "name": "Paper"}, {"id": 2, "name": "Metal"}]
 
 @dataclass
 class Dataset:
-    """A small valid dataset: root/imgs/*.jpg, train.json, test.json, params.yaml, an earlier run's output."""
+    """A small valid dataset: root/imgs/*.jpg, train.json, test.json, params.yaml, an earlier run's output
+    (masks folder and manifest)."""
 
     root: Path
     train: dict[str, Any] | str  # a str is written verbatim (for broken json)
     test: dict[str, Any]
     out: Path
+    manifest: Path
     params: Path
 
     @property
@@ -53,7 +57,8 @@ class Dataset:
         self.save()
         command = [sys.executable, str(REPO / "stages" / "masks.py"), "--root", str(self.root),
                    "--train-json", str(self.train_json), "--test-json", str(self.test_json),
-                   "--out", str(self.out), "--params", str(self.params)]  # fmt: skip
+                   "--out", str(self.out), "--manifest", str(self.manifest),
+                   "--params", str(self.params)]  # fmt: skip
         return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
@@ -89,12 +94,15 @@ def ds(tmp_path: Path) -> Dataset:
     out = tmp_path / "masks"
     out.mkdir()
     (out / "classes.json").write_text('{"classes": ["from", "an", "earlier", "run"]}')
-    return Dataset(root, train, test, out, params)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"from": "an earlier run"}')
+    return Dataset(root, train, test, out, manifest, params)
 
 
 def expect_error(ds: Dataset, *fragments: str) -> str:
-    """Run the stage, check it failed cleanly without touching its output, return the error line."""
+    """Run the stage, check it failed cleanly without touching its outputs, return the error line."""
     before, beside = snapshot(ds.out), sorted(ds.out.parent.iterdir())
+    manifest = ds.manifest.read_bytes() if ds.manifest.exists() else None
     result = ds.run_stage()
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -103,7 +111,8 @@ def expect_error(ds: Dataset, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
     assert snapshot(ds.out) == before
-    assert sorted(ds.out.parent.iterdir()) == beside  # no temporary folder left behind
+    assert (ds.manifest.read_bytes() if ds.manifest.exists() else None) == manifest
+    assert sorted(ds.out.parent.iterdir()) == beside  # no temporary folder or file left behind
     return errors[0]
 
 
@@ -248,10 +257,11 @@ def test_failure_mid_write_creates_no_output(ds: Dataset) -> None:
     for path in ds.out.iterdir():
         path.unlink()
     ds.out.rmdir()
+    ds.manifest.unlink()
     path = ds.root / "imgs" / "1.jpg"
     path.write_bytes(path.read_bytes()[:100])
     expect_error(ds, "imgs/1.jpg")
-    assert not ds.out.exists()
+    assert not ds.out.exists() and not ds.manifest.exists()
 
 
 # --- problems that are counted, not fatal -----------------------------------------------------------------
@@ -267,6 +277,7 @@ def test_out_of_image_coordinates_are_clipped_and_counted(ds: Dataset) -> None:
     expected[0:20, 0:30] = 1  # the polygon intersected with the image
     np.testing.assert_array_equal(mask, expected)
     assert coco.load_coco(ds.train_json).clipped == 1
+    assert read_manifest(ds.manifest).annotations["clipped"] == 1
 
 
 def test_skip_bad_annotations_counts_them(ds: Dataset) -> None:
@@ -280,6 +291,9 @@ def test_skip_bad_annotations_counts_them(ds: Dataset) -> None:
     assert len(lines) == 2 and "category id 1 'Paper' is used by no annotation: kept as class 1" in lines[0]
     assert "0 used, 2 skipped" in lines[1] and "annotation id 10" in lines[1]
     assert not coco.read_mask(ds.out / "imgs" / "0.png").any()
+    manifest = read_manifest(ds.manifest)
+    assert manifest.annotations["skipped"] == 2 and manifest.annotations["used"] == 0
+    assert manifest.presence.tolist() == [[True, False, False], [True, False, False]]  # background only
     loaded = coco.load_coco(ds.train_json, on_bad="skip")
     assert loaded.skipped == 2 and loaded.n_annotations == 0
     assert "train.json: annotation id 11" in loaded.problems[1] and "odd number" in loaded.problems[1]
@@ -287,17 +301,28 @@ def test_skip_bad_annotations_counts_them(ds: Dataset) -> None:
         coco.load_coco(ds.train_json, on_bad="error")
 
 
+def split_command(ds: Dataset, tmp_path: Path) -> list[str]:
+    return [sys.executable, str(REPO / "stages" / "split.py"), "--manifest", str(ds.manifest),
+            "--out", str(tmp_path / "folds.csv"), "--counts", str(tmp_path / "counts.json"),
+            "--params", str(ds.params)]  # fmt: skip
+
+
 def test_split_skips_what_masks_skipped(ds: Dataset, tmp_path: Path) -> None:
-    # on_bad_annotation applies to every stage that reads the json, not to the masks stage alone.
+    # on_bad_annotation is applied once, by the masks stage: the split reads its manifest, never the json,
+    # so it splits what the masks stage kept instead of failing on the annotation it skipped.
     ds.train["annotations"][1]["segmentation"] = [[1, 2, 3, 4]]
-    ds.params.write_text("data:\n  on_bad_annotation: skip\nsplit:\n  n_splits: 2\ntrain:\n  folds: [0, 1]\n")
+    ds.params.write_text(
+        "data:\n  on_bad_annotation: skip\nsplit:\n  n_splits: 2\nensemble:\n  folds: [0, 1]\n"
+    )
     assert ds.run_stage().returncode == 0
-    split = [sys.executable, str(REPO / "stages" / "split.py"), "--masks", str(ds.out),
-             "--train-json", str(ds.train_json), "--out", str(tmp_path / "folds.csv"),
-             "--counts", str(tmp_path / "counts.json"), "--params", str(ds.params)]  # fmt: skip
-    result = subprocess.run(split, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert read_manifest(ds.manifest).annotations["skipped"] == 1
+    result = subprocess.run(
+        split_command(ds, tmp_path), capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "folds.csv").read_text().splitlines()[0] == "image_id,fold"
+    header, *rows = (tmp_path / "folds.csv").read_text().splitlines()
+    assert header == "image_id,fold"
+    assert sorted(row.split(",")[0] for row in rows) == ["imgs/0.jpg", "imgs/1.jpg"]  # both images kept
 
 
 def test_valid_dataset_passes(ds: Dataset) -> None:
@@ -308,7 +333,15 @@ def test_valid_dataset_passes(ds: Dataset) -> None:
     assert len(result.stdout.strip().splitlines()) == 1  # the summary; no category is unused
     assert coco.read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1
     assert coco.read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2
-    assert sorted(p.name for p in ds.out.parent.iterdir()) == ["data", "masks", "params.yaml"]
+    written = sorted(p.name for p in ds.out.parent.iterdir())
+    assert written == ["data", "manifest.json", "masks", "params.yaml"]
+    manifest = read_manifest(ds.manifest)
+    assert (manifest.classes, manifest.category_ids) == (["background", "Paper", "Metal"], [1, 2])
+    assert manifest.train_names() == ["imgs/0.jpg", "imgs/1.jpg"]
+    assert [(im.file_name, im.height, im.width) for im in manifest.test] == [("imgs/t0.jpg", H, W)]
+    # The classes each written mask holds, as the split and training read them.
+    assert manifest.presence.tolist() == [[True, True, False], [True, False, True]]
+    assert manifest.annotations == {"used": 2, "skipped": 0, "clipped": 0, "ignored": 0}
 
 
 # --- real-world exports ------------------------------------------------------------------------------------
@@ -322,7 +355,7 @@ def test_roboflow_export_with_an_unused_category_named_like_a_class(
     roboflow = [{"id": 0, "name": "Paper", "supercategory": "none"}, *CATEGORIES]
     ds.train["categories"] = ds.test["categories"] = roboflow
     ds.params.write_text(
-        f"data:\n  unused_categories: {unused}\nsplit:\n  n_splits: 2\ntrain:\n  folds: [0, 1]\n"
+        f"data:\n  unused_categories: {unused}\nsplit:\n  n_splits: 2\nensemble:\n  folds: [0, 1]\n"
     )
     result = ds.run_stage()
     assert result.returncode == 0, result.stderr
@@ -342,12 +375,12 @@ def test_roboflow_export_with_an_unused_category_named_like_a_class(
     assert coco.read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1 + offset
     assert coco.read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2 + offset
 
-    # The split stage reads the same setting, so its class list matches the masks'; it does not repeat
-    # the report.
-    split = [sys.executable, str(REPO / "stages" / "split.py"), "--masks", str(ds.out),
-             "--train-json", str(ds.train_json), "--out", str(tmp_path / "folds.csv"),
-             "--counts", str(tmp_path / "counts.json"), "--params", str(ds.params)]  # fmt: skip
-    done = subprocess.run(split, capture_output=True, text=True, cwd=REPO, timeout=120)
+    manifest = read_manifest(ds.manifest)
+    assert (manifest.classes, manifest.category_ids) == (["background", *names], ids)
+    assert manifest.presence[:, 1 + offset : 3 + offset].tolist() == [[True, False], [False, True]]
+    # The split stage reads the masks stage's manifest, so its class list matches the masks'; it does not
+    # repeat the report.
+    done = subprocess.run(split_command(ds, tmp_path), capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "used by no annotation" not in done.stdout + done.stderr
     counts = json.loads((tmp_path / "counts.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from pipeline.config import params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +57,67 @@ def test_gpu_benchmark_skips_without_cuda() -> None:
     run = _run("train_gpu", "")
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("skipped: no CUDA device")
+
+
+@pytest.fixture
+def bench_modules(monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """bench/recipe.py and bench/ablation.py as modules (they import their siblings by name)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module("recipe"), importlib.import_module("ablation")
+
+
+def _repo_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_workspace_params_keep_one_recipe_on_one_fold_at_native_size(bench_modules: tuple) -> None:
+    recipe, _ = bench_modules
+    raw = _repo_params()
+    first, second = list(raw["models"])[:2]
+    raw["models"][first]["train"] = {"epochs": 7, "lr": 0.002}
+
+    params = recipe.with_epochs(recipe.workspace_params(raw, Path("/data"), [1], 3), 2)
+
+    assert list(params["models"]) == [first]
+    assert params["models"][first]["train"] == {"lr": 0.002}  # its own epochs give way to the benchmark's
+    assert params["ensemble"]["folds"] == [1] and params["split"]["n_splits"] == 3
+    assert params["submission"]["size"] is None and params["data"]["root"] == "/data"
+    resolved = params_from_dict(params).recipe(first)
+    assert resolved.train.epochs == 2 and resolved.train.lr == 0.002
+    assert list(recipe.workspace_params(raw, Path("/data"), [0], 3, [second])["models"]) == [second]
+    with pytest.raises(SystemExit, match="no model recipe 'nope'"):
+        recipe.workspace_params(raw, Path("/data"), [0], 3, ["nope"])
+    # Params of the old layout (the fold list under train) are refused with the config's message.
+    raw["train"]["folds"] = [0]
+    with pytest.raises(SystemExit, match=r"unknown key 'train\.folds'"):
+        recipe.workspace_params(raw, Path("/data"), [0], 3)
+
+
+def test_ablation_overrides_set_shared_recipe_and_nested_keys(bench_modules: tuple) -> None:
+    recipe, ablation = bench_modules
+    raw = _repo_params()
+    raw["models"] = {"unet": {}, "fpn": {"model": {"arch": "FPN"}}}
+    base = recipe.workspace_params(raw, Path("/data"), [0, 1], 3, "all")
+    overrides = ablation.parse_overrides(
+        ["train.lr=0.02", "models.fpn.train.lr=0.005", "models.fpn.train.losses.ce=0.5", "predict.tta=none"]
+    )
+
+    params = params_from_dict(ablation.apply(base, overrides, "--variant v"))
+
+    unet, fpn = params.recipe("unet"), params.recipe("fpn")
+    assert unet.train.lr == 0.02 and fpn.train.lr == 0.005
+    # A nested key of one recipe starts from what that recipe had: only `ce` changes.
+    assert fpn.train.losses == {"ce": 0.5, "dice": 1.0} and unet.train.losses == {"ce": 1.0, "dice": 1.0}
+    assert params.predict.tta == "none"
+    assert not ablation.reuses_baseline(overrides)
+    assert ablation.reuses_baseline({"predict.tta": "none", "ensemble.grid_step": 0.5})
+    for bad, message in [
+        ("models.nope.train.lr=1", "not a recipe trained here"),
+        ("train.lrr=1", "unknown key 'train.lrr'"),
+        ("models.fpn.train.lr=fast", "must be a number"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            ablation.apply(base, ablation.parse_overrides([bad]), "--variant v")
+    for bad in ("ensemble.folds=[0]", "train", "models.fpn=1"):
+        with pytest.raises(SystemExit):
+            ablation.parse_overrides([bad])

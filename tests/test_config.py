@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Params, load_params, params_from_dict
+from pipeline.config import Params, load_params, params_from_dict, params_to_dict
 from pipeline.errors import UserError
-from pipeline.train import WEIGHT_MODULES
+from pipeline.resume import WEIGHT_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_committed_params_load(path: str) -> None:
     params = load_params(ROOT / path)
     assert isinstance(params, Params)
-    assert params.train.folds == list(range(params.split.n_splits))
+    assert params.ensemble.folds == list(range(params.split.n_splits))
+    assert len(params.models) >= 2  # the demo and the competition config both ensemble two models
 
 
 def test_committed_params_name_every_field() -> None:
@@ -31,6 +32,8 @@ def test_committed_params_name_every_field() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     defaults = Params()
     for section in defaults.__dataclass_fields__:
+        if section == "models":  # named recipes: overrides only
+            continue
         assert set(raw[section]) == set(getattr(defaults, section).__dataclass_fields__), section
 
 
@@ -38,6 +41,30 @@ def test_missing_sections_take_defaults() -> None:
     params = params_from_dict({"train": {"epochs": 3}})
     assert params.train.epochs == 3
     assert params.data.overlap == "area_desc"
+
+
+def test_recipes_override_the_shared_sections() -> None:
+    params = params_from_dict(
+        {
+            "train": {"lr": 0.01, "epochs": 4},
+            "model": {"encoder": "resnet18"},
+            "models": {
+                "unet": {"model": {"arch": "Unet"}},
+                "fpn": {"model": {"arch": "FPN"}, "train": {"lr": 0.1}},
+            },
+        }
+    )
+    assert list(params.models) == ["unet", "fpn"]
+    fpn, unet = params.recipe("fpn"), params.recipe("unet")
+    assert (fpn.model.arch, fpn.model.encoder, fpn.train.lr, fpn.train.epochs) == ("FPN", "resnet18", 0.1, 4)
+    assert (unet.model.arch, unet.train.lr) == ("Unet", 0.01)
+    with pytest.raises(UserError, match="no model recipe 'deeplab' in 'models' \\(defined: unet, fpn\\)"):
+        params.recipe("deeplab")
+
+
+def test_params_round_trip_through_a_dict() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params_from_dict(params_to_dict(params)) == params
 
 
 def test_int_accepted_for_float() -> None:
@@ -56,15 +83,23 @@ def test_int_accepted_for_float() -> None:
         ({"train": {"epochs": True}}, "'train.epochs' must be an integer"),
         ({"data": {"overlap": "biggest"}}, "'data.overlap' must be one of 'area_desc', 'max_class'"),
         ({"train": {"losses": {"ce": "x"}}}, "'train.losses' must be a mapping of a string to a number"),
-        ({"train": {"folds": [0, "1"]}}, "'train.folds' must be a list of an integer"),
+        ({"ensemble": {"folds": [0, "1"]}}, "'ensemble.folds' must be a list of an integer"),
         ({"model": {"encoder_weights": 3}}, "'model.encoder_weights' must be a string or null"),
         ({"model": []}, "'model' must be a mapping"),
-        ({"split": {"n_splits": 3}, "train": {"folds": [0, 3]}}, "'train.folds' names fold 3"),
-        ({"split": {"n_splits": 3}, "train": {"folds": [0, 0]}}, "lists a fold twice"),
-        ({"split": {"n_splits": 1}, "train": {"folds": [0]}}, "at least 2"),
+        ({"split": {"n_splits": 3}, "ensemble": {"folds": [0, 3]}}, "'ensemble.folds' names fold 3"),
+        ({"split": {"n_splits": 3}, "ensemble": {"folds": [0, 0]}}, "must list each fold once"),
+        ({"split": {"n_splits": 1}, "ensemble": {"folds": [0]}}, "at least 2"),
+        ({"ensemble": {"grid_step": 0.3}}, "'ensemble.grid_step' must be 1/n for an integer n"),
+        ({"train": {"num_workers": 2}}, "unknown key 'train.num_workers'"),
+        ({"runtime": {"num_workers": -1}}, "'runtime.num_workers' must be at least 0"),
+        ({"models": {"a": {"train": {"lr": -1}}}}, "'models.a.train.lr' must be greater than 0"),
+        ({"models": {"a": {"trian": {}}}}, "unknown key 'models.a.trian'"),
+        ({"models": {"a": {"model": {"arch_": "FPN"}}}}, "unknown key 'models.a.model.arch_'"),
+        ({"models": {"a": {"augment": {"size": 100}}}}, "'models.a.augment.size' must be divisible by 32"),
+        ({"models": {"a-b": {}}}, "model name 'a-b' must be letters, digits and _"),
+        ({"models": {}}, "'models' must map recipe names"),
         ({"augment": {"size": 100}}, "divisible by 32"),
         ({"augment": {"elastic_p_min": 0.9, "elastic_p_max": 0.1}}, "elastic_p_min"),
-        ({"predict": {"fold_weights": [1.0]}}, "'predict.fold_weights' has 1 weights for 5 folds"),
         ({"train": {"grad_clip": -1}}, "'train.grad_clip' must be greater than 0, got -1"),
         ({"train": {"lr": 0}}, "'train.lr' must be greater than 0"),
         ({"train": {"seed": -1}}, "'train.seed' must be at least 0, got -1"),
@@ -97,7 +132,7 @@ def test_load_params_file_errors(tmp_path: Path) -> None:
         load_params(bad)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert load_params(empty) == Params()
+    assert load_params(empty) == params_from_dict({})
 
 
 @pytest.mark.parametrize("path", ["params.yaml", "configs/trash.yaml"])
@@ -109,8 +144,12 @@ def test_dvc_builds_the_stage_graph_with_each_committed_config(tmp_path: Path, p
     assert subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path).returncode == 0
     dag = subprocess.run([*dvc, "dag", "--md"], cwd=tmp_path, capture_output=True, text=True)
     assert dag.returncode == 0, dag.stderr[-2000:]
-    for stage in ["masks", "split", "train@0", "predict", "evaluate", "leaderboard"]:
+    for stage in ["masks", "split", "ensemble", "predict", "evaluate", "leaderboard"]:
         assert stage in dag.stdout
+    params = load_params(ROOT / path)
+    for name in params.models:
+        for k in params.ensemble.folds:
+            assert f"train@{name}-{k}" in dag.stdout and f"oof@{name}-{k}" in dag.stdout
 
 
 def _pipeline_modules(script: Path) -> set[str]:
@@ -173,7 +212,7 @@ def test_every_path_a_stage_reads_is_a_dependency() -> None:
 def test_the_training_fingerprint_covers_the_code_that_shapes_the_weights() -> None:
     # A module the train stage runs must either be hashed into the resume fingerprint or be known
     # not to shape the weights; otherwise a code change would resume (keep) weights the old code made.
-    not_shaping = {"pipeline/__init__.py", "pipeline/atomic.py", "pipeline/errors.py", "pipeline/infer.py"}
+    not_shaping = {"pipeline/__init__.py", "pipeline/atomic.py", "pipeline/errors.py"}
     hashed = {f"pipeline/{name}.py" for name in WEIGHT_MODULES}
     assert hashed | not_shaping == _pipeline_modules(ROOT / "stages" / "train.py")
     assert not hashed & not_shaping

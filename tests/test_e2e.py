@@ -1,8 +1,9 @@
-"""End to end: the real dvc.yaml and stage scripts, run by `dvc repro` on a tiny config."""
+"""End to end: the real dvc.yaml and stage scripts, run by `dvc repro` on a tiny config of two models."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "demo": {"n_train": 18, "n_test": 5, "image_size": 64, "max_objects": 3},
     "augment": {"size": 64},
-    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "folds": [0, 1, 2]},
+    "model": {"encoder": "resnet18"},
+    "train": {"epochs": 1, "batch_size": 4},
+    "models": {
+        "unet": {"model": {"arch": "Unet", "decoder_channels": [32, 16, 16, 8, 8]}},
+        "fpn": {"model": {"arch": "FPN"}, "train": {"lr": 0.005}},
+    },
+    "ensemble": {"folds": [0, 1, 2], "grid_step": 0.5},
+    "runtime": {"num_workers": 0},
     "split": {"n_splits": 3},
     "predict": {"batch_size": 4, "num_workers": 0, "tta": "flips"},
     "submission": {"size": 32},
@@ -26,28 +33,47 @@ TINY = {
 def _tiny_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
-        params[section].update(values)
+        if section == "models":
+            params[section] = values
+        else:
+            params[section].update(values)
     return params
+
+
+def _stale_stages(run: Run, work: Path) -> set[str]:
+    status = run(["dvc", "status"], work)
+    assert status.returncode == 0, status.stderr
+    return set(re.findall(r"^(\S+):\s*$", status.stdout, flags=re.MULTILINE))
 
 
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage(dvc_project: Path, run: Run) -> None:
     work = dvc_project
-    (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
+    params = _tiny_params()
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
 
     repro = run(["dvc", "repro"], work)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
 
-    for fold in (0, 1, 2):
-        assert (work / f"models/fold{fold}/best.pt").is_file()
-        metrics = json.loads((work / f"metrics/fold{fold}.json").read_text())
-        assert 0.0 <= metrics["miou"] <= 1.0
-    cv = json.loads((work / "metrics/cv.json").read_text())
+    for model in ("unet", "fpn"):
+        for fold in (0, 1, 2):
+            assert (work / f"models/{model}/fold{fold}/best.pt").is_file()
+            assert (work / f"oof/{model}/fold{fold}.npz").is_file()
+            metrics = json.loads((work / f"metrics/{model}/fold{fold}.json").read_text())
+            assert set(metrics) == {"miou"} and 0.0 <= metrics["miou"] <= 1.0
+    cv = json.loads((work / "reports/cv.json").read_text())
+    report = json.loads((work / "ensemble/report.json").read_text())
     assert cv["n_images"] == 18
-    assert 0.0 <= cv["oof_miou"] <= 1.0
+    assert cv["oof_miou"] == pytest.approx(report["ensemble"]["oof_miou"])  # evaluate re-scores the labels
+    assert set(cv["models"]) == {"unet", "fpn"} and set(cv["weights"]) == {"unet", "fpn"}
+    assert sum(cv["weights"].values()) == pytest.approx(1.0)
     board = json.loads((work / "metrics/leaderboard.json").read_text())
     assert 0.0 <= board["miou"] <= 1.0
     assert list((work / "plots/worst").glob("*.png"))
+    # Headline metrics only: `dvc metrics show` fits a 160-column terminal.
+    shown = run(["dvc", "metrics", "show"], work)
+    assert shown.returncode == 0 and "leaderboard" in shown.stdout
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 160, shown.stdout
 
     submission = work / "submissions/submission.csv"
     valid = run(
@@ -59,5 +85,23 @@ def test_dvc_repro_runs_every_stage(dvc_project: Path, run: Run) -> None:
 
     again = run(["dvc", "repro"], work)
     assert again.returncode == 0
-    assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout
     assert "Running stage" not in again.stdout
+
+    # What does not shape the weights leaves every train stage alone.
+    edited = _tiny_params()
+    edited["predict"]["tta"] = "none"
+    edited["runtime"]["num_workers"] = 1
+    edited["predict"]["batch_size"] = 2
+    edited["submission"]["format"] = "dense"
+    (work / "params.yaml").write_text(yaml.safe_dump(edited))
+    stale = _stale_stages(run, work)
+    assert not any(s.startswith("train@") for s in stale), stale
+    assert {f"oof@{m}-{k}" for m in ("unet", "fpn") for k in range(3)} <= stale
+    assert "predict" in stale
+
+    # One recipe's edit re-runs that recipe's train stages only.
+    edited = _tiny_params()
+    edited["models"]["fpn"]["train"]["lr"] = 0.002
+    (work / "params.yaml").write_text(yaml.safe_dump(edited))
+    stale = _stale_stages(run, work)
+    assert {s for s in stale if s.startswith("train@")} == {"train@fpn-0", "train@fpn-1", "train@fpn-2"}

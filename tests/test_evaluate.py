@@ -7,6 +7,7 @@ import math
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ from pipeline.evaluate import (
     write_confusion_csv,
     write_worst_overlays,
 )
-from pipeline.folds import read_folds
+from pipeline.manifest import Manifest, write_manifest
 from pipeline.submission import SubmissionWriter
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
@@ -214,59 +215,92 @@ def _write_folds(path: Path, folds: dict[str, int]) -> None:
     pd.DataFrame({"image_id": list(folds), "fold": list(folds.values())}).to_csv(path, index=False)
 
 
-def test_read_folds_must_match_the_json(tmp_path: Path) -> None:
-    _write_coco(tmp_path / "train.json", [(name, 8, 8) for name in FOLDS], {})
-    train = coco.load_coco(tmp_path / "train.json")
-    _write_folds(tmp_path / "f.csv", FOLDS)
-    assert read_folds(tmp_path / "f.csv", train) == FOLDS
-    _write_folds(tmp_path / "f.csv", {"a/0.jpg": 0, "z.jpg": 1})
-    with pytest.raises(UserError, match=r"f\.csv: does not match .*train\.json"):
-        read_folds(tmp_path / "f.csv", train)
-
-
-def test_read_folds_keeps_image_ids_pandas_would_read_as_missing(tmp_path: Path) -> None:
-    folds = {"NA": 0, "null": 1, "nan": 0}
-    _write_coco(tmp_path / "train.json", [(name, 8, 8) for name in folds], {})
-    _write_folds(tmp_path / "f.csv", folds)
-    assert read_folds(tmp_path / "f.csv", coco.load_coco(tmp_path / "train.json")) == folds
-
-
-def test_read_folds_refuses_an_empty_file(tmp_path: Path) -> None:
-    _write_coco(tmp_path / "train.json", [(name, 8, 8) for name in FOLDS], {})
-    (tmp_path / "f.csv").write_text("")
-    with pytest.raises(UserError, match=r"f\.csv: not a readable CSV"):
-        read_folds(tmp_path / "f.csv", coco.load_coco(tmp_path / "train.json"))
+def _evaluate_project(tmp_path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The ensemble stage's outputs as evaluate reads them: native-size labels of folds 0 and 1 under
+    ensemble/oof, its report (CV mIoU by sklearn), the manifest, masks, folds.csv and images.
+    Returns (report, evaluate's arguments)."""
+    pairs = _truth_and_oof(tmp_path, pred_size=NATIVE)
+    for image_id, fold in FOLDS.items():
+        coco.write_mask(oof_path(tmp_path / "ensemble/oof", image_id, fold), pairs[image_id][1])
+        (tmp_path / "images" / image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (NATIVE, NATIVE)).save(tmp_path / "images" / image_id, format="JPEG")
+    records = [coco.ImageRecord(i, name, NATIVE, NATIVE) for i, name in enumerate(FOLDS)]
+    presence = np.ones((len(records), 3), dtype=bool)
+    write_manifest(tmp_path / "manifest.json", Manifest(CLASSES, [1, 2], records, presence, [], {"used": 0}))
+    _write_folds(tmp_path / "folds.csv", FOLDS)
+    scored = [k for k in FOLDS if FOLDS[k] != 2]  # fold 2 is not in the ensemble's folds
+    truth = np.concatenate([pairs[k][0].ravel() for k in scored])
+    pred = np.concatenate([pairs[k][1].ravel() for k in scored])
+    miou = float(np.mean(jaccard_score(truth, pred, labels=[0, 1, 2], average=None)))
+    report = {
+        "ensemble": {"oof_miou": miou, "folds": {"0": 0.5, "1": 0.5}},
+        "models": {"unet": {"oof_miou": 0.25}, "fpn": {"oof_miou": 0.3}},
+        "weights": {"unet": 0.4, "fpn": 0.6},
+    }
+    (tmp_path / "ensemble/report.json").write_text(json.dumps(report))
+    flags = {
+        "--labels": "ensemble/oof", "--report": "ensemble/report.json", "--manifest": "manifest.json",
+        "--masks": "masks", "--folds": "folds.csv", "--root": "images", "--metrics": "metrics/cv.json",
+        "--details": "reports/cv.json", "--confusion": "plots/confusion.csv", "--worst": "plots/worst",
+        "--n-worst": "3",
+    }  # fmt: skip
+    return report, [part for flag in flags.items() for part in flag]
 
 
 def test_evaluate_stage_writes_metrics_plot_and_overlays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _truth_and_oof(tmp_path, pred_size=NATIVE)  # the train stages write OOF at each image's own size
-    _write_coco(tmp_path / "train.json", [(name, NATIVE, NATIVE) for name in FOLDS], {})
-    for image_id in FOLDS:
-        (tmp_path / "images" / image_id).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (NATIVE, NATIVE)).save(tmp_path / "images" / image_id, format="JPEG")
-    _write_folds(tmp_path / "folds.csv", FOLDS)
-    params = {"split": {"n_splits": 3}, "train": {"folds": [0, 1]}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    flags = {
-        "--oof": "oof", "--masks": "masks", "--folds": "folds.csv", "--train-json": "train.json",
-        "--root": "images", "--metrics": "metrics/cv.json", "--confusion": "plots/confusion.csv",
-        "--worst": "plots/worst", "--n-worst": "3",
-    }  # fmt: skip
-    args = [part for flag in flags.items() for part in flag]
+    report, args = _evaluate_project(tmp_path)
     _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+    details = json.loads((tmp_path / "reports/cv.json").read_text())
+    assert (details["n_images"], details["n_skipped"], set(details["folds"])) == (4, 1, {"0", "1"})
+    assert set(details["iou"]) == set(CLASSES)
+    assert details["oof_miou"] == pytest.approx(report["ensemble"]["oof_miou"])
+    assert (details["models"], details["weights"]) == (report["models"], report["weights"])
+    # The headline: the ensemble's and each model's OOF mIoU, and the per-model weights.
     cv = json.loads((tmp_path / "metrics/cv.json").read_text())
-    assert (cv["n_images"], cv["n_skipped"], set(cv["folds"])) == (4, 1, {"0", "1"})
-    assert set(cv["iou"]) == set(CLASSES)
+    assert cv == {
+        "oof_miou": pytest.approx(report["ensemble"]["oof_miou"]),
+        "models": {"unet": {"oof_miou": 0.25}, "fpn": {"oof_miou": 0.3}},
+        "weights": {"unet": 0.4, "fpn": 0.6},
+    }
     assert len(pd.read_csv(tmp_path / "plots/confusion.csv")) == 3 * 1000
     assert len(list((tmp_path / "plots/worst").glob("*.png"))) == 3
 
-    oof_path(tmp_path / "oof", "a/1.jpg", 0).unlink()
+    oof_path(tmp_path / "ensemble/oof", "a/1.jpg", 0).unlink()
     with pytest.raises(SystemExit) as exit_info:
         _run_stage("evaluate.py", args, tmp_path, monkeypatch)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: oof/fold0/a/1.png: ")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ensemble/oof/fold0/a/1.png: ")
+
+
+def test_evaluate_stage_refuses_labels_that_disagree_with_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report, args = _evaluate_project(tmp_path)
+    report["ensemble"]["oof_miou"] += 0.01  # labels from another run than the report
+    (tmp_path / "ensemble/report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as exit_info:
+        _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ensemble/oof: scores ") and "ensemble/report.json" in last
+    assert not (tmp_path / "metrics/cv.json").exists()
+
+
+def test_evaluate_stage_keeps_per_class_weights_out_of_the_headline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report, args = _evaluate_project(tmp_path)
+    per_class = {
+        "unet": dict(zip(CLASSES, [1.0, 0.0, 0.5], strict=True)),
+        "fpn": dict(zip(CLASSES, [0.0, 1.0, 0.5], strict=True)),
+    }
+    report["weights"] = per_class
+    (tmp_path / "ensemble/report.json").write_text(json.dumps(report))
+    _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+    assert "weights" not in json.loads((tmp_path / "metrics/cv.json").read_text())
+    assert json.loads((tmp_path / "reports/cv.json").read_text())["weights"] == per_class
 
 
 def test_leaderboard_stage_scores_a_perfect_submission(
@@ -279,9 +313,10 @@ def test_leaderboard_stage_scores_a_perfect_submission(
         for image in truth.images:
             writer.write(image.file_name, coco.rasterize(truth, image))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submission": {"size": None, "format": "rle"}}))
-    args = ["--submission", "sub.csv", "--truth", "truth.json", "--out", "lb.json"]
+    args = ["--submission", "sub.csv", "--truth", "truth.json", "--out", "lb.json", "--report", "r.json"]
     _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
-    board = json.loads((tmp_path / "lb.json").read_text())
+    assert json.loads((tmp_path / "lb.json").read_text()) == {"miou": 1.0}  # the headline only
+    board = json.loads((tmp_path / "r.json").read_text())
     assert board == {"miou": 1.0, "iou": {"background": 1.0, "can": 1.0, "bottle": 1.0}}
 
 
@@ -299,8 +334,9 @@ def test_leaderboard_stage_without_test_truth_records_not_scored(
     (tmp_path / "test.json").write_text(json.dumps(test))
     (tmp_path / "sub.csv").write_text("image_id,class_id,EncodedPixels\n")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submission": {"size": None}}))
-    args = ["--submission", "sub.csv", "--truth", "test.json", "--out", "lb.json"]
+    args = ["--submission", "sub.csv", "--truth", "test.json", "--out", "lb.json", "--report", "r.json"]
     _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
-    board = json.loads((tmp_path / "lb.json").read_text())
-    assert board["miou"] is None and board["scored"] is False
+    assert json.loads((tmp_path / "lb.json").read_text()) == {"miou": None}
+    board = json.loads((tmp_path / "r.json").read_text())
+    assert board["miou"] is None and board["scored"] is False and "test.json" in board["reason"]
     assert "not scored" in capsys.readouterr().out

@@ -1,10 +1,10 @@
-"""Tests for pipeline.folds and the `split` stage script."""
+"""Tests for pipeline.folds (stratified folds, folds.csv) and the `split` stage script."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import re
+import runpy
 import sys
 import warnings
 from pathlib import Path
@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import coco
-from pipeline.folds import class_presence, fold_class_counts, make_folds
+from pipeline.coco import ImageRecord
+from pipeline.errors import UserError
+from pipeline.folds import class_presence, fold_class_counts, make_folds, read_folds
+from pipeline.manifest import Manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,56 +115,95 @@ def test_fold_class_counts_counts_images_per_fold_and_class() -> None:
     pd.testing.assert_frame_equal(table, expected)
 
 
+def _write_folds(path: Path, folds: dict[str, int]) -> None:
+    pd.DataFrame({"image_id": list(folds), "fold": list(folds.values())}).to_csv(path, index=False)
+
+
+FOLDS = {"a/0.jpg": 0, "a/1.jpg": 0, "b/2.jpg": 1, "b/3.jpg": 1, "b/4.jpg": 2}
+
+
+def test_read_folds_must_list_exactly_the_manifest_s_images(tmp_path: Path) -> None:
+    _write_folds(tmp_path / "f.csv", FOLDS)
+    assert read_folds(tmp_path / "f.csv", list(FOLDS), "data/manifest.json") == FOLDS
+    _write_folds(tmp_path / "f.csv", {"a/0.jpg": 0, "z.jpg": 1})
+    with pytest.raises(UserError, match=r"f\.csv: does not match data/manifest\.json \(e\.g\. 'z\.jpg'\)"):
+        read_folds(tmp_path / "f.csv", list(FOLDS), "data/manifest.json")
+    _write_folds(tmp_path / "f.csv", {name: 0 for name in list(FOLDS)[:-1]})  # one image missing
+    with pytest.raises(UserError, match=r"does not match m\.json \(e\.g\. 'b/4\.jpg'\)"):
+        read_folds(tmp_path / "f.csv", list(FOLDS), "m.json")
+
+
+def test_read_folds_keeps_image_ids_pandas_would_read_as_missing(tmp_path: Path) -> None:
+    folds = {"NA": 0, "null": 1, "nan": 0}
+    _write_folds(tmp_path / "f.csv", folds)
+    assert read_folds(tmp_path / "f.csv", list(folds), "m.json") == folds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not a readable CSV"),
+        ("image,fold\na/0.jpg,0\n", "expected columns image_id,fold"),
+        ("image_id,fold\na/0.jpg,zero\n", "column 'fold' must hold integers"),
+        ("image_id,fold\na/0.jpg,0\na/0.jpg,1\n", "image_id 'a/0.jpg' is listed twice"),
+    ],
+)
+def test_read_folds_refuses_a_malformed_file(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "f.csv").write_text(text)
+    with pytest.raises(UserError, match=rf"f\.csv: {message}"):
+        read_folds(tmp_path / "f.csv", ["a/0.jpg"], "m.json")
+    with pytest.raises(UserError, match=r"folds file not found \(run the split stage\)"):
+        read_folds(tmp_path / "missing.csv", ["a/0.jpg"], "m.json")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # stages/split.py
 
-
-def _write_dataset(tmp: Path, labels: list[list[int]]) -> tuple[Path, Path]:
-    """A COCO json with 3 categories and one mask per image holding the given labels."""
-    images = [
-        {"id": i + 1, "file_name": f"batch_{i % 2}/{i:03d}.jpg", "height": 8, "width": 8}
-        for i in range(len(labels))
-    ]
-    categories = [{"id": 1, "name": "Paper"}, {"id": 2, "name": "Can"}, {"id": 3, "name": "Battery"}]
-    train_json = tmp / "train.json"
-    train_json.write_text(json.dumps({"images": images, "categories": categories, "annotations": []}))
-    masks = tmp / "masks"
-    for image, present in zip(images, labels, strict=True):
-        mask = np.zeros((8, 8), np.uint8)
-        for k, label in enumerate(present):
-            mask[k, :] = label
-        coco.write_mask(masks / coco.mask_relpath(image["file_name"]), mask)
-    return train_json, masks
+CLASSES = ["background", "Paper", "Can", "Battery"]
 
 
-def _run_split(tmp: Path, train_json: Path, masks: Path) -> subprocess.CompletedProcess[str]:
-    (tmp / "params.yaml").write_text("split: {n_splits: 3, seed: 7}\ntrain: {folds: [0, 1, 2]}\n")
-    args = [
-        sys.executable,
-        str(ROOT / "stages/split.py"),
-        "--masks",
-        str(masks),
-        "--train-json",
-        str(train_json),
-    ]
-    args += ["--out", str(tmp / "folds.csv"), "--counts", str(tmp / "metrics/folds.json")]
-    args += ["--params", str(tmp / "params.yaml")]
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, check=False)
+def _write_manifest(tmp: Path, labels: list[list[int]]) -> Path:
+    """The masks stage's manifest of one 8x8 image per entry of `labels`: background and those classes."""
+    images = [ImageRecord(i + 1, f"batch_{i % 2}/{i:03d}.jpg", 8, 8) for i in range(len(labels))]
+    presence = np.zeros((len(labels), len(CLASSES)), dtype=bool)
+    presence[:, 0] = True
+    for row, present in enumerate(labels):
+        presence[row, present] = True
+    path = tmp / "data/manifest.json"
+    write_manifest(path, Manifest(CLASSES, [1, 2, 3], images, presence, [], {"used": 0}))
+    return path
 
 
-def test_split_stage_writes_folds_and_counts(tmp_path: Path) -> None:
+def _run_split(
+    tmp: Path, manifest: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    """Run stages/split.py as its command line would, in this process: (exit code, stdout, stderr)."""
+    (tmp / "params.yaml").write_text("split: {n_splits: 3, seed: 7}\nensemble: {folds: [0, 1, 2]}\n")
+    args = ["--manifest", str(manifest), "--out", str(tmp / "folds.csv")]
+    args += ["--counts", str(tmp / "reports/folds.json"), "--params", str(tmp / "params.yaml")]
+    monkeypatch.setattr(sys, "argv", ["split.py", *args])
+    try:
+        runpy.run_path(str(ROOT / "stages/split.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_split_stage_writes_folds_and_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     labels = [[1], [1, 2], [2], [1], [1, 2], [2], [1, 3], [], [1], [2]]
-    train_json, masks = _write_dataset(tmp_path, labels)
-    result = _run_split(tmp_path, train_json, masks)
-    assert result.returncode == 0, result.stderr
+    code, out, err = _run_split(tmp_path, _write_manifest(tmp_path, labels), monkeypatch, capsys)
+    assert code == 0, err
 
     folds = pd.read_csv(tmp_path / "folds.csv")
     assert list(folds.columns) == ["image_id", "fold"]
     assert folds["image_id"].tolist() == [f"batch_{i % 2}/{i:03d}.jpg" for i in range(len(labels))]
     assert set(folds["fold"]) == {0, 1, 2}
 
-    counts = json.loads((tmp_path / "metrics/folds.json").read_text())
+    counts = json.loads((tmp_path / "reports/folds.json").read_text())
     assert list(counts) == ["fold0", "fold1", "fold2"]
     assert all(list(row) == ["Paper", "Can", "Battery"] for row in counts.values())
     for name, label in [("Paper", 1), ("Can", 2), ("Battery", 3)]:
@@ -170,16 +211,34 @@ def test_split_stage_writes_folds_and_counts(tmp_path: Path) -> None:
         for fold, row in counts.items():
             in_fold = folds["fold"] == int(fold.removeprefix("fold"))
             assert row[name] == sum(label in labels[i] for i in np.flatnonzero(in_fold))
-    assert "WARNING: class 'Battery' is in 1 training image" in result.stderr
-    assert "Paper" in result.stdout and "fold2" in result.stdout
+    assert "WARNING: class 'Battery' is in 1 training image" in err
+    assert "Paper" in out and "fold2" in out
 
 
-def test_split_stage_reports_a_stale_mask_in_one_line(tmp_path: Path) -> None:
-    train_json, masks = _write_dataset(tmp_path, [[1], [2], [7], [1]])  # label 7: no such class
-    result = _run_split(tmp_path, train_json, masks)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(
-        f"error: {masks / 'batch_0/002.png'}: holds label 7, but {train_json} has 3 classes"
-    )
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ("not json", "not a trashseg manifest .*re-run the masks stage"),
+        (None, "manifest not found \\(run the masks stage\\)"),
+        ([[1], [2]], "2 training images, fewer than split.n_splits=3"),
+    ],
+    ids=["malformed", "missing", "too-few-images"],
+)
+def test_split_stage_reports_a_bad_manifest_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    manifest: object,
+    message: str,
+) -> None:
+    path = tmp_path / "data/manifest.json"
+    if isinstance(manifest, str):
+        path.parent.mkdir(parents=True)
+        path.write_text(manifest)
+    elif manifest is not None:
+        _write_manifest(tmp_path, manifest)
+    code, _, err = _run_split(tmp_path, path, monkeypatch, capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert re.match(rf"error: {re.escape(str(path))}: {message}", last), last
     assert not (tmp_path / "folds.csv").exists()

@@ -1,4 +1,5 @@
-"""Tests for pipeline.infer: probability averaging, TTA, fold weights, sizes, streaming, checkpoints."""
+"""Tests for pipeline.infer and the predict stage: probability averaging, TTA, member merging, sizes,
+streaming, checkpoints."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from pipeline.config import AugmentParams, ModelParams
 from pipeline.dataset import ImageDataset
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry
+from pipeline.manifest import ImageSet, Manifest, write_manifest
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
+from pipeline.submission import iter_submission
 
 CPU = torch.device("cpu")
 STAGES = Path(__file__).resolve().parents[1] / "stages"
@@ -123,21 +126,38 @@ def test_tta_on_an_equivariant_model_changes_nothing(tta: str) -> None:
     torch.testing.assert_close(augmented, plain)
 
 
-def test_fold_weights_are_normalised() -> None:
-    a, b = [2.0, 0.0], [0.0, 3.0]
-    images = torch.zeros(1, 3, 32, 32)
-    weights = infer.normalise_weights([6.0, 2.0], 2)
-    assert weights == pytest.approx([0.75, 0.25])
-    got = _ensemble([ConstantLogits(a), ConstantLogits(b)], weights, images, "none")
-    expected = 0.75 * torch.tensor(a).softmax(0) + 0.25 * torch.tensor(b).softmax(0)
-    torch.testing.assert_close(got[0, :, 0, 0], expected)
-    assert infer.normalise_weights(None, 4) == [0.25] * 4
+def test_a_member_s_fold_models_are_averaged_equally(tmp_path: Path) -> None:
+    logits = [[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]
+    dataset = ImageDataset(tmp_path, _write_images(tmp_path, [(32, 32)]), Geometry("squash", 32))
+    models = [ConstantLogits(row) for row in logits]
+    ((_, probs),) = infer.predict_probabilities(models, None, dataset, "none", [1.0], 1, 0, CPU)
+    expected = torch.stack([torch.tensor(row).softmax(0) for row in logits]).mean(0)
+    torch.testing.assert_close(probs[:, 3, 5], expected)
 
 
-@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0]])
-def test_bad_fold_weights_are_user_errors(weights: list[float]) -> None:
-    with pytest.raises(UserError, match="fold_weights"):
-        infer.normalise_weights(weights, 2)
+def _member(name: str, logits: list[list[float]], size: int) -> infer.Member:
+    models = [ConstantLogits(row) for row in logits]
+    augment = dataclasses.asdict(AugmentParams(size=size))
+    folds = infer.Ensemble(
+        models, ["background", "can", "bottle"], Geometry("squash", size), [augment] * len(models)
+    )
+    return infer.Member(name, folds, "none")
+
+
+def test_predict_members_merges_members_of_different_geometry_with_per_class_weights(tmp_path: Path) -> None:
+    small = _member("small", [[1.0, 0.0, 2.0]], 32)
+    big = _member("big", [[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]], 64)
+    weights = torch.tensor([[0.5, 1.0, 0.0], [0.5, 0.0, 1.0]])  # (M, C)
+    images = _write_images(tmp_path, [(40, 72), (64, 64), (50, 30)])
+    out = list(infer.predict_members([small, big], weights, tmp_path, images, [1.0], 2, 0, CPU))
+    assert [index for index, _ in out] == [0, 1, 2]
+    p_small = torch.tensor([1.0, 0.0, 2.0]).softmax(0)
+    p_big = (torch.tensor([0.0, 2.0, 0.0]).softmax(0) + torch.tensor([3.0, 0.0, 0.0]).softmax(0)) / 2
+    expected = weights[0] * p_small + weights[1] * p_big
+    for _, probs in out:
+        assert probs.shape == (3, 64, 64)  # the larger member's inference shape
+        torch.testing.assert_close(probs[:, 0, 0], expected)
+        torch.testing.assert_close(probs[:, 63, 17], expected)
 
 
 def test_unknown_tta_lists_the_valid_ones() -> None:
@@ -297,71 +317,110 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> 
     assert growth[32] - growth[8] < 10 * mb
 
 
-def _stage_project(tmp_path: Path, classes: list[str]) -> None:
-    """Two fold checkpoints, a 3-image test json and params.yaml, laid out as dvc.yaml does."""
-    params = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
-    for fold in (0, 1):
-        model = build_model(params, len(classes))
-        # trained with both flips, so the stage may run flips TTA
-        state = checkpoint_state(model, params, classes, AugmentParams(size=32, vflip=0.5), 1, 0.5, fold)
-        save_checkpoint(tmp_path / f"models/fold{fold}/best.pt", state)
+CLASSES = ["background", "can", "bottle"]
+TINY_MODEL = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
+MEMBERS = {  # trained with both flips, so the stage may run flips TTA; one squashes, one crops
+    "unet": AugmentParams(size=32, vflip=0.5),
+    "crop": AugmentParams(size=32, vflip=0.5, resize="crop"),
+}
+
+
+def _stage_project(tmp_path: Path, weights: list[list[float]], tta: str = "flips") -> list[ImageRecord]:
+    """Two members of two fold checkpoints each, the ensemble's weights, the manifest of a 3-image
+    test set and params.yaml (predict.tta = `tta`), laid out as dvc.yaml does. Returns the test images."""
+    torch.manual_seed(0)
+    for name, augment in MEMBERS.items():
+        for fold in (0, 1):
+            model = build_model(TINY_MODEL, len(CLASSES))
+            state = checkpoint_state(model, TINY_MODEL, CLASSES, augment, 1, 0.5, fold)
+            save_checkpoint(tmp_path / f"models/{name}/fold{fold}/best.pt", state)
+    fitted = {"members": list(MEMBERS), "folds": [0, 1], "classes": CLASSES, "weights": weights}
+    (tmp_path / "ensemble").mkdir()
+    (tmp_path / "ensemble/weights.json").write_text(json.dumps(fitted))
     records = _write_images(tmp_path / "data", [(40, 72), (64, 64), (50, 30)])
-    test = {
-        "images": [
-            {"id": r.id, "file_name": r.file_name, "height": r.height, "width": r.width} for r in records
-        ],
-        "categories": [{"id": k, "name": name} for k, name in enumerate(classes[1:], start=1)],
-    }
-    (tmp_path / "data/test.json").write_text(json.dumps(test))
+    manifest = Manifest(CLASSES, [1, 2], [], np.zeros((0, 3), dtype=bool), records, {"used": 0})
+    write_manifest(tmp_path / "data/manifest.json", manifest)
     config = {
         "split": {"n_splits": 2},
-        "train": {"folds": [0, 1]},
-        "predict": {"tta": "flips", "batch_size": 2, "num_workers": 0, "fold_weights": [2.0, 1.0]},
+        "ensemble": {"folds": [0, 1]},
+        "predict": {"tta": tta, "batch_size": 2, "num_workers": 0},
         "submission": {"format": "rle", "size": None},
     }
     (tmp_path / "params.yaml").write_text(json.dumps(config))  # JSON is YAML
+    return records
 
 
 def _run_predict(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run stages/predict.py as its command line would, but in this process (torch is imported once)."""
-    args = ["--models", "models", "--root", "data", "--test-json", "data/test.json"]
-    args += ["--train-json", "data/test.json", "--out", "sub/s.csv"]  # keep mode: the test json decides
+    args = ["--models", "models", "--weights", "ensemble/weights.json", "--root", "data"]
+    args += ["--manifest", "data/manifest.json", "--out", "sub/s.csv"]
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["predict.py", *args])
     runpy.run_path(str(STAGES / "predict.py"), run_name="__main__")
 
 
+def _last_error(capsys: pytest.CaptureFixture[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        _run_predict(cwd, monkeypatch)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_predict_stage_writes_a_valid_submission_or_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _stage_project(tmp_path, ["background", "can", "bottle"])
+    _stage_project(tmp_path, [[0.5] * 3, [0.5] * 3], tta="hflip")
     _run_predict(tmp_path, monkeypatch)
     lines = (tmp_path / "sub/s.csv").read_text().splitlines()
     assert lines[0] == "image_id,class_id,EncodedPixels"
     assert len(lines) == 1 + 3 * 2  # one row per image and non-background class
 
     (tmp_path / "sub/s.csv").unlink()
-    (tmp_path / "models/fold1/best.pt").unlink()
-    with pytest.raises(SystemExit) as exit_info:
-        _run_predict(tmp_path, monkeypatch)
-    assert exit_info.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: models/fold1/best.pt: checkpoint of fold 1")
+    (tmp_path / "models/crop/fold1/best.pt").unlink()
+    last = _last_error(capsys, tmp_path, monkeypatch)
+    assert last.startswith("error: models/crop/fold1/best.pt: checkpoint of ensemble member 'crop' not found")
     assert not (tmp_path / "sub/s.csv").exists()
+
+
+def test_predict_stage_follows_the_fitted_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # All weight on `crop`: the submission is what that member's two folds predict alone.
+    records = _stage_project(tmp_path, [[0.0] * 3, [1.0] * 3], tta="none")
+    _run_predict(tmp_path, monkeypatch)
+    written = dict(iter_submission(tmp_path / "sub/s.csv", ImageSet(records, 3), None))
+    folds = infer.load_ensemble([tmp_path / f"models/crop/fold{k}/best.pt" for k in (0, 1)])
+    dataset = ImageDataset(tmp_path / "data", records, folds.geometry)
+    alone = infer.predict_images(folds.models, None, dataset, None, "none", [1.0], 2, 0, CPU)
+    for index, mask in alone:
+        np.testing.assert_array_equal(written[records[index].file_name], mask)
 
 
 def test_predict_stage_refuses_tta_the_models_never_trained_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _stage_project(tmp_path, ["background", "can", "bottle"])
-    params = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
+    _stage_project(tmp_path, [[0.5] * 3, [0.5] * 3])
     horizontal_only = AugmentParams(size=32, hflip=0.5, vflip=0.0)
-    state = checkpoint_state(
-        build_model(params, 3), params, ["background", "can", "bottle"], horizontal_only, 1, 0.5, 1
-    )
-    save_checkpoint(tmp_path / "models/fold1/best.pt", state)
-    with pytest.raises(SystemExit):
-        _run_predict(tmp_path, monkeypatch)
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    state = checkpoint_state(build_model(TINY_MODEL, 3), TINY_MODEL, CLASSES, horizontal_only, 1, 0.5, 1)
+    save_checkpoint(tmp_path / "models/unet/fold1/best.pt", state)
+    last = _last_error(capsys, tmp_path, monkeypatch)
     assert "predict.tta 'flips'" in last and "augment.vflip = 0.0" in last
+    assert not (tmp_path / "sub/s.csv").exists()
+
+
+def test_predict_stage_refuses_models_of_other_classes_than_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = _stage_project(tmp_path, [[0.5] * 3, [0.5] * 3])
+    other = Manifest(["background", "can", "paper"], [1, 2], [], np.zeros((0, 3), dtype=bool), records, {})
+    write_manifest(tmp_path / "data/manifest.json", other)
+    # The fitted weights were fitted for the models' classes, not the data's: refused first.
+    last = _last_error(capsys, tmp_path, monkeypatch)
+    assert last == (
+        "error: ensemble/weights.json: fitted for other classes or members than the data's "
+        "(re-run the ensemble stage)"
+    )
+    # Weights that match the data but checkpoints that do not: the checkpoint is named.
+    fitted = json.loads((tmp_path / "ensemble/weights.json").read_text())
+    (tmp_path / "ensemble/weights.json").write_text(json.dumps({**fitted, "classes": other.classes}))
+    last = _last_error(capsys, tmp_path, monkeypatch)
+    assert last.startswith("error: models/unet/fold0/best.pt: classes ") and "differ from the data's" in last
     assert not (tmp_path / "sub/s.csv").exists()

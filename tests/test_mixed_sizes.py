@@ -1,4 +1,5 @@
-"""A set of mixed sizes and aspect ratios (640x480, 480x640, 1024x768) through the real stages, crop mode."""
+"""A set of mixed sizes and aspect ratios (640x480, 480x640, 1024x768) through the real stages, crop mode,
+with two models that see the images at different scales."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from conftest import Run
 from PIL import Image
 
 from pipeline import coco
+from pipeline.geometry import Geometry
+from pipeline.oof import read_oof
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(480, 640), (640, 480), (768, 1024)]  # (height, width): 640x480, 480x640 and 1024x768 photos
@@ -21,12 +24,21 @@ CATEGORIES = [{"id": 0, "name": "can"}, {"id": 1, "name": "can"}, {"id": 2, "nam
 
 TINY = {
     "augment": {"size": 64, "resize": "crop", "short_side": 96, "vflip": 0.0},
-    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"epochs": 1, "batch_size": 2, "num_workers": 0, "folds": [0, 1]},
+    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": None},
+    "train": {"epochs": 1, "batch_size": 2},
+    "runtime": {"num_workers": 0},
+    "ensemble": {"folds": [0, 1], "grid_step": 0.5},
     "split": {"n_splits": 2},
     "predict": {"batch_size": 2, "num_workers": 0, "tta": "auto"},
     "submission": {"size": None},
 }
+# Two recipes whose inference shapes differ for every image (short side 96 and 128): the ensemble merges
+# their probabilities and scores them at each image's own size.
+MODELS = {
+    "unet": {"model": {"decoder_channels": [32, 16, 16, 8, 8]}},
+    "fpn": {"model": {"arch": "FPN"}, "augment": {"short_side": 128}},
+}
+SHORT_SIDE = {"unet": 96, "fpn": 128}
 
 
 def _write_set(root: Path, name: str, n: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -72,6 +84,7 @@ def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, r
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
+    params["models"] = MODELS
     params["data"].update(
         root="data/photos",
         train_json="data/photos/train.json",
@@ -85,9 +98,23 @@ def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, r
     # The unused id-0 category is reported once and kept, so class indexes do not shift.
     assert repro.stdout.count("category id 0 'can' is used by no annotation") == 1
 
-    # Out-of-fold predictions at each training image's own size.
+    # Each model's out-of-fold probabilities, every training image in exactly one fold, at the shape the
+    # model sees it: the short side scaled to the model's own short_side, the aspect ratio kept.
+    n_classes = len(CATEGORIES) + 1
+    for model, short_side in SHORT_SIDE.items():
+        geometry = Geometry(mode="crop", size=64, short_side=short_side)
+        stored = {}
+        for fold in (0, 1):
+            oof = read_oof(work / "oof" / model / f"fold{fold}.npz")
+            stored |= {name: oof.probabilities(i) for i, name in enumerate(oof.file_names)}
+        assert sorted(stored) == sorted(image["file_name"] for image in train_images)
+        for image in train_images:
+            probs = stored[image["file_name"]]
+            assert probs.shape == (n_classes, *geometry.inference_shape(image["height"], image["width"]))
+            assert probs.sum(dim=0).sub(1).abs().max() < 0.02  # probabilities, up to the uint8 rounding
+    # The ensemble's out-of-fold labels, which evaluate scores, at each training image's own size.
     for image in train_images:
-        fold_pngs = list((work / "oof").glob(f"fold*/{coco.mask_relpath(image['file_name'])}"))
+        fold_pngs = list((work / "ensemble" / "oof").glob(f"fold*/{coco.mask_relpath(image['file_name'])}"))
         assert len(fold_pngs) == 1
         assert coco.read_mask(fold_pngs[0]).shape == (image["height"], image["width"])
 
@@ -98,4 +125,6 @@ def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, r
     board = json.loads((work / "metrics/leaderboard.json").read_text())
     assert 0.0 <= board["miou"] <= 1.0
     cv = json.loads((work / "metrics/cv.json").read_text())
-    assert cv["n_images"] == 6 and 0.0 <= cv["oof_miou"] <= 1.0
+    details = json.loads((work / "reports/cv.json").read_text())
+    assert details["n_images"] == 6 and 0.0 <= cv["oof_miou"] <= 1.0
+    assert details["oof_miou"] == cv["oof_miou"] and set(cv["models"]) == set(MODELS)

@@ -16,6 +16,7 @@ from pipeline.models import (
     checkpoint_state,
     load_checkpoint,
     model_from_checkpoint,
+    parameter_groups,
     save_checkpoint,
     strip_wrapper_prefixes,
 )
@@ -43,10 +44,71 @@ def test_unknown_encoder_is_a_user_error() -> None:
         build_model(dataclasses.replace(SMALL, encoder="resnet7"), n_classes=3)
 
 
-def test_decoder_channels_on_an_arch_without_them_is_refused() -> None:
+@pytest.mark.parametrize("arch", ["FPN", "Segformer"])
+def test_decoder_channels_on_an_arch_without_them_is_refused(arch: str) -> None:
     # smp would pass them on to the encoder, which ignores them without a word.
-    with pytest.raises(UserError, match=r"decoder_channels is not a setting of model.arch 'FPN'"):
-        build_model(dataclasses.replace(SMALL, arch="FPN"), n_classes=3)
+    with pytest.raises(UserError, match=rf"decoder_channels is not a setting of model.arch '{arch}'"):
+        build_model(dataclasses.replace(SMALL, arch=arch), n_classes=3)
+
+
+def test_decoder_channels_on_an_arch_with_one_decoder_width_is_refused() -> None:
+    # UPerNet's decoder_channels is an int: smp would fail on the list with a TypeError traceback.
+    with pytest.raises(UserError, match=r"model.arch 'UPerNet' takes a single decoder width"):
+        build_model(dataclasses.replace(SMALL, arch="UPerNet"), n_classes=3)
+
+
+@pytest.mark.parametrize("arch", ["Segformer", "upernet"])  # smp's names, in any case
+def test_segformer_and_upernet_output_one_logit_map_per_class(arch: str) -> None:
+    model = build_model(dataclasses.replace(SMALL, arch=arch, decoder_channels=None), n_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3, 64, 64)
+
+
+def test_timm_encoder_by_tu_name() -> None:
+    model = build_model(dataclasses.replace(SMALL, encoder="tu-resnet18"), n_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "message"),
+    [("tu-nonexistent_model", r"not a timm model$"), ("tu-resnet181", r"did you mean tu-resnet18\b")],
+)
+def test_unknown_timm_encoder_is_a_user_error(encoder: str, message: str) -> None:
+    with pytest.raises(UserError, match=rf"params: model.encoder '{encoder}' .*{message}"):
+        build_model(dataclasses.replace(SMALL, encoder=encoder), n_classes=3)
+
+
+def test_parameter_groups_put_each_parameter_in_one_group() -> None:
+    model = build_model(SMALL, n_classes=3)
+    groups = parameter_groups(model, lr=1e-3, encoder_lr=1e-4, weight_decay=0.01)
+    assert [g["name"] for g in groups] == [
+        "encoder/decay",
+        "encoder/no_decay",
+        "decoder/decay",
+        "decoder/no_decay",
+    ]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once, none left out
+    encoder = {id(p) for p in model.encoder.parameters()}
+    for group in groups:
+        assert group["lr"] == (1e-4 if group["name"].startswith("encoder/") else 1e-3)
+        assert all((id(p) in encoder) == group["name"].startswith("encoder/") for p in group["params"])
+        assert all((p.ndim >= 2) == (group["weight_decay"] == 0.01) for p in group["params"])
+        assert group["weight_decay"] in (0.0, 0.01)
+    torch.optim.AdamW(groups)  # the format AdamW takes, "name" included
+
+
+def test_parameter_groups_without_encoder_lr_and_empty_groups() -> None:
+    model = torch.nn.Sequential()
+    model.add_module("encoder", torch.nn.Linear(4, 4, bias=False))  # no 1-d parameters: no no_decay group
+    model.add_module("head", torch.nn.Conv2d(4, 2, 1))
+    groups = parameter_groups(model, lr=1e-3, encoder_lr=None, weight_decay=0.1)
+    assert [(g["name"], len(g["params"]), g["lr"]) for g in groups] == [
+        ("encoder/decay", 1, 1e-3),
+        ("decoder/decay", 1, 1e-3),
+        ("decoder/no_decay", 1, 1e-3),
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -106,7 +168,20 @@ def test_model_from_checkpoint_strips_ddp_and_compile_prefixes() -> None:
     state["model_state"] = {f"module._orig_mod.{k}": v for k, v in state["model_state"].items()}
     rebuilt = model_from_checkpoint(state)
     assert torch.equal(rebuilt.encoder.conv1.weight, model.encoder.conv1.weight)
+    compiled = checkpoint_state(torch.compile(model), SMALL, ["background", "a"], AUG64, 0, 0.0, 0)
+    assert compiled["smp_config"] == state["smp_config"]  # smp's config of the model inside
     assert strip_wrapper_prefixes({"module.a.b": 1, "c": 2}) == {"a.b": 1, "c": 2}
+
+
+def test_checkpoint_without_smp_config_rebuilds_from_its_model_params() -> None:
+    # Checkpoints written before smp's config was recorded in them.
+    model = build_model(SMALL, n_classes=2).eval()
+    state = checkpoint_state(model, SMALL, ["background", "a"], AUG64, epoch=0, score=0.0, fold=0)
+    del state["smp_config"]
+    rebuilt = model_from_checkpoint(state)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
 
 
 class _RunsCode:

@@ -1,4 +1,5 @@
-"""Tests for pipeline.train and stages/train.py: a real tiny run, learning, resume after a kill, DDP."""
+"""Tests for pipeline.train, stages/train.py and the oof stage after it: a real tiny run, learning, resume
+after a kill, DDP."""
 
 from __future__ import annotations
 
@@ -24,30 +25,37 @@ import torch
 import yaml
 
 from pipeline import coco
-from pipeline.config import DemoParams, Params, params_from_dict
-from pipeline.dataset import InferenceBatch
+from pipeline.config import DemoParams, Params, PredictParams, Recipe, params_from_dict, params_to_dict
+from pipeline.dataset import ImageDataset, InferenceBatch, build_inference_loader
 from pipeline.demo import generate_demo
 from pipeline.errors import UserError
+from pipeline.geometry import Geometry, resize_argmax
 from pipeline.losses import build_loss
-from pipeline.models import load_checkpoint
+from pipeline.manifest import manifest_of, read_manifest, write_manifest
+from pipeline.metrics import confusion_matrix, mean_iou
+from pipeline.models import load_checkpoint, model_from_checkpoint
+from pipeline.oof import held_out, read_oof, write_oof
+from pipeline.resume import run_fingerprint
 from pipeline.runtime import Runtime, seed_everything, setup_runtime
 from pipeline.train import (
     FoldPaths,
     build_train_state,
     evaluate,
     fit,
-    load_fold_data,
     lr_factor,
     train_one_epoch,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 12
+MODEL = "unet"  # the one recipe of TINY; _params puts its train overrides in models.unet.train
 
 TINY = {
-    "augment": {"size": 64, "oversample": True},
+    "augment": {"size": 64, "oversample": True, "vflip": 0.0},
     "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "lr": 0.003, "amp": False, "folds": [0, 1, 2]},
+    "train": {"epochs": 1, "batch_size": 4, "lr": 0.003, "amp": False},
+    "runtime": {"nproc": 1, "num_workers": 0},
+    "ensemble": {"folds": [0, 1, 2]},
     "split": {"n_splits": 3},
     "predict": {"batch_size": 4, "num_workers": 0, "tta": "none"},
     "submission": {"size": 32},
@@ -68,11 +76,14 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Demo images, train json, masks and a 3-fold folds.csv (4 images per fold)."""
+    """Demo images, masks, the manifest and a 3-fold folds.csv (4 images per fold): what the masks and
+    split stages leave for training."""
     root = tmp_path_factory.mktemp("data")
     generate_demo(root / "demo", DemoParams(n_train=N_TRAIN, n_test=4, image_size=64))
-    train = coco.load_coco(root / "demo" / "train.json")
-    coco.write_masks(train, root / "masks")
+    train = coco.load_coco(root / "demo" / "train.json", require_annotations=True)
+    test = coco.load_coco(root / "demo" / "test.json", classes_from=train)
+    presence = coco.write_masks(train, root / "masks")
+    write_manifest(root / "manifest.json", manifest_of(train, test, presence))
     folds = [i % 3 for i in range(len(train.images))]
     pd.DataFrame({"image_id": [im.file_name for im in train.images], "fold": folds}).to_csv(
         root / "folds.csv", index=False
@@ -83,29 +94,33 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _paths(data: Path, out: Path, fold: int = 0) -> FoldPaths:
     return FoldPaths(
         root=data / "demo",
-        train_json=data / "demo" / "train.json",
+        manifest=data / "manifest.json",
         masks=data / "masks",
         folds=data / "folds.csv",
-        model_dir=out / f"models/fold{fold}",
-        metrics=out / f"metrics/fold{fold}.json",
-        live=out / f"dvclive/fold{fold}",
-        oof=out / f"oof/fold{fold}",
+        model_dir=out / f"models/{MODEL}/fold{fold}",
+        metrics=out / f"metrics/{MODEL}/fold{fold}.json",
+        live=out / f"dvclive/{MODEL}/fold{fold}",
     )
 
 
-def _params(**train: object) -> Params:
+def _params(runtime: dict | None = None, **train: object) -> Params:
+    """TINY with `train` overriding the recipe's train settings and `runtime` the runtime section."""
     raw = {section: dict(values) for section, values in TINY.items()}
-    raw["train"].update(train)
+    raw["runtime"].update(runtime or {})
+    raw["models"] = {MODEL: {"train": dict(train)}}
     return params_from_dict(raw)
+
+
+def _recipe(**train: object) -> Recipe:
+    return _params(**train).recipe(MODEL)
 
 
 def _stage_args(data: Path, out: Path, params_file: Path, fold: int = 0) -> list[str]:
     paths = _paths(data, out, fold)
     return [
-        "stages/train.py", "--fold", str(fold), "--root", str(paths.root),
-        "--train-json", str(paths.train_json), "--masks", str(paths.masks), "--folds", str(paths.folds),
-        "--model-dir", str(paths.model_dir),
-        "--metrics", str(paths.metrics), "--live", str(paths.live), "--oof", str(paths.oof),
+        "stages/train.py", "--model", MODEL, "--fold", str(fold), "--root", str(paths.root),
+        "--manifest", str(paths.manifest), "--masks", str(paths.masks), "--folds", str(paths.folds),
+        "--model-dir", str(paths.model_dir), "--metrics", str(paths.metrics), "--live", str(paths.live),
         "--params", str(params_file),
     ]  # fmt: skip
 
@@ -115,29 +130,42 @@ def _env() -> dict[str, str]:
 
 
 def _write_params(path: Path, params: Params) -> Path:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(params)))
+    path.write_text(yaml.safe_dump(params_to_dict(params)))
     return path
+
+
+def _cpu(recipe: Recipe) -> Runtime:
+    return setup_runtime(recipe.train, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FoldPaths, dict]:
     """One real 1-epoch CPU run of fold 0: (its paths, what fit returned)."""
-    params = _params()
+    recipe = _recipe()
     paths = _paths(dataset, tmp_path_factory.mktemp("run"))
-    return paths, fit(params, 0, paths, setup_runtime(params.train, device="cpu"))
+    return paths, fit(recipe, 0, 0, paths, _cpu(recipe))
+
+
+def _held_out(dataset: Path, fold: int = 0) -> list[coco.ImageRecord]:
+    manifest = read_manifest(dataset / "manifest.json")
+    fold_of = dict(pd.read_csv(dataset / "folds.csv").itertuples(index=False))
+    return held_out(manifest.train, fold_of, fold)
 
 
 def test_tiny_run_writes_every_output(dataset: Path, tiny_run: tuple[FoldPaths, dict]) -> None:
     paths, result = tiny_run
     best = load_checkpoint(paths.model_dir / "best.pt")
     assert best["classes"][0] == "background" and len(best["classes"]) == 11
-    assert (best["epoch"], best["fold"], best["geometry"]["size"]) == (0, 0, 64)
+    assert (best["epoch"], best["fold"], best["geometry"]["size"], best["recipe"]) == (0, 0, 64, MODEL)
+    assert set(best["iou"]) == set(best["classes"])  # per-class IoUs live in best.pt, not the metrics file
     assert load_checkpoint(paths.model_dir / "last.pt")["epoch"] == 0
+    assert sorted(p.name for p in paths.model_dir.iterdir()) == ["best.pt", "last.pt"]
 
     written = json.loads(paths.metrics.read_text())
+    assert set(written) == {"miou"}  # the headline only: `dvc metrics show` stays readable
     assert written["miou"] == pytest.approx(best["score"]) == pytest.approx(result["miou"])
-    assert 0.0 <= written["miou"] <= 1.0 and written["epoch"] == 0
-    assert set(written["iou"]) == set(best["classes"])
+    assert 0.0 <= written["miou"] <= 1.0
+    assert result == {"miou": best["score"], "epoch": 0}
 
     curves = {p.stem: pd.read_csv(p, sep="\t") for p in (paths.live / "plots" / "metrics").glob("*.tsv")}
     assert set(curves) == {"train_loss", "val_miou", "lr"}
@@ -145,12 +173,68 @@ def test_tiny_run_writes_every_output(dataset: Path, tiny_run: tuple[FoldPaths, 
     logged = yaml.safe_load((paths.live / "params.yaml").read_text())
     assert set(logged["elastic_p_by_class"]) == set(best["classes"][1:])
 
-    val_names = pd.read_csv(dataset / "folds.csv").query("fold == 0")["image_id"]
-    oof = sorted(p.relative_to(paths.oof).as_posix() for p in paths.oof.rglob("*.png"))
-    assert oof == sorted(coco.mask_relpath(name) for name in val_names)
-    mask = coco.read_mask(paths.oof / oof[0])
-    assert mask.shape == (64, 64) and mask.max() < 11  # the image's own size, not the training size
-    assert not list(paths.oof.parent.glob(".*"))  # no staging folder left behind
+
+def test_oof_stage_stores_the_held_out_probabilities_validation_scored(
+    dataset: Path, tiny_run: tuple[FoldPaths, dict], tmp_path: Path
+) -> None:
+    paths, _ = tiny_run
+    params_file = _write_params(tmp_path / "params.yaml", _params())
+    out = tmp_path / "oof" / MODEL / "fold0.npz"
+    run = subprocess.run(
+        [sys.executable, "stages/oof.py", "--checkpoint", str(paths.model_dir / "best.pt"), "--fold", "0",
+         "--root", str(paths.root), "--manifest", str(paths.manifest), "--folds", str(paths.folds),
+         "--out", str(out), "--params", str(params_file)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "4 held-out images, TTA none" in run.stdout
+    assert [p.name for p in out.parent.iterdir()] == ["fold0.npz"]  # no staging file left behind
+
+    best = load_checkpoint(paths.model_dir / "best.pt")
+    images = _held_out(dataset)
+    oof = read_oof(out)
+    assert oof.file_names == [image.file_name for image in images]  # the fold's images, in manifest order
+    assert oof.classes == best["classes"]
+
+    # What is stored is the model's probabilities at its inference shape, up to the uint8 rounding, so
+    # its argmax is the model's wherever the top two classes are more than the rounding apart; and the
+    # model's argmax at each image's own size scores what validation scored.
+    model = model_from_checkpoint(best).eval()
+    geometry = Geometry.from_dict(best["geometry"])
+    loader = build_inference_loader(ImageDataset(paths.root, images, geometry, masks_dir=paths.masks), 4, 0)
+    rounding = 0.5 / 255 + 1e-6
+    cm = np.zeros((11, 11), dtype=np.int64)
+    for batch in loader:
+        with torch.no_grad():
+            probs = model(batch.images).softmax(dim=1)
+        for position, (index, (h, w), mask) in enumerate(
+            zip(batch.indexes, batch.shapes, batch.masks, strict=True)
+        ):
+            image, expected, stored = images[index], probs[position, :, :h, :w], oof.probabilities(index)
+            assert stored.dtype == torch.float32
+            assert stored.shape == (11, *geometry.inference_shape(image.height, image.width)) == (11, 64, 64)
+            torch.testing.assert_close(stored, expected, rtol=0, atol=rounding)
+            top_two = expected.topk(2, dim=0).values
+            close = top_two[0] - top_two[1] <= 2 * rounding
+            assert torch.all((stored.argmax(dim=0) == expected.argmax(dim=0)) | close)
+            pred = resize_argmax(expected, (image.height, image.width)).numpy()
+            cm += confusion_matrix(mask.numpy(), pred, 11)
+    assert cm.sum() == len(images) * 64 * 64
+    assert mean_iou(cm) == pytest.approx(best["score"])
+
+
+def test_a_tta_the_training_never_saw_is_refused_before_predicting(
+    dataset: Path, tiny_run: tuple[FoldPaths, dict], tmp_path: Path
+) -> None:
+    # Training no longer reads predict.tta; the oof stage, the first to use it, refuses before any output.
+    paths, _ = tiny_run
+    best = paths.model_dir / "best.pt"
+    assert load_checkpoint(best)["augment"]["vflip"] == 0.0
+    predict = PredictParams(tta="flips", batch_size=4, num_workers=0)
+    out = tmp_path / "fold0.npz"
+    with pytest.raises(UserError, match=r"predict.tta 'flips' .* augment.vflip = 0.0"):
+        write_oof(best, _held_out(dataset), paths.root, predict, torch.device("cpu"), out)
+    assert not list(tmp_path.iterdir())
 
 
 def test_finished_run_only_rewrites_its_outputs(
@@ -159,22 +243,23 @@ def test_finished_run_only_rewrites_its_outputs(
     done, first = tiny_run
     shutil.copytree(done.model_dir, tmp_path / "models")
     paths = dataclasses.replace(
-        done,
-        model_dir=tmp_path / "models",
-        metrics=tmp_path / "m.json",
-        live=tmp_path / "live",
-        oof=tmp_path / "oof",
+        done, model_dir=tmp_path / "models", metrics=tmp_path / "m.json", live=tmp_path / "live"
     )
-    runtime = setup_runtime(_params().train, device="cpu")
+    runtime = _cpu(_recipe())
     best_before = (paths.model_dir / "best.pt").stat().st_mtime_ns
-    assert fit(_params(), 0, paths, runtime) == first
-    assert "fold 0: all 1 epochs done; rewriting the outputs from best.pt" in capsys.readouterr().out
+    assert fit(_recipe(), 0, 0, paths, runtime) == first
+    out = capsys.readouterr().out
+    assert f"{MODEL} fold 0: all 1 epochs done; rewriting the outputs from best.pt" in out
     assert (paths.model_dir / "best.pt").stat().st_mtime_ns == best_before  # nothing retrained
-    assert json.loads(paths.metrics.read_text())["miou"] == pytest.approx(first["miou"])
-    assert len(list(paths.oof.rglob("*.png"))) == N_TRAIN // 3
+    assert json.loads(paths.metrics.read_text()) == {"miou": pytest.approx(first["miou"])}
     assert len(pd.read_csv(paths.live / "plots/metrics/val_miou.tsv", sep="\t")) == 1  # curve replayed
 
-    fit(_params(lr=0.001), 0, paths, runtime)  # other settings: the old state is stale, train again
+    # How the run is carried out (loader workers: runtime.num_workers) is not what it learns.
+    assert fit(_recipe(), 1, 0, paths, runtime) == first
+    assert "all 1 epochs done" in capsys.readouterr().out
+    assert (paths.model_dir / "best.pt").stat().st_mtime_ns == best_before
+
+    fit(_recipe(lr=0.001), 0, 0, paths, runtime)  # other settings: the old state is stale, train again
     assert (paths.model_dir / "best.pt").stat().st_mtime_ns != best_before
 
 
@@ -188,18 +273,44 @@ def test_finished_run_trains_again_when_a_mask_changes(
     shutil.copytree(done.masks, tmp_path / "masks")
     paths = dataclasses.replace(
         done, model_dir=tmp_path / "models", masks=tmp_path / "masks", metrics=tmp_path / "m.json",
-        live=tmp_path / "live", oof=tmp_path / "oof",
+        live=tmp_path / "live",
     )  # fmt: skip
-    runtime = setup_runtime(_params().train, device="cpu")
-    fit(_params(), 0, paths, runtime)  # same bytes in another folder: still finished
+    runtime = _cpu(_recipe())
+    fit(_recipe(), 0, 0, paths, runtime)  # same bytes in another folder: still finished
     assert "all 1 epochs done" in capsys.readouterr().out
     changed = sorted(paths.masks.rglob("*.png"))[0]
     mask = coco.read_mask(changed)
     mask[:4, :4] = 1 - mask[:4, :4].clip(0, 1)
     coco.write_mask(changed, mask)
-    fit(_params(), 0, paths, runtime)
+    fit(_recipe(), 0, 0, paths, runtime)
     out = capsys.readouterr().out
-    assert "all 1 epochs done" not in out and "fold 0 epoch 1/1: train loss" in out
+    assert "all 1 epochs done" not in out and f"{MODEL} fold 0 epoch 1/1: train loss" in out
+
+
+def test_fingerprint_is_what_shapes_the_weights(dataset: Path) -> None:
+    names = read_manifest(dataset / "manifest.json").train_names()
+    inputs = [dataset / "folds.csv", dataset / "manifest.json"]
+
+    def fingerprint(recipe: Recipe, fold: int = 0, world_size: int = 1) -> str:
+        return run_fingerprint(recipe, fold, world_size, inputs, dataset / "demo", dataset / "masks", names)
+
+    base = fingerprint(_recipe())
+    assert fingerprint(dataclasses.replace(_recipe(), name="renamed")) == base
+    # Runtime, ensemble and predict settings are no part of a recipe: they change neither it nor its
+    # fingerprint (DVC does not re-run the train stages for them either).
+    raw = {section: dict(values) for section, values in TINY.items()}
+    raw["runtime"] = {"nproc": 1, "num_workers": 3}
+    raw["ensemble"] = {"folds": [0, 1], "grid_step": 0.5, "per_class": True}
+    raw["predict"] = {"tta": "hflip", "batch_size": 1, "num_workers": 2, "amp": False}
+    raw["models"] = {MODEL: {}}
+    assert fingerprint(params_from_dict(raw).recipe(MODEL)) == base
+    assert fingerprint(_recipe(lr=0.001)) != base
+    assert fingerprint(_recipe(), fold=1) != base
+    assert fingerprint(_recipe(), world_size=2) != base
+    other_model = params_from_dict(
+        {**raw, "models": {MODEL: {"model": {"arch": "FPN", "decoder_channels": None}}}}
+    )
+    assert fingerprint(other_model.recipe(MODEL)) != base
 
 
 # The GPU's precision branches run on CPU too: autocast, channels_last and the fp16 GradScaler with
@@ -217,8 +328,8 @@ def test_train_one_epoch_learns_a_fixed_batch(precision: str) -> None:
     """Overfitting one batch through the real loop: the loss must halve, or the loop does not learn."""
     runtime = PRECISIONS[precision]
     torch.manual_seed(0)
-    params = _params(lr=3e-3, warmup_epochs=0.0, grad_clip=1.0, accumulate=2)
-    state = build_train_state(params, n_classes=3, runtime=runtime, total_steps=10**6, resume=None)
+    recipe = _recipe(lr=3e-3, warmup_epochs=0.0, grad_clip=1.0, accumulate=2)
+    state = build_train_state(recipe, n_classes=3, runtime=runtime, total_steps=10**6, resume=None)
     if runtime.channels_last:
         assert state.raw.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     images = torch.randn(2, 3, 64, 64)
@@ -227,7 +338,7 @@ def test_train_one_epoch_learns_a_fixed_batch(precision: str) -> None:
     masks[1, 40:, 40:] = 2
     loss_fn = build_loss({"ce": 1.0, "dice": 1.0})
     losses = [
-        train_one_epoch(state, [(images, masks)] * 2, loss_fn, runtime, params.train, f"epoch {epoch}")
+        train_one_epoch(state, [(images, masks)] * 2, loss_fn, runtime, recipe.train, f"epoch {epoch}")
         for epoch in range(12)  # 2 batches, accumulated into 1 optimizer step per epoch
     ]
     assert all(math.isfinite(loss) for loss in losses), losses
@@ -240,14 +351,14 @@ def test_train_one_epoch_learns_a_fixed_batch(precision: str) -> None:
 @pytest.mark.slow
 def test_compiled_model_trains_evaluates_and_checkpoints_plain_weights() -> None:
     """train.compile on CPU (inductor): the loop runs the compiled model, checkpoints read the plain one."""
-    params = _params(compile=True, warmup_epochs=0.0)
+    recipe = _recipe(compile=True, warmup_epochs=0.0)
     runtime = PRECISIONS["float32"]
-    state = build_train_state(params, n_classes=3, runtime=runtime, total_steps=10, resume=None)
+    state = build_train_state(recipe, n_classes=3, runtime=runtime, total_steps=10, resume=None)
     assert state.net is not state.raw and state.model is state.net
     before = {k: v.clone() for k, v in state.raw.state_dict().items()}
     images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
     loss = train_one_epoch(
-        state, [(images, masks)], build_loss({"ce": 1.0}), runtime, params.train, "compiled"
+        state, [(images, masks)], build_loss({"ce": 1.0}), runtime, recipe.train, "compiled"
     )
     assert math.isfinite(loss)
     after = state.raw.state_dict()
@@ -271,7 +382,7 @@ def test_constant_schedule_keeps_the_base_lr_after_warmup() -> None:
 
 
 def test_cpu_runtime_is_single_process_float32() -> None:
-    runtime = setup_runtime(_params(amp=True, channels_last=True).train, device="cpu")
+    runtime = _cpu(_recipe(amp=True, channels_last=True))
     assert (runtime.rank, runtime.world_size, runtime.is_main, runtime.distributed) == (0, 1, True, False)
     assert runtime.amp_dtype is None and not runtime.use_scaler and not runtime.channels_last
     with runtime.autocast():
@@ -289,31 +400,26 @@ def test_seed_everything_replays_every_generator() -> None:
 
 
 def test_val_every_validates_every_nth_and_the_last_epoch(dataset: Path, tmp_path: Path) -> None:
-    params = _params(epochs=3, val_every=2, max_batches=1)
+    recipe = _recipe(epochs=3, val_every=2, max_batches=1)
     paths = _paths(dataset, tmp_path)
-    result = fit(params, 0, paths, setup_runtime(params.train, device="cpu"))
+    result = fit(recipe, 0, 0, paths, _cpu(recipe))
     history = load_checkpoint(paths.model_dir / "last.pt")["history"]
     assert ["val_miou" in record for record in history] == [False, True, True]
     assert result["epoch"] in (1, 2)  # the best checkpoint comes from a validated epoch
     assert result["miou"] == max(history[1]["val_miou"], history[2]["val_miou"])
 
 
-def test_tta_the_training_never_saw_is_refused_before_training(dataset: Path, tmp_path: Path) -> None:
-    raw = {section: dict(values) for section, values in TINY.items()}
-    raw["augment"]["vflip"] = 0.0
-    raw["predict"]["tta"] = "flips"
-    with pytest.raises(UserError, match=r"predict.tta 'flips' .* augment.vflip = 0.0"):
-        load_fold_data(params_from_dict(raw), 0, _paths(dataset, tmp_path))
-
-
 def test_bad_class_weights_and_folds_are_user_errors(dataset: Path, tmp_path: Path) -> None:
-    runtime = setup_runtime(_params().train, device="cpu")
-    with pytest.raises(UserError, match=r"train.class_weights has 2 weights for 11 classes"):
-        fit(_params(class_weights=[1.0, 2.0]), 0, _paths(dataset, tmp_path), runtime)
+    runtime = _cpu(_recipe())
+    with pytest.raises(
+        UserError, match=rf"params: models\.{MODEL}: train\.class_weights has 2 weights for 11 "
+    ):
+        fit(_recipe(class_weights=[1.0, 2.0]), 0, 0, _paths(dataset, tmp_path), runtime)
     bad = tmp_path / "folds.csv"
     bad.write_text("image_id,fold\nimages/train_0000.jpg,0\n")
-    with pytest.raises(UserError, match=r"folds.csv: does not match .*train.json"):
-        fit(_params(), 0, dataclasses.replace(_paths(dataset, tmp_path), folds=bad), runtime)
+    with pytest.raises(UserError, match=r"folds.csv: does not match .*manifest.json"):
+        fit(_recipe(), 0, 0, dataclasses.replace(_paths(dataset, tmp_path), folds=bad), runtime)
+    assert not (tmp_path / "models").exists()  # refused before anything was written
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
@@ -343,30 +449,37 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path:
     done = load_checkpoint(last)["epoch"]
     assert done < 3, "the run got to its end before the kill"
 
+    # The resumed run may use other loader workers: runtime settings are not part of the resume state.
+    resume_params = _params(runtime={"num_workers": 1}, epochs=4)
+    resume_file = _write_params(tmp_path / "resume.yaml", resume_params)
     rerun = subprocess.run(
-        [sys.executable, *_stage_args(dataset, killed, params_file)],
+        [sys.executable, *_stage_args(dataset, killed, resume_file)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"resuming fold 0 from epoch {done + 2}/4" in rerun.stdout
+    assert f"resuming {MODEL} fold 0 from epoch {done + 2}/4" in rerun.stdout
     assert "epoch 1/4:" not in rerun.stdout  # it did not start over
 
     straight = tmp_path / "straight"
-    fit(params, 0, _paths(dataset, straight), setup_runtime(params.train, device="cpu"))
+    recipe = params.recipe(MODEL)
+    fit(recipe, 0, 0, _paths(dataset, straight), _cpu(recipe))
     resumed_metrics = json.loads(_paths(dataset, killed).metrics.read_text())
     assert resumed_metrics == json.loads(_paths(dataset, straight).metrics.read_text())
-    a = load_checkpoint(_paths(dataset, killed).model_dir / "best.pt")["model_state"]
-    b = load_checkpoint(_paths(dataset, straight).model_dir / "best.pt")["model_state"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], msg=key)
+    for name in ("best.pt", "last.pt"):
+        a = load_checkpoint(_paths(dataset, killed).model_dir / name)
+        b = load_checkpoint(_paths(dataset, straight).model_dir / name)
+        for key in ("epoch", "score", "iou", "history", "best_score"):
+            assert a.get(key) == b.get(key), (name, key)
+        for key in a["model_state"]:  # bit for bit on CPU
+            torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=0, atol=0, msg=key)
     curve = pd.read_csv(_paths(dataset, killed).live / "plots/metrics/val_miou.tsv", sep="\t")
     assert curve["step"].tolist() == [0, 1, 2, 3]
 
 
 def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> None:
-    params_file = _write_params(tmp_path / "params.yaml", _params(nproc=2))
+    params_file = _write_params(tmp_path / "params.yaml", _params(runtime={"nproc": 2}))
     out = tmp_path / "ddp"
-    # train.nproc: 2, so the stage starts its two workers under torchrun itself.
+    # runtime.nproc: 2, so the stage starts its two workers under torchrun itself.
     run = subprocess.run(
         [sys.executable, *_stage_args(dataset, out, params_file)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
@@ -376,15 +489,24 @@ def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> 
     paths = _paths(dataset, out)
     assert sorted(p.name for p in paths.model_dir.iterdir()) == ["best.pt", "last.pt"]
     metrics = json.loads(paths.metrics.read_text())
-    assert 0.0 <= metrics["miou"] <= 1.0
-    assert len(list(paths.oof.rglob("*.png"))) == N_TRAIN // 3
+    assert set(metrics) == {"miou"} and 0.0 <= metrics["miou"] <= 1.0 and np.isfinite(metrics["miou"])
     assert pd.read_csv(paths.live / "plots/metrics/train_loss.tsv", sep="\t")["step"].tolist() == [0]
-    assert np.isfinite(metrics["miou"])
+
+    # Each rank validated its own shard of the held-out fold; summed, they score every image once: a
+    # single process scoring best.pt on the whole fold gets the same mIoU.
+    best = load_checkpoint(paths.model_dir / "best.pt")
+    assert best["recipe"] == MODEL and best["score"] == metrics["miou"]
+    images = _held_out(dataset)
+    val = ImageDataset(paths.root, images, Geometry.from_dict(best["geometry"]), masks_dir=paths.masks)
+    cm = evaluate(model_from_checkpoint(best), build_inference_loader(val, 2, 0), 11, PRECISIONS["float32"])
+    assert cm.sum() == len(images) * 64 * 64
+    # Every rank validates with rank 0's BatchNorm statistics, the ones best.pt stores.
+    assert mean_iou(cm) == pytest.approx(metrics["miou"])
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_train_stage_reports_a_bad_folds_file_in_one_line(dataset: Path, tmp_path: Path, nproc: int) -> None:
-    params_file = _write_params(tmp_path / "params.yaml", _params(nproc=nproc))
+    params_file = _write_params(tmp_path / "params.yaml", _params(runtime={"nproc": nproc}))
     folds = tmp_path / "folds.csv"
     folds.write_text("image_id,fold\nnot/an/image.jpg,0\n")
     args = _stage_args(dataset, tmp_path / "out", params_file)
@@ -395,6 +517,19 @@ def test_train_stage_reports_a_bad_folds_file_in_one_line(dataset: Path, tmp_pat
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "folds.csv: does not match" in errors[0], run.stderr
+
+
+def test_train_stage_names_the_defined_models_for_an_unknown_one(dataset: Path, tmp_path: Path) -> None:
+    params_file = _write_params(tmp_path / "params.yaml", _params())
+    args = _stage_args(dataset, tmp_path / "out", params_file)
+    args[args.index("--model") + 1] = "resnet"
+    run = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"no model recipe 'resnet' in 'models' (defined: {MODEL})" in errors[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_sigterm_to_the_launcher_stops_its_workers(tmp_path: Path) -> None:

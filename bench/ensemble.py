@@ -1,0 +1,211 @@
+"""Benchmark: the fitted ensemble against each of its members, out-of-fold and on the test set.
+
+One workspace (dvc.yaml, pipeline/, stages/ copied; `dvc init --no-scm`) whose params.yaml is --params
+with data.* pointed at DATA_DIR (train.json, test.json, test_truth.json; submissions at each image's own
+size) and each `--set key=value` applied (dotted keys, YAML values, as `dvc exp run -S`). Then
+`dvc repro` of the whole graph, timed per stage kind. Each member is then scored alone on the test set:
+the predict stage is run again with weights.json replaced by that member alone, and scored like the
+leaderboard stage. Prints one table: per model and for the ensemble, the OOF mIoU (the ensemble's is
+cross-validated: weights fitted without each fold), the leaderboard mIoU, the fitted weight, and the
+per-class IoUs of both; plus the train, oof and ensemble stages' wall time. --json writes it all.
+
+  python bench/ensemble.py /work/shared/data/medical-waste --params configs/real-cpu.yaml \\
+      --set split.n_splits=3 --set 'ensemble.folds=[0,1,2]' --set train.epochs=12
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import coco
+from pipeline.atomic import write_json
+from pipeline.submission import score_submission
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ["dvc.yaml", "pipeline", "stages"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("data_dir", type=Path, help="folder with train.json, test.json, test_truth.json")
+    parser.add_argument("--params", type=Path, default=REPO / "configs/real-cpu.yaml")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value (YAML value)")
+    parser.add_argument("--workspace", type=Path, help="keep the workspace here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_ensemble.") as tmp:
+        work = args.workspace or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = run(args, work)
+    print(table(results))
+    if args.json:
+        write_json(args.json, results)
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    params = yaml.safe_load(args.params.read_text())
+    data = args.data_dir.resolve()
+    params["data"].update(
+        root=str(data),
+        train_json=str(data / "train.json"),
+        test_json=str(data / "test.json"),
+        test_truth_json=str(data / "test_truth.json"),
+    )
+    params["submission"]["size"] = None
+    for item in args.sets:
+        key, _, value = item.partition("=")
+        apply(params, key, yaml.safe_load(value))
+    make_workspace(work)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    log = work / "dvc.log"
+    lines = run_logged([sys.executable, "-m", "dvc", "repro"], work, log)
+
+    report = json.loads((work / "ensemble/report.json").read_text())
+    truth = coco.load_with_training_classes(
+        data / "test_truth.json", data / "train.json", data, "error", params["data"]["unused_categories"]
+    )
+    overlap = params["data"]["overlap"]
+    fitted = json.loads((work / "ensemble/weights.json").read_text())
+    results: dict[str, Any] = {
+        "params": params,
+        "seconds": {"total": lines[-1][1], **stage_seconds(lines)},
+        "ensemble": {
+            "oof_miou": report["ensemble"]["oof_miou"],
+            "in_sample_miou": report["in_sample_miou"],
+            "oof_iou": report["ensemble"]["iou"],
+            **leaderboard(work / "submissions/submission.csv", truth, overlap),
+        },
+        "weights": report["weights"],
+        "fold_weights": report["fold_weights"],
+        "models": {},
+    }
+    for m, name in enumerate(fitted["members"]):
+        alone = {
+            **fitted,
+            "weights": [[float(i == m)] * len(fitted["classes"]) for i in range(len(fitted["members"]))],
+        }
+        (work / f"alone_{name}.json").write_text(json.dumps(alone))
+        out = work / f"alone_{name}.csv"
+        command = [
+            sys.executable,
+            "stages/predict.py",
+            "--models",
+            "models",
+            "--weights",
+            f"alone_{name}.json",
+        ]
+        command += ["--root", str(data), "--manifest", "data/manifest.json", "--out", str(out)]
+        run_logged(command, work, log)
+        results["models"][name] = {
+            "oof_miou": report["models"][name]["oof_miou"],
+            "oof_iou": report["models"][name]["iou"],
+            **leaderboard(out, truth, overlap),
+        }
+    return results
+
+
+def apply(params: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted `key` (e.g. models.unet.train.lr) to `value`, creating mappings on the way."""
+    *parents, last = key.split(".")
+    node = params
+    for part in parents:
+        node = node.setdefault(part, {})
+        if node is None:
+            raise SystemExit(f"--set {key}: '{part}' is null in the params")
+    node[last] = copy.deepcopy(value)
+
+
+def make_workspace(work: Path) -> None:
+    for name in COPIED:
+        src, dst = REPO / name, work / name
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    if not (work / ".dvc").is_dir():
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=work, check=True)
+
+
+def run_logged(command: list[str], work: Path, log: Path) -> list[tuple[str, float]]:
+    """Run `command` in `work`, its output appended to `log`; exits on failure. Returns (line, seconds
+    since start) of each output line as it arrived, so DVC's 'Running stage' lines time the stages."""
+    lines: list[tuple[str, float]] = []
+    start = time.perf_counter()
+    with log.open("a") as handle:
+        handle.write(f"\n$ {' '.join(command)}\n")
+        process = subprocess.Popen(
+            command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            handle.write(line)
+            lines.append((line, time.perf_counter() - start))
+        code = process.wait()
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"{' '.join(command)} failed (exit {code}); end of {log}:\n{tail}")
+    lines.append(("", time.perf_counter() - start))
+    return lines
+
+
+def stage_seconds(lines: list[tuple[str, float]]) -> dict[str, float]:
+    """Wall seconds per stage kind (train, oof, ensemble, ...): from each 'Running stage' line to the next."""
+    starts = [
+        (m.group(1).split("@")[0], t)
+        for line, t in lines
+        if (m := re.match(r"Running stage '([^']+)'", line))
+    ]
+    seconds: dict[str, float] = {}
+    for (kind, t), (_, t_next) in zip(starts, [*starts[1:], ("", lines[-1][1])], strict=True):
+        seconds[kind] = seconds.get(kind, 0.0) + t_next - t
+    return seconds
+
+
+def leaderboard(submission: Path, truth: coco.CocoSet, overlap: str) -> dict[str, Any]:
+    result = score_submission(submission, truth, None, overlap)
+    return {"leaderboard_miou": result["miou"], "leaderboard_iou": result["iou"]}
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("predictor", "weight", "OOF mIoU", "test mIoU")]
+    for name, scores in results["models"].items():
+        weight = results["weights"][name]
+        shown = f"{weight:.2f}" if isinstance(weight, float) else "per class"
+        rows.append((name, shown, f"{scores['oof_miou']:.4f}", f"{scores['leaderboard_miou']:.4f}"))
+    ens = results["ensemble"]
+    rows.append(("ensemble (CV)", "", f"{ens['oof_miou']:.4f}", f"{ens['leaderboard_miou']:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.append(
+        f"in-sample ensemble OOF (weights fitted on the folds that score them): {ens['in_sample_miou']:.4f}"
+    )
+    classes = list(ens["oof_iou"])
+    lines.append("per-class test IoU: " + ", ".join(classes))
+    for name, scores in [*results["models"].items(), ("ensemble", ens)]:
+        lines.append(f"  {name}: " + " ".join(f"{scores['leaderboard_iou'][c]:.3f}" for c in classes))
+    seconds = results["seconds"]
+    lines.append(
+        f"dvc repro wall time: {seconds['total'] / 60:.1f} min (train {seconds.get('train', 0) / 60:.1f}, "
+        f"oof {seconds.get('oof', 0) / 60:.1f}, ensemble {seconds.get('ensemble', 0) / 60:.1f})"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Resuming a killed training run: the fingerprint of what shapes the weights, resume state, RNG capture."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import coco
+from pipeline.config import Recipe
+from pipeline.errors import UserError
+from pipeline.models import load_checkpoint
+
+# The pipeline modules whose code shapes the trained weights. Inference, OOF and ensembling modules are
+# left out on purpose: they only shape what is computed from best.pt, which their own stages redo.
+WEIGHT_MODULES = (
+    "augment",
+    "coco",
+    "config",
+    "dataset",
+    "folds",
+    "geometry",
+    "losses",
+    "manifest",
+    "metrics",
+    "models",
+    "resume",
+    "runtime",
+    "train",
+)
+# Libraries whose versions shape the weights (augmentation draws, kernels, initialisation). OpenCV is
+# installed under one of several distribution names; the one that is not installed reads None.
+WEIGHT_LIBRARIES = (
+    "albumentations",
+    "numpy",
+    "opencv-python",
+    "opencv-python-headless",
+    "segmentation-models-pytorch",
+    "timm",
+    "torch",
+)
+
+
+def run_fingerprint(
+    recipe: Recipe,
+    fold: int,
+    world_size: int,
+    inputs: Sequence[Path],
+    root: Path,
+    masks: Path,
+    file_names: Sequence[str],
+) -> str:
+    """Hash of everything that shapes one (model, fold)'s weights; a resume state with another is stale.
+
+    DVC re-runs a train stage when any of its deps changes, and the model's folder persists, so this is
+    what tells a killed run (resume it) from a finished run whose inputs changed (train again): the
+    recipe (model, augment, train), the fold, the DDP world size, the `inputs` files (folds.csv, the
+    manifest), the bytes of every image and mask the fold reads, a local encoder weights file or
+    pretrained folder, the code in WEIGHT_MODULES and the library versions. How the run is carried out
+    (loader workers) and everything downstream of best.pt (TTA, submission) are left out.
+    """
+    data = hashlib.sha256()
+    for name in file_names:
+        for path in (coco.image_path(root, name), masks / coco.mask_relpath(name)):
+            data.update(sha256_file(path).encode())
+    package = Path(__file__).parent
+    relevant = {
+        "recipe": dataclasses.asdict(recipe) | {"name": None},  # renaming a model does not change it
+        "fold": fold,
+        "world_size": world_size,
+        "inputs": [sha256_file(path) for path in inputs],
+        "images_and_masks": data.hexdigest(),
+        "weights_files": _weights_files(recipe),
+        "code": {name: sha256_file(package / f"{name}.py") for name in WEIGHT_MODULES},
+        "libraries": {name: _version(name) for name in WEIGHT_LIBRARIES},
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _weights_files(recipe: Recipe) -> dict[str, str | None]:
+    """Hashes of the local files a recipe initialises from (an encoder state dict, a pretrained folder)."""
+    hashes: dict[str, str | None] = {}
+    weights = recipe.model.encoder_weights
+    if weights and Path(weights).is_file():
+        hashes["encoder_weights"] = sha256_file(Path(weights))
+    pretrained = recipe.model.from_pretrained
+    folder = Path(pretrained).expanduser() if pretrained else None
+    if folder is not None and folder.is_dir():
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            hashes[f"from_pretrained/{path.relative_to(folder)}"] = sha256_file(path)
+    elif pretrained:
+        hashes["from_pretrained"] = pretrained  # a hub id: its name (a revision pin belongs in the id)
+    return hashes
+
+
+def read_resume_state(model_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """last.pt if it and best.pt were both written by a run with this fingerprint, else None (start fresh)."""
+    last, best = model_dir / "last.pt", model_dir / "best.pt"
+    if not (last.is_file() and best.is_file()):
+        return None
+    try:
+        state = load_checkpoint(last)
+        best_fingerprint = load_checkpoint(best).get("fingerprint")
+    except UserError as exc:  # e.g. written by an older version: retraining beats refusing to run
+        print(f"warning: cannot resume ({exc}); starting fresh", flush=True)
+        return None
+    if state.get("fingerprint") != fingerprint or best_fingerprint != fingerprint:
+        return None
+    return state
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch generator states in a form `torch.load(weights_only=True)` accepts."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            **numpy_state,
+            "state": {
+                **numpy_state["state"],
+                "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            },
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of `rng_states` (each epoch also reseeds; this restores the state between epochs)."""
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    key = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes; a missing file is a UserError naming it."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    return digest.hexdigest()

@@ -1,0 +1,38 @@
+"""Stage `oof@<model>-<fold>`: predict the fold's held-out images with its best.pt; store probabilities."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_params
+from pipeline.errors import run_main
+from pipeline.folds import read_folds
+from pipeline.manifest import read_manifest
+from pipeline.oof import held_out, write_oof
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="the (model, fold)'s best.pt")
+    parser.add_argument("--fold", type=int, required=True, help="the held-out fold")
+    parser.add_argument("--root", type=Path, required=True, help="folder of the images' file_names")
+    parser.add_argument("--manifest", type=Path, required=True, help="the masks stage's manifest JSON")
+    parser.add_argument("--folds", type=Path, required=True, help="folds CSV (image_id,fold)")
+    parser.add_argument("--out", type=Path, required=True, help="probabilities file (.npz) to write")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    predict = load_params(args.params).predict
+
+    manifest = read_manifest(args.manifest)
+    fold_of = read_folds(args.folds, manifest.train_names(), args.manifest)
+    images = held_out(manifest.train, fold_of, args.fold)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tta = write_oof(args.checkpoint, images, args.root, predict, device, args.out)
+    print(f"{args.out}: {len(images)} held-out images, TTA {tta} (predict.tta: {predict.tta})")
+
+
+if __name__ == "__main__":
+    run_main(main)
