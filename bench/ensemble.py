@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,9 @@ import yaml
 from pipeline import coco
 from pipeline.atomic import write_json
 from pipeline.submission import score_submission
+from recipe import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", "pipeline", "stages"]
 
 
 def main() -> None:
@@ -128,18 +127,6 @@ def apply(params: dict[str, Any], key: str, value: Any) -> None:
         if node is None:
             raise SystemExit(f"--set {key}: '{part}' is null in the params")
     node[last] = copy.deepcopy(value)
-
-
-def make_workspace(work: Path) -> None:
-    for name in COPIED:
-        src, dst = REPO / name, work / name
-        if src.is_dir():
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
-    if not (work / ".dvc").is_dir():
-        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=work, check=True)
 
 
 def run_logged(command: list[str], work: Path, log: Path) -> list[tuple[str, float]]:

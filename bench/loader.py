@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import default_collate
 
 from harness import demo_training_data, pin_to_one_core
-from pipeline import coco
 from pipeline.config import AugmentParams, load_params
 from pipeline.dataset import SegmentationDataset, build_train_loader, normalize
 from pipeline.errors import run_main
+from pipeline.images import image_path, mask_relpath, read_image, read_mask
 from pipeline.train import training_set
 
 TARGET_IMAGES_PER_S = 40.0
@@ -53,8 +53,8 @@ def breakdown(dataset: SegmentationDataset, batch_size: int) -> dict[str, float]
     outputs = []
     for name in dataset.file_names:
         t0 = time.perf_counter()
-        image = coco.read_image(coco.image_path(dataset.root, name))
-        mask = coco.read_mask(dataset.masks_dir / coco.mask_relpath(name))
+        image = read_image(image_path(dataset.root, name))
+        mask = read_mask(dataset.masks_dir / mask_relpath(name))
         t1 = time.perf_counter()
         out = dataset.transform(image=image, mask=mask)
         t2 = time.perf_counter()

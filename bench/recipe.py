@@ -35,6 +35,7 @@ from pipeline.atomic import write_json
 from pipeline.config import Params, load_params, params_from_dict
 from pipeline.errors import UserError
 from pipeline.folds import read_folds
+from pipeline.images import image_path, mask_relpath, read_image, read_mask
 from pipeline.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -409,8 +410,8 @@ def plain_main(argv: list[str]) -> None:
     folds = read_folds(args.workspace / "data" / "folds.csv", manifest.train_names(), manifest_path)
     images = [image for image in manifest.train if folds[image.file_name] != args.fold]
     masks = args.workspace / "data" / "masks"
-    x = torch.stack([to_input(coco.read_image(coco.image_path(data.root, im.file_name))) for im in images])
-    y = torch.stack([to_target(coco.read_mask(masks / coco.mask_relpath(im.file_name))) for im in images])
+    x = torch.stack([to_input(read_image(image_path(data.root, im.file_name))) for im in images])
+    y = torch.stack([to_target(read_mask(masks / mask_relpath(im.file_name))) for im in images])
     n_classes = manifest.n_classes
     print(f"plain loop: {len(images)} training images (fold != {args.fold}), {n_classes} classes")
     model, epochs, seconds = plain_train(x, y, n_classes, args.budget_seconds, args.max_epochs)
@@ -485,7 +486,7 @@ def plain_confusion(model: torch.nn.Module, truth: coco.CocoSet, overlap: coco.O
     model.eval()
     cm = np.zeros((truth.n_classes, truth.n_classes), dtype=np.int64)
     for image in tqdm(truth.images, desc="plain predict", unit="img", file=sys.stdout):
-        pixels = coco.read_image(truth.image_file(image), (image.height, image.width))
+        pixels = read_image(truth.image_file(image), (image.height, image.width))
         logits = model(to_input(pixels)[None])
         logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
         pred = logits.argmax(1)[0].numpy().astype(np.uint8)

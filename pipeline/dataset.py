@@ -19,6 +19,7 @@ from pipeline import coco
 from pipeline.augment import build_resize
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry, pad_to_multiple, padded_shape
+from pipeline.images import image_path, mask_relpath, read_image, read_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,9 +88,9 @@ class SegmentationDataset(Dataset):
         else:
             index, streams = key, self._streams
         file_name = self.file_names[index]
-        image = coco.read_image(coco.image_path(self.root, file_name))
-        mask_path = self.masks_dir / coco.mask_relpath(file_name)
-        mask = coco.read_mask(mask_path)
+        image = read_image(image_path(self.root, file_name))
+        mask_path = self.masks_dir / mask_relpath(file_name)
+        mask = read_mask(mask_path)
         if mask.shape != image.shape[:2]:
             raise UserError(
                 f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
@@ -165,13 +166,13 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[int, int], torch.Tensor | None]:
         record = self.images[index]
-        image = coco.read_image(coco.image_path(self.root, record.file_name), (record.height, record.width))
+        image = read_image(image_path(self.root, record.file_name), (record.height, record.width))
         shape = self.geometry.inference_shape(record.height, record.width)
         image = pad_to_multiple(build_resize(*shape)(image=image)["image"])
         mask = None
         if self.masks_dir is not None:
-            mask_path = self.masks_dir / coco.mask_relpath(record.file_name)
-            mask = coco.read_mask(mask_path)
+            mask_path = self.masks_dir / mask_relpath(record.file_name)
+            mask = read_mask(mask_path)
             if mask.shape != (record.height, record.width):
                 raise UserError(
                     f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "

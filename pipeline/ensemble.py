@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.errors import UserError
@@ -35,6 +36,30 @@ def simplex_grid(n_members: int, step: float) -> np.ndarray:
     n_steps = round(1 / step)
     rows = [c for c in itertools.product(range(n_steps, -1, -1), repeat=n_members) if sum(c) == n_steps]
     return np.array(rows, dtype=np.float64) / n_steps
+
+
+# Above this many bytes for every member's probabilities at an image's own size, merged labels are
+# computed candidate by candidate in strips (`resize_argmax`) instead of from members resized once.
+RESIZED_BYTES = 256 * 2**20
+
+
+def merged_labels(
+    probs: Sequence[torch.Tensor], candidates: torch.Tensor, shape: tuple[int, int]
+) -> list[torch.Tensor]:
+    """The uint8 (H, W) argmax at `shape` = (H, W) of each candidate's merge of `probs`.
+
+    probs: each member's (C, h_m, w_m) probabilities; candidates: (G, M, C) weights. Resizing is linear,
+    so each member is resized to `shape` once and every candidate merged there: one resize per member
+    instead of one per candidate. A photo too large for that (RESIZED_BYTES) takes the candidate-by-
+    candidate path in strips. The path depends only on the sizes, so scoring and writing labels agree.
+    """
+    n_classes = probs[0].shape[0]
+    if len(probs) * n_classes * shape[0] * shape[1] * 4 > RESIZED_BYTES:
+        return [resize_argmax(merge_probabilities(probs, weights), shape) for weights in candidates]
+    resized = torch.stack([F.interpolate(p[None], size=shape, mode="bilinear")[0] for p in probs])
+    return [
+        torch.einsum("mc,mchw->chw", weights, resized).argmax(0).to(torch.uint8) for weights in candidates
+    ]
 
 
 def candidate_confusions(
@@ -64,8 +89,7 @@ def candidate_confusions(
         for index, name in enumerate(fold[0].file_names):
             probs = [stored.probabilities(index) for stored in fold]
             mask = torch.from_numpy(truth(name))
-            for g, candidate in enumerate(weights):
-                pred = resize_argmax(merge_probabilities(probs, candidate), tuple(mask.shape))
+            for g, pred in enumerate(merged_labels(probs, weights, tuple(mask.shape))):
                 cms[g, k] += confusion_matrix_torch(mask, pred, n_classes)
             progress.update()
     progress.close()
@@ -150,8 +174,8 @@ def write_ensemble_labels(
     for k, weights in enumerate(torch.from_numpy(np.asarray(fold_weights, dtype=np.float32))):
         fold = [member[k] for member in members]
         for index, name in enumerate(tqdm(fold[0].file_names, f"ensemble OOF labels, fold {k}")):
-            merged = merge_probabilities([stored.probabilities(index) for stored in fold], weights)
-            write(k, name, resize_argmax(merged, shape_of(name)).numpy())
+            probs = [stored.probabilities(index) for stored in fold]
+            write(k, name, merged_labels(probs, weights[None], shape_of(name))[0].numpy())
 
 
 def scores(cms: np.ndarray, folds: Sequence[int], classes: Sequence[str]) -> dict:

@@ -22,9 +22,10 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from pipeline import coco, metrics
+from pipeline import metrics
 from pipeline.atomic import atomic_dir, atomic_path
 from pipeline.errors import UserError
+from pipeline.images import image_path, mask_relpath, read_image, read_mask
 
 CONFUSION_ROWS_PER_CLASS = 1000
 N_WORST = 8
@@ -104,7 +105,7 @@ def evaluate_oof(
 
 def oof_path(oof_dir: str | Path, image_id: str, fold: int) -> Path:
     """Where the label of `image_id` (held out in fold `fold`) is: the ensemble stage's layout."""
-    return Path(oof_dir) / f"fold{fold}" / coco.mask_relpath(image_id)
+    return Path(oof_dir) / f"fold{fold}" / mask_relpath(image_id)
 
 
 def read_pair(
@@ -114,8 +115,8 @@ def read_pair(
     pred_path = oof_path(oof_dir, image_id, fold)
     if not pred_path.is_file():
         raise UserError(f"{pred_path}: out-of-fold prediction not found (re-run the ensemble stage)")
-    pred = coco.read_mask(pred_path)
-    truth = coco.read_mask(Path(masks_dir) / coco.mask_relpath(image_id))
+    pred = read_mask(pred_path)
+    truth = read_mask(Path(masks_dir) / mask_relpath(image_id))
     expected = truth.shape if size is None else (size, size)
     if pred.shape != expected:
         raise UserError(
@@ -205,7 +206,7 @@ def write_worst_overlays(
     with atomic_dir(out_dir) as staging:
         for rank, score in enumerate(worst, start=1):
             truth, pred = read_pair(oof_dir, masks_dir, score.image_id, score.fold, size)
-            image = coco.read_image(coco.image_path(root, score.image_id))
+            image = read_image(image_path(root, score.image_id))
             title = f"#{rank}  {score.image_id}  fold {score.fold}  image mIoU {score.miou:.3f}"
             name = f"{rank:02d}_{PurePosixPath(score.image_id).stem}.png"
             render_overlay(image, truth, pred, classes, title).save(staging / name, format="PNG")

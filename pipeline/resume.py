@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import coco
 from pipeline.config import Recipe
 from pipeline.errors import UserError
+from pipeline.images import image_path, mask_relpath
 from pipeline.models import load_checkpoint
 
 # The pipeline modules whose code shapes the trained weights. Inference, OOF and ensembling modules are
@@ -28,6 +28,7 @@ WEIGHT_MODULES = (
     "dataset",
     "folds",
     "geometry",
+    "images",
     "losses",
     "manifest",
     "metrics",
@@ -69,7 +70,7 @@ def run_fingerprint(
     """
     data = hashlib.sha256()
     for name in file_names:
-        for path in (coco.image_path(root, name), masks / coco.mask_relpath(name)):
+        for path in (image_path(root, name), masks / mask_relpath(name)):
             data.update(sha256_file(path).encode())
     package = Path(__file__).parent
     relevant = {

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import coco
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import load_params
 from pipeline.ensemble import fit_ensemble, named_weights, scores, write_ensemble_labels
 from pipeline.errors import UserError, run_main
+from pipeline.images import mask_relpath, read_mask, write_mask
 from pipeline.manifest import read_manifest
 from pipeline.oof import read_oof
 
@@ -32,7 +32,7 @@ def main() -> None:
     shapes = {image.file_name: (image.height, image.width) for image in manifest.train}
 
     def truth(file_name: str) -> np.ndarray:
-        return coco.read_mask(args.masks / coco.mask_relpath(file_name))
+        return read_mask(args.masks / mask_relpath(file_name))
 
     members = [[read_oof(args.oof / name / f"fold{k}.npz") for k in folds] for name in names]
     for stored in (fold for member in members for fold in member):
@@ -48,7 +48,7 @@ def main() -> None:
     with atomic_dir(args.labels) as staging:
 
         def write(k: int, file_name: str, mask: np.ndarray) -> None:
-            coco.write_mask(staging / f"fold{folds[k]}" / coco.mask_relpath(file_name), mask)
+            write_mask(staging / f"fold{folds[k]}" / mask_relpath(file_name), mask)
 
         write_ensemble_labels(members, fit.fold_weights, shapes.__getitem__, write)
     ensemble = scores(fit.fold_confusion, folds, classes)

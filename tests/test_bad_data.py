@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline import coco
 from pipeline.errors import UserError
+from pipeline.images import read_mask
 from pipeline.manifest import read_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -272,7 +273,7 @@ def test_out_of_image_coordinates_are_clipped_and_counted(ds: Dataset) -> None:
     result = ds.run_stage()
     assert result.returncode == 0, result.stderr
     assert "1 clipped to the image" in result.stdout
-    mask = coco.read_mask(ds.out / "imgs" / "0.png")
+    mask = read_mask(ds.out / "imgs" / "0.png")
     expected = np.zeros((H, W), dtype=np.uint8)
     expected[0:20, 0:30] = 1  # the polygon intersected with the image
     np.testing.assert_array_equal(mask, expected)
@@ -290,7 +291,7 @@ def test_skip_bad_annotations_counts_them(ds: Dataset) -> None:
     # Paper is named by no annotation (annotation 10 names category 7); Metal by the skipped annotation 11.
     assert len(lines) == 2 and "category id 1 'Paper' is used by no annotation: kept as class 1" in lines[0]
     assert "0 used, 2 skipped" in lines[1] and "annotation id 10" in lines[1]
-    assert not coco.read_mask(ds.out / "imgs" / "0.png").any()
+    assert not read_mask(ds.out / "imgs" / "0.png").any()
     manifest = read_manifest(ds.manifest)
     assert manifest.annotations["skipped"] == 2 and manifest.annotations["used"] == 0
     assert manifest.presence.tolist() == [[True, False, False], [True, False, False]]  # background only
@@ -331,8 +332,8 @@ def test_valid_dataset_passes(ds: Dataset) -> None:
     classes = json.loads((ds.out / "classes.json").read_text())
     assert classes == {"classes": ["background", "Paper", "Metal"], "category_ids": [1, 2]}
     assert len(result.stdout.strip().splitlines()) == 1  # the summary; no category is unused
-    assert coco.read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1
-    assert coco.read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2
+    assert read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1
+    assert read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2
     written = sorted(p.name for p in ds.out.parent.iterdir())
     assert written == ["data", "manifest.json", "masks", "params.yaml"]
     manifest = read_manifest(ds.manifest)
@@ -372,8 +373,8 @@ def test_roboflow_export_with_an_unused_category_named_like_a_class(
         "category_ids": ids,
     }
     offset = 1 if unused == "keep" else 0  # kept, the id-0 category holds class 1
-    assert coco.read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1 + offset
-    assert coco.read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2 + offset
+    assert read_mask(ds.out / "imgs" / "0.png")[10, 10] == 1 + offset
+    assert read_mask(ds.out / "imgs" / "1.png")[12, 20] == 2 + offset
 
     manifest = read_manifest(ds.manifest)
     assert (manifest.classes, manifest.category_ids) == (["background", *names], ids)

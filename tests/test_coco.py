@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 
 from pipeline import cli, coco
 from pipeline.errors import UserError
+from pipeline.images import image_path, mask_relpath, read_image, read_mask, write_mask
 from pipeline.submission import SubmissionWriter
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
@@ -195,14 +196,14 @@ def test_same_classes_passes_for_equal_lists(tmp_path: Path) -> None:
     [("batch_01_vt/0002.jpg", "batch_01_vt/0002.png"), ("x.JPEG", "x.png"), ("noext", "noext.png")],
 )
 def test_mask_relpath_mirrors_the_file_name(file_name: str, expected: str) -> None:
-    assert coco.mask_relpath(file_name) == expected
+    assert mask_relpath(file_name) == expected
 
 
 def test_mask_png_round_trip(tmp_path: Path) -> None:
     mask = np.arange(H * W, dtype=np.uint8).reshape(H, W) % 11
     path = tmp_path / "deep" / "m.png"
-    coco.write_mask(path, mask)
-    back = coco.read_mask(path)
+    write_mask(path, mask)
+    back = read_mask(path)
     assert back.dtype == np.uint8 and back.shape == (H, W)
     np.testing.assert_array_equal(back, mask)
     assert [p.name for p in path.parent.iterdir()] == ["m.png"]  # no temp file left behind
@@ -210,7 +211,7 @@ def test_mask_png_round_trip(tmp_path: Path) -> None:
 
 def test_write_mask_rejects_a_non_uint8_mask(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="uint8"):
-        coco.write_mask(tmp_path / "m.png", np.zeros((3, 3), dtype=np.int64))
+        write_mask(tmp_path / "m.png", np.zeros((3, 3), dtype=np.int64))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
@@ -219,14 +220,14 @@ def test_read_image_returns_rgb_uint8(tmp_path: Path, mode: str) -> None:
     rgb[:, :4] = (200, 30, 90)
     path = tmp_path / "x.png"
     Image.fromarray(rgb).convert(mode).save(path)
-    image = coco.read_image(path, expected_hw=(6, 9))
+    image = read_image(path, expected_hw=(6, 9))
     assert image.dtype == np.uint8 and image.shape == (6, 9, 3)
     expected = np.asarray(Image.fromarray(rgb).convert(mode).convert("RGB"))
     np.testing.assert_array_equal(image, expected)
 
 
 def test_image_path_joins_relative_names() -> None:
-    assert coco.image_path("data", "batch_01/0001.jpg") == Path("data/batch_01/0001.jpg")
+    assert image_path("data", "batch_01/0001.jpg") == Path("data/batch_01/0001.jpg")
 
 
 def test_compressed_rle_of_any_mask_is_accepted(tmp_path: Path) -> None:

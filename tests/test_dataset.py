@@ -31,6 +31,7 @@ from pipeline.dataset import (
 )
 from pipeline.errors import UserError, one_line
 from pipeline.geometry import Geometry
+from pipeline.images import mask_relpath, read_mask, write_mask
 
 Data = tuple[Path, Path, list[str]]
 PARAMS = AugmentParams(size=32, hflip=0.5, vflip=0.5, shift_scale_rotate=0.5, color=0.5, elastic_alpha=300.0)
@@ -50,7 +51,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
         Image.fromarray(image).save(root / "images" / name, quality=90)
         mask = np.zeros((48, 64), np.uint8)
         mask[5:30, 10 + i : 40] = 1 + i % 3
-        coco.write_mask(root / "masks" / coco.mask_relpath(name), mask)
+        write_mask(root / "masks" / mask_relpath(name), mask)
         names.append(name)
     return root / "images", root / "masks", names
 
@@ -121,7 +122,7 @@ def test_elastic_probability_0_never_deforms(data: Data) -> None:
 
 def test_mask_of_the_wrong_size_is_a_user_error(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "a.jpg")
-    coco.write_mask(tmp_path / "masks/a.png", np.zeros((10, 10), np.uint8))
+    write_mask(tmp_path / "masks/a.png", np.zeros((10, 10), np.uint8))
     dataset = SegmentationDataset(tmp_path, ["a.jpg"], tmp_path / "masks", A.Compose([build_resize(8)]))
     with pytest.raises(UserError, match=r"masks/a.png: mask is 10x10 but its image is 10x12"):
         dataset[0]
@@ -150,7 +151,7 @@ def test_image_dataset_crop_keeps_the_aspect_and_pads_to_32(data: Data) -> None:
     assert image.shape == (3, 64, 64)  # padded up to multiples of 32
     # the padding reflects the image: row 40 mirrors row 38
     torch.testing.assert_close(image[:, 40], image[:, 38], rtol=0, atol=0)
-    expected = coco.read_mask(masks / coco.mask_relpath(names[1]))
+    expected = read_mask(masks / mask_relpath(names[1]))
     np.testing.assert_array_equal(mask.numpy(), expected)  # the truth stays at the native 48x64
 
 
@@ -319,7 +320,7 @@ def test_flips_are_drawn_independently(tmp_path: Path, keyed: bool) -> None:
     image = np.zeros((16, 16, 3), np.uint8)
     image[:8, :8] = 255  # the bright quadrant tells which flips ran
     Image.fromarray(image).save(tmp_path / "a.png")
-    coco.write_mask(tmp_path / "masks/a.png", np.zeros((16, 16), np.uint8))
+    write_mask(tmp_path / "masks/a.png", np.zeros((16, 16), np.uint8))
     params = AugmentParams(size=16, hflip=0.5, vflip=0.5, shift_scale_rotate=0.0, color=0.0)
     dataset = SegmentationDataset(tmp_path, ["a.png"], tmp_path / "masks", build_train_transform(params))
     counts = {}

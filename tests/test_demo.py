@@ -15,6 +15,7 @@ import pytest
 from pipeline import coco, demo
 from pipeline.config import DemoParams
 from pipeline.errors import UserError
+from pipeline.images import read_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -66,7 +67,7 @@ def test_layout_and_competition_categories(tmp_path: Path) -> None:
     for data in (train, truth):
         for image in data.images:
             assert image.height == image.width == SMALL.image_size
-            pixels = coco.read_image(data.image_file(image), (image.height, image.width))
+            pixels = read_image(data.image_file(image), (image.height, image.width))
             assert pixels.std() > 5  # textured, not flat
             assert 1 <= len(data.annotations[image.id]) <= SMALL.max_objects
 

@@ -34,6 +34,7 @@ from pipeline.ensemble import (
     write_ensemble_labels,
 )
 from pipeline.errors import UserError
+from pipeline.images import mask_relpath, read_mask, write_mask
 from pipeline.infer import merge_probabilities
 from pipeline.manifest import Manifest, write_manifest
 from pipeline.metrics import mean_iou
@@ -325,7 +326,7 @@ def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
     classes = ["background", "can"]
     names = [f"img/f{k}.png" for k in range(3)]
     for k, name in enumerate(names):
-        coco.write_mask(tmp_path / "masks" / coco.mask_relpath(name), TRUTH)
+        write_mask(tmp_path / "masks" / mask_relpath(name), TRUTH)
         (tmp_path / "data/img").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 1)).save(tmp_path / "data" / name)
         for model in ("a", "b"):
@@ -363,7 +364,7 @@ def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
         "2": {"a": 0.5, "b": 0.5},
     }
     # The cross-validated labels, by hand: fold 0 and 2 with the mix, fold 1 with a alone.
-    labels = {k: coco.read_mask(tmp_path / f"labels/fold{k}/img/f{k}.png") for k in range(3)}
+    labels = {k: read_mask(tmp_path / f"labels/fold{k}/img/f{k}.png") for k in range(3)}
     expected = {0: [[0, 0, 1, 1]], 1: [[1, 1, 0, 0]], 2: [[0, 0, 0, 0]]}
     for k in range(3):
         np.testing.assert_array_equal(labels[k], expected[k])

@@ -31,6 +31,7 @@ from pipeline.evaluate import (
     write_confusion_csv,
     write_worst_overlays,
 )
+from pipeline.images import mask_relpath, write_mask
 from pipeline.manifest import Manifest, write_manifest
 from pipeline.submission import SubmissionWriter
 
@@ -52,8 +53,8 @@ def _truth_and_oof(
     for image_id, fold in FOLDS.items():
         truth = rng.integers(0, 3, (NATIVE, NATIVE), dtype=np.uint8)
         pred = rng.integers(0, 3, (pred_size, pred_size), dtype=np.uint8)
-        coco.write_mask(tmp_path / "masks" / coco.mask_relpath(image_id), truth)
-        coco.write_mask(oof_path(tmp_path / "oof", image_id, fold), pred)
+        write_mask(tmp_path / "masks" / mask_relpath(image_id), truth)
+        write_mask(oof_path(tmp_path / "oof", image_id, fold), pred)
         pairs[image_id] = (truth, pred)
     return pairs
 
@@ -96,8 +97,8 @@ def test_oof_metrics_match_sklearn(tmp_path: Path) -> None:
 def test_native_size_predictions(tmp_path: Path) -> None:
     truth = np.array([[0, 1, 1], [2, 2, 0]], np.uint8)  # non-square, compared as is
     pred = np.array([[0, 1, 0], [2, 1, 0]], np.uint8)
-    coco.write_mask(tmp_path / "masks/x.png", truth)
-    coco.write_mask(oof_path(tmp_path / "oof", "x.jpg", 0), pred)
+    write_mask(tmp_path / "masks/x.png", truth)
+    write_mask(oof_path(tmp_path / "oof", "x.jpg", 0), pred)
     result = evaluate_oof(tmp_path / "oof", tmp_path / "masks", {"x.jpg": 0}, 3, [0], size=None)
     np.testing.assert_array_equal(
         result.confusion, sk_confusion(truth.ravel(), pred.ravel(), labels=[0, 1, 2])
@@ -221,7 +222,7 @@ def _evaluate_project(tmp_path: Path) -> tuple[dict[str, Any], list[str]]:
     Returns (report, evaluate's arguments)."""
     pairs = _truth_and_oof(tmp_path, pred_size=NATIVE)
     for image_id, fold in FOLDS.items():
-        coco.write_mask(oof_path(tmp_path / "ensemble/oof", image_id, fold), pairs[image_id][1])
+        write_mask(oof_path(tmp_path / "ensemble/oof", image_id, fold), pairs[image_id][1])
         (tmp_path / "images" / image_id).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (NATIVE, NATIVE)).save(tmp_path / "images" / image_id, format="JPEG")
     records = [coco.ImageRecord(i, name, NATIVE, NATIVE) for i, name in enumerate(FOLDS)]

@@ -16,6 +16,7 @@ from pipeline.config import DemoParams
 from pipeline.demo import generate_demo
 from pipeline.errors import UserError
 from pipeline.folds import class_presence
+from pipeline.images import mask_relpath, read_mask
 from pipeline.manifest import ImageSet, Manifest, read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_masks_stage_manifest_matches_the_masks_it_wrote(
     assert [(im.file_name, im.height, im.width) for im in manifest.test] == [
         (im["file_name"], im["height"], im["width"]) for im in test["images"]
     ]
-    masks = [coco.read_mask(tmp_path / "masks" / coco.mask_relpath(name)) for name in manifest.train_names()]
+    masks = [read_mask(tmp_path / "masks" / mask_relpath(name)) for name in manifest.train_names()]
     np.testing.assert_array_equal(manifest.presence, class_presence(masks, manifest.n_classes))
     assert manifest.presence[:, 1:].any()  # the demo images hold objects: not a vacuous comparison
     assert manifest.annotations["used"] == train.n_annotations

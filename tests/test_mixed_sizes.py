@@ -13,8 +13,8 @@ import yaml
 from conftest import Run
 from PIL import Image
 
-from pipeline import coco
 from pipeline.geometry import Geometry
+from pipeline.images import mask_relpath, read_mask
 from pipeline.oof import read_oof
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,9 +114,9 @@ def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, r
             assert probs.sum(dim=0).sub(1).abs().max() < 0.02  # probabilities, up to the uint8 rounding
     # The ensemble's out-of-fold labels, which evaluate scores, at each training image's own size.
     for image in train_images:
-        fold_pngs = list((work / "ensemble" / "oof").glob(f"fold*/{coco.mask_relpath(image['file_name'])}"))
+        fold_pngs = list((work / "ensemble" / "oof").glob(f"fold*/{mask_relpath(image['file_name'])}"))
         assert len(fold_pngs) == 1
-        assert coco.read_mask(fold_pngs[0]).shape == (image["height"], image["width"])
+        assert read_mask(fold_pngs[0]).shape == (image["height"], image["width"])
 
     submission = work / "submissions/submission.csv"
     validate = ["-m", "pipeline", "validate", str(submission), "--test", str(data / "test.json")]

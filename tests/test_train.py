@@ -30,6 +30,7 @@ from pipeline.dataset import ImageDataset, InferenceBatch, build_inference_loade
 from pipeline.demo import generate_demo
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry, resize_argmax
+from pipeline.images import read_mask, write_mask
 from pipeline.losses import build_loss
 from pipeline.manifest import manifest_of, read_manifest, write_manifest
 from pipeline.metrics import confusion_matrix, mean_iou
@@ -279,9 +280,9 @@ def test_finished_run_trains_again_when_a_mask_changes(
     fit(_recipe(), 0, 0, paths, runtime)  # same bytes in another folder: still finished
     assert "all 1 epochs done" in capsys.readouterr().out
     changed = sorted(paths.masks.rglob("*.png"))[0]
-    mask = coco.read_mask(changed)
+    mask = read_mask(changed)
     mask[:4, :4] = 1 - mask[:4, :4].clip(0, 1)
-    coco.write_mask(changed, mask)
+    write_mask(changed, mask)
     fit(_recipe(), 0, 0, paths, runtime)
     out = capsys.readouterr().out
     assert "all 1 epochs done" not in out and f"{MODEL} fold 0 epoch 1/1: train loss" in out
