@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 import subprocess
@@ -30,6 +31,7 @@ import yaml
 
 from pipeline import coco
 from pipeline.atomic import write_json
+from pipeline.ensemble import read_weights, write_weights
 from pipeline.submission import score_submission
 from recipe import make_workspace
 
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         data / "test_truth.json", data / "train.json", data, "error", params["data"]["unused_categories"]
     )
     overlap = params["data"]["overlap"]
-    fitted = json.loads((work / "ensemble/weights.json").read_text())
+    fitted = read_weights(work / "ensemble/weights.json", truth.classes)
     results: dict[str, Any] = {
         "params": params,
         "seconds": {"total": lines[-1][1], **stage_seconds(lines)},
@@ -93,12 +95,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "fold_weights": report["fold_weights"],
         "models": {},
     }
-    for m, name in enumerate(fitted["members"]):
-        alone = {
-            **fitted,
-            "weights": [[float(i == m)] * len(fitted["classes"]) for i in range(len(fitted["members"]))],
-        }
-        (work / f"alone_{name}.json").write_text(json.dumps(alone))
+    for m, name in enumerate(fitted.members):
+        alone = [[float(i == m)] * len(fitted.classes) for i in range(len(fitted.members))]
+        write_weights(work / f"alone_{name}.json", dataclasses.replace(fitted, weights=alone))
         out = work / f"alone_{name}.csv"
         command = [
             sys.executable,

@@ -15,7 +15,6 @@ JSON, and a manifest per photo listing it as the only test image.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from PIL import Image
 from harness import predict_stage_rss
 from pipeline.coco import ImageRecord
 from pipeline.config import AugmentParams, ModelParams
+from pipeline.ensemble import FittedWeights, write_weights
 from pipeline.manifest import Manifest, write_manifest
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
 
@@ -53,8 +53,7 @@ def make_project(work: Path, sizes: list[tuple[int, int]], n_classes: int, short
         work / f"models/{MEMBER}/fold0/best.pt",
         checkpoint_state(model, model_params, classes, augment, 0, 0.0, 0),
     )
-    weights = {"members": [MEMBER], "folds": [0], "classes": classes, "weights": [[1.0] * n_classes]}
-    (work / "weights.json").write_text(json.dumps(weights))
+    write_weights(work / "weights.json", FittedWeights([MEMBER], [0], classes, [[1.0] * n_classes]))
     params = {
         "split": {"n_splits": 2},
         "ensemble": {"folds": [0]},

@@ -21,7 +21,6 @@ the CPU skew these timings; run it on an idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pipeline import coco, infer
 from pipeline.config import AugmentParams, DemoParams, ModelParams
 from pipeline.dataset import ImageDataset, build_inference_loader
 from pipeline.demo import generate_demo
+from pipeline.ensemble import FittedWeights, write_weights
 from pipeline.manifest import Manifest, write_manifest
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
 
@@ -86,8 +86,7 @@ def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
         for k in range(args.folds):
             save_checkpoint(work / f"models/{name}/fold{k}/best.pt", state)
     weights = [[1.0 / len(members)] * len(classes) for _ in members]
-    fitted = {"members": members, "folds": list(range(args.folds)), "classes": classes, "weights": weights}
-    (work / "weights.json").write_text(json.dumps(fitted))
+    write_weights(work / "weights.json", FittedWeights(members, list(range(args.folds)), classes, weights))
     params = {
         "split": {"n_splits": max(2, args.folds)},
         "ensemble": {"folds": list(range(args.folds))},

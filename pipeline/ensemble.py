@@ -11,15 +11,19 @@ for the test set are the best candidate over all folds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.atomic import write_json
 from pipeline.errors import UserError
 from pipeline.geometry import resize_argmax
 from pipeline.infer import merge_probabilities
@@ -199,3 +203,42 @@ def named_weights(weights: np.ndarray, names: Sequence[str], classes: Sequence[s
         name: dict(zip(classes, row.tolist(), strict=True)) if per_class else float(row[0])
         for name, row in zip(names, weights, strict=True)
     }
+
+
+@dataclass(frozen=True)
+class FittedWeights:
+    """What the ensemble stage hands predict: which (model, fold) checkpoints, merged with which weights."""
+
+    members: list[str]  # model recipe names
+    folds: list[int]  # every member's folds, averaged with equal weights
+    classes: list[str]
+    weights: list[list[float]]  # (M, C): one weight per member and class
+
+
+def write_weights(path: str | Path, fitted: FittedWeights) -> None:
+    """`fitted` as JSON, atomically."""
+    write_json(path, dataclasses.asdict(fitted))
+
+
+def read_weights(path: str | Path, classes: Sequence[str]) -> FittedWeights:
+    """A file `write_weights` wrote, checked against the data's `classes`; anything else is a UserError."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        fitted = FittedWeights(
+            [str(m) for m in raw["members"]],
+            [int(k) for k in raw["folds"]],
+            [str(c) for c in raw["classes"]],
+            [[float(w) for w in row] for row in raw["weights"]],
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"{path}: not an ensemble weights file ({exc!r}); re-run the ensemble stage"
+        ) from None
+    shape_ok = len(fitted.weights) == len(fitted.members) and all(
+        len(r) == len(classes) for r in fitted.weights
+    )
+    if fitted.classes != list(classes) or not shape_ok:
+        raise UserError(
+            f"{path}: fitted for other classes or members than the data's (re-run the ensemble stage)"
+        )
+    return fitted

@@ -9,7 +9,14 @@ import numpy as np
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import load_params
-from pipeline.ensemble import fit_ensemble, named_weights, scores, write_ensemble_labels
+from pipeline.ensemble import (
+    FittedWeights,
+    fit_ensemble,
+    named_weights,
+    scores,
+    write_ensemble_labels,
+    write_weights,
+)
 from pipeline.errors import UserError, run_main
 from pipeline.images import mask_relpath, read_mask, write_mask
 from pipeline.manifest import read_manifest
@@ -65,10 +72,7 @@ def main() -> None:
         },
     }
     write_json(args.report, report)
-    write_json(
-        args.weights,
-        {"members": names, "folds": folds, "classes": classes, "weights": np.asarray(fit.weights).tolist()},
-    )
+    write_weights(args.weights, FittedWeights(names, folds, classes, np.asarray(fit.weights).tolist()))
     singles = ", ".join(f"{name} {r['oof_miou']:.4f}" for name, r in report["models"].items())
     print(f"ensemble OOF mIoU {ensemble['oof_miou']:.4f} (cross-validated); single models: {singles}")
     print(f"weights: {report['weights']}")

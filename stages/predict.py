@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.config import load_params
+from pipeline.ensemble import read_weights
 from pipeline.errors import UserError, run_main
 from pipeline.infer import (
     Member,
@@ -39,8 +39,8 @@ def main() -> None:
     fitted = read_weights(args.weights, manifest.classes)
 
     members = []
-    for name in fitted["members"]:
-        paths = [args.models / name / f"fold{k}" / "best.pt" for k in fitted["folds"]]
+    for name in fitted.members:
+        paths = [args.models / name / f"fold{k}" / "best.pt" for k in fitted.folds]
         missing = next((path for path in paths if not path.is_file()), None)
         if missing is not None:
             raise UserError(
@@ -55,7 +55,7 @@ def main() -> None:
     test = manifest.test
     probabilities = predict_members(
         members,
-        torch.tensor(fitted["weights"], dtype=torch.float32),
+        torch.tensor(fitted.weights, dtype=torch.float32),
         args.root,
         test,
         predict.scales,
@@ -78,23 +78,6 @@ def main() -> None:
                 f"{args.out}: invalid submission ({len(problems)} problems), first: {problems[0]}"
             )
     print(f"wrote {args.out}: {len(test)} images, {writer.rows} rows ({submission.format})")
-
-
-def read_weights(path: Path, classes: list[str]) -> dict:
-    """The ensemble stage's weights JSON, checked against the data's classes."""
-    try:
-        fitted = json.loads(path.read_text())
-        members, weights = list(fitted["members"]), fitted["weights"]
-        shape_ok = len(weights) == len(members) and all(len(row) == len(classes) for row in weights)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(
-            f"{path}: not an ensemble weights file ({exc!r}); re-run the ensemble stage"
-        ) from None
-    if fitted.get("classes") != classes or not shape_ok:
-        raise UserError(
-            f"{path}: fitted for other classes or members than the data's (re-run the ensemble stage)"
-        )
-    return fitted
 
 
 if __name__ == "__main__":
