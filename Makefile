@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test test-fast lint bench install clean-demo
+.PHONY: demo test test-fast lint bench install clean-demo parallel
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: install
 
 test: install
 	pytest -q
+
+# `dvc repro` with the train and oof stages one per device: make parallel DEVICES=0,1,2,3 (or cpu,cpu).
+DEVICES ?= cpu
+parallel: install
+	python -m pipeline parallel --devices $(DEVICES)
 
 # The unit tests only: the `slow` ones (real stages under dvc, real training runs) are left out.
 test-fast: install

@@ -1,16 +1,23 @@
-"""`python -m pipeline score|validate`: check and score submission CSVs from the command line."""
+"""`python -m pipeline COMMAND`: score and check submissions; run the stages in parallel or on SLURM."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import coco
-from pipeline.atomic import write_json
+from pipeline.atomic import write_json, write_text
 from pipeline.config import Params, load_params
 from pipeline.errors import UserError
+from pipeline.parallel import parse_devices, plan_stages, read_graph, run_parallel, stale_stages
+from pipeline.runtime import cpu_cores, node_rank
+from pipeline.slurm import SlurmOptions, run_on_node, submit_script
 from pipeline.submission import check_submission, score_submission
 
 # `validate` prints at most this many problems, then how many more there are.
@@ -42,6 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("submission", type=Path, help="submission CSV (rle or dense; read from its header)")
     validate.add_argument("--test", type=Path, required=True, help="COCO json listing the test images")
     _add_common(validate)
+
+    parallel = commands.add_parser(
+        "parallel", help="dvc repro, with the train and oof stages N at a time, one per device"
+    )
+    parallel.add_argument(
+        "--devices",
+        required=True,
+        help="GPU indices (0,1,2,3) or CPU slots (cpu,cpu): each runs one stage at a time",
+    )
+    parallel.add_argument(
+        "--threads", type=int, help="OpenMP threads per stage; default: the machine's cores shared out"
+    )
+    parallel.add_argument(
+        "--logs", type=Path, default=Path("logs/stages"), help="folder of one log file per stage"
+    )
+
+    slurm = commands.add_parser(
+        "slurm", help="submit one SLURM job per out-of-date train/oof stage, then one for the rest"
+    )
+    slurm.add_argument("--dry-run", action="store_true", help="print the submission script, submit nothing")
+    slurm.add_argument("--time", default=SlurmOptions.time, help="each job's time limit (sbatch --time)")
+    slurm.add_argument("--cpus-per-task", type=int, default=SlurmOptions.cpus_per_task)
+    slurm.add_argument("--partition", help="sbatch --partition; default: the cluster's")
+    slurm.add_argument("--account", help="sbatch --account; default: the cluster's")
+    slurm.add_argument("--logs", type=Path, default=SlurmOptions.log_dir, help="folder of the jobs' logs")
+
+    node = commands.add_parser(
+        "node", help="one node's part of a multi-node train stage (under srun; see README)"
+    )
+    node.add_argument("stage", help="e.g. train@unet-0")
     return parser
 
 
@@ -104,8 +141,61 @@ def validate(args: argparse.Namespace) -> None:
     raise SystemExit(1)
 
 
+def parallel(args: argparse.Namespace) -> None:
+    """`pipeline.parallel.run_parallel` in the current DVC project; exits with its code."""
+    root = _dvc_root("parallel")
+    devices = parse_devices(args.devices, args.threads, cpu_cores())
+    code = run_parallel(root, devices, args.logs)
+    if code != 0:
+        raise SystemExit(code)
+
+
+def slurm(args: argparse.Namespace) -> None:
+    """Print (--dry-run) or run the script that submits the project's out-of-date stages as SLURM jobs."""
+    root = _dvc_root("slurm")
+    params = _load_params(None)
+    plan = plan_stages(read_graph(root))
+    environ = dict(os.environ)
+    before_stale = bool(stale_stages(root, plan.before, environ, sys.stderr))
+    stale = set() if before_stale else stale_stages(root, list(plan.jobs), environ, sys.stderr)
+    options = SlurmOptions(args.time, args.cpus_per_task, args.partition, args.account, args.logs)
+    script = submit_script(root, plan, stale, before_stale, params.runtime, options)
+    if args.dry_run:
+        print(script, end="")
+        return
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch: not found; run this on the cluster's login node, or use --dry-run")
+    path = args.logs / "submit.sh"
+    write_text(path, script)
+    code = subprocess.call(["bash", str(path)], cwd=root)
+    if code != 0:
+        raise SystemExit(code)
+
+
+def node(args: argparse.Namespace) -> None:
+    """`slurm.run_on_node` for this node's rank (TRASHSEG_NODE_RANK, else srun's SLURM_NODEID)."""
+    root = _dvc_root("node")
+    rank = node_rank(_load_params(None).runtime.nnodes, os.environ)
+    code = run_on_node(root, args.stage, rank)
+    if code != 0:
+        raise SystemExit(code)
+
+
+def _dvc_root(command: str) -> Path:
+    root = Path.cwd()
+    if not (root / "dvc.yaml").is_file():
+        raise UserError(f"{root}: no dvc.yaml here; run `python -m pipeline {command}` in the project's root")
+    return root
+
+
 # Explicit registry: subcommand name -> handler.
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"score": score, "validate": validate}
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "score": score,
+    "validate": validate,
+    "parallel": parallel,
+    "slurm": slurm,
+    "node": node,
+}
 
 
 def _parse_size(text: str) -> int | None:

@@ -122,6 +122,10 @@ class RuntimeParams:
     # Processes per node for DDP: above 1, stages/train.py starts that many workers under torchrun.
     nproc: int = 1
     num_workers: int = 4  # training and validation loader workers
+    # Machines in one train stage's DDP run: above 1, `stages/train.py` runs once on each node (e.g. under
+    # srun), and torchrun joins them at node 0's "host:port" (env TRASHSEG_RDZV_ENDPOINT overrides it).
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ class Recipe:
 
 RECIPE_SECTIONS = ("model", "augment", "train")
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9_]+")
+# host:port, the host a name, an IPv4 address or a bracketed IPv6 one ("[::1]:29500").
+_ENDPOINT = re.compile(r"([^\s:\[\]]+|\[[0-9A-Fa-f:.]+\]):([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -378,12 +384,22 @@ _RANGES: dict[str, Rule] = {
     "train.max_batches": _AT_LEAST_1,
     "runtime.nproc": _AT_LEAST_1,
     "runtime.num_workers": _AT_LEAST_0,
+    "runtime.nnodes": _AT_LEAST_1,
+    "runtime.rdzv_endpoint": (lambda v: split_endpoint(v) is not None, "host:port of node 0 (port 1-65535)"),
     "ensemble.grid_step": (lambda v: 0 < v <= 1 and abs(round(1 / v) * v - 1) < 1e-9, "1/n for an integer n"),
     "predict.scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "non-empty, all greater than 0"),
     "predict.batch_size": _AT_LEAST_1,
     "predict.num_workers": _AT_LEAST_0,
     "submission.size": _POSITIVE,
 }
+
+
+def split_endpoint(value: str) -> tuple[str, int] | None:
+    """Split "host:port" into (host, port); None if `value` has another shape or a port outside 1-65535."""
+    match = _ENDPOINT.fullmatch(value)
+    if match is None or not 0 < int(match[2]) < 2**16:
+        return None
+    return match[1], int(match[2])
 
 
 def _check_ranges(sections: Any, source: str, prefix: str = "") -> None:

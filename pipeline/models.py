@@ -286,9 +286,11 @@ def load_encoder_weights(encoder: nn.Module, path: Path, encoder_name: str) -> N
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` (tensors and builtins only) with torch.save, atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write `state` (tensors and builtins only) with torch.save, atomically; same state, same bytes."""
+    # Through a file object: given a path, torch.save names the zip's folder after the (random) temp
+    # file, so two identical runs would write different bytes and DVC would record different hashes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -8,13 +8,14 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import TrainParams
+from pipeline.config import RuntimeParams, TrainParams, split_endpoint
 from pipeline.errors import UserError
 
 
@@ -57,11 +58,14 @@ def setup_runtime(train: TrainParams, num_workers: int = 0, device: str | None =
     `device` forces a device ("cpu", "cuda"); by default CUDA is used when available. AMP and
     channels_last follow `train.amp` / `train.channels_last` on CUDA only: on CPU autocast is
     slower than float32 for convolutions, so CPU runs the same code in float32. On CPU, torch's
-    thread count leaves a core per DataLoader worker (`num_workers`), unless OMP_NUM_THREADS says otherwise.
+    thread count shares this node's cores among its processes (torchrun's LOCAL_WORLD_SIZE) and leaves a
+    core per DataLoader worker (`num_workers`), unless OMP_NUM_THREADS says otherwise.
     """
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
+    # Processes on other nodes do not share this node's cores.
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     amp_dtype = None
     if use_cuda:
@@ -78,7 +82,7 @@ def setup_runtime(train: TrainParams, num_workers: int = 0, device: str | None =
         if "OMP_NUM_THREADS" not in os.environ:
             # Leave each DataLoader worker a core: OpenMP threads sharing cores with busy processes
             # wait on each other at every op and run several times slower than fewer threads would.
-            torch.set_num_threads(max(1, _cpu_cores() // world_size - num_workers))
+            torch.set_num_threads(max(1, cpu_cores() // local_world_size - num_workers))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Runtime(
@@ -97,14 +101,75 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def launch_workers(nproc: int, argv: list[str]) -> int:
+@dataclass(frozen=True)
+class NodeSpec:
+    """This machine's place in a multi-node DDP run: node `node_rank` of `nnodes`, node 0 at host:port."""
+
+    nnodes: int
+    node_rank: int
+    host: str
+    port: int
+
+
+def resolve_nodes(runtime: RuntimeParams, environ: Mapping[str, str]) -> NodeSpec | None:
+    """The node settings of a multi-node run (None for runtime.nnodes 1), from params and `environ`.
+
+    Node 0's endpoint: TRASHSEG_RDZV_ENDPOINT, else runtime.rdzv_endpoint. This node's rank:
+    TRASHSEG_NODE_RANK, else SLURM_NODEID (what srun sets on each node).
+    """
+    nnodes = runtime.nnodes
+    if nnodes == 1:
+        return None
+    endpoint = environ.get("TRASHSEG_RDZV_ENDPOINT", runtime.rdzv_endpoint)
+    if endpoint is None:
+        raise UserError(
+            f"params: runtime.nnodes is {nnodes} but no rendezvous endpoint: set runtime.rdzv_endpoint "
+            "(host:port of node 0) or TRASHSEG_RDZV_ENDPOINT"
+        )
+    address = split_endpoint(endpoint)
+    if address is None:  # runtime.rdzv_endpoint was checked at load; the environment was not
+        raise UserError(
+            "environment: TRASHSEG_RDZV_ENDPOINT must be host:port of node 0 (port 1-65535), "
+            f"got {endpoint!r}"
+        )
+    rank = node_rank(nnodes, environ)
+    return NodeSpec(nnodes=nnodes, node_rank=rank, host=address[0], port=address[1])
+
+
+def node_rank(nnodes: int, environ: Mapping[str, str]) -> int:
+    """This machine's node rank in a run of `nnodes`: TRASHSEG_NODE_RANK, else SLURM_NODEID (srun's)."""
+    name = next((n for n in ("TRASHSEG_NODE_RANK", "SLURM_NODEID") if n in environ), None)
+    if name is None:
+        raise UserError(
+            f"params: runtime.nnodes is {nnodes} but this node's rank is unknown: set TRASHSEG_NODE_RANK "
+            "(0 on node 0) or run the stage under srun, which sets SLURM_NODEID"
+        )
+    rank = _env_int(name, 0, environ)
+    if not 0 <= rank < nnodes:
+        raise UserError(
+            f"environment: {name} is {rank} but runtime.nnodes is {nnodes} (node ranks 0..{nnodes - 1})"
+        )
+    return rank
+
+
+def launch_workers(nproc: int, argv: list[str], nodes: NodeSpec | None = None) -> int:
     """Run `python argv...` as `nproc` DDP workers under torchrun on this machine; returns its exit code.
 
-    Stages launch their own workers, rather than dvc.yaml wrapping them in torchrun, so a one-process run
-    stays a plain process whose user errors print one line (torchrun adds its own traceback to any
-    worker's failure).
+    With `nodes`, this machine's workers join those of the other nodes (each running the same command)
+    at node 0's endpoint; without, they are the whole run. Stages launch their own workers, rather than
+    dvc.yaml wrapping them in torchrun, so a one-process run stays a plain process whose user errors
+    print one line (torchrun adds its own traceback to any worker's failure).
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    command = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes is None:
+        command += ["--standalone", "--nproc_per_node", str(nproc)]
+    else:
+        # Static rendezvous: global ranks follow node ranks, so node 0 holds rank 0 (the one that writes
+        # files), where the dynamic c10d one ranks nodes in the order they happen to join.
+        command += [
+            "--rdzv_backend", "static", "--nnodes", str(nodes.nnodes), "--node_rank", str(nodes.node_rank),
+            "--nproc_per_node", str(nproc), "--master_addr", nodes.host, "--master_port", str(nodes.port),
+        ]  # fmt: skip
     proc = subprocess.Popen([*command, *argv])
     # A SIGTERM meant for this stage (`kill`, a scheduler, a cancelled job) must stop torchrun too, or
     # its workers would go on writing the fold's checkpoints behind a stage already reported failed.
@@ -132,15 +197,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _cpu_cores() -> int:
+def cpu_cores() -> int:
     """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
+def _env_int(name: str, default: int, environ: Mapping[str, str] = os.environ) -> int:
+    value = environ.get(name)
     if value is None:
         return default
     try:

@@ -31,6 +31,7 @@ from pipeline.losses import build_loss
 from pipeline.manifest import read_manifest
 from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
 from pipeline.models import build_model, checkpoint_state, load_checkpoint, parameter_groups, save_checkpoint
+from pipeline.progress import epoch_line
 from pipeline.resume import read_resume_state, restore_rng_states, rng_states, run_fingerprint
 from pipeline.runtime import Runtime, seed_everything
 
@@ -167,7 +168,8 @@ def fit(recipe: Recipe, num_workers: int, fold: int, paths: FoldPaths, runtime: 
     for epoch in range(len(history), train.epochs):
         seed_everything(train.seed + epoch)
         train_loader.sampler.set_epoch(epoch)  # this epoch's order and augmentation seeds
-        desc = f"{recipe.name} fold {fold} epoch {epoch + 1}/{train.epochs}"
+        run_name = f"{recipe.name} fold {fold}"
+        desc = f"{run_name} epoch {epoch + 1}/{train.epochs}"
         lr = state.optimizer.param_groups[0]["lr"]  # the lr this epoch starts at
         loss = train_one_epoch(state, train_loader, loss_fn, runtime, train, desc)
         if not math.isfinite(loss):
@@ -191,8 +193,8 @@ def fit(recipe: Recipe, num_workers: int, fold: int, paths: FoldPaths, runtime: 
         history.append(record)
         if not runtime.is_main:
             continue
-        scored = f", val mIoU {score:.4f}" if validate else ""
-        print(f"{desc}: train loss {loss:.4f}{scored}, lr {lr:.2e}", flush=True)
+        val_miou = score if validate else None
+        print(epoch_line(run_name, epoch + 1, train.epochs, loss, val_miou, lr), flush=True)
         log_epoch(live, record)
         # The first validation always saves: even a NaN score leaves a best.pt.
         if validate and (score > best_score or best_score == -math.inf):

@@ -1,15 +1,16 @@
-"""Stage `train@<model>-<fold>`: train one model recipe on one fold (resumable; DDP if runtime.nproc > 1)."""
+"""Stage `train@<model>-<fold>`: train one model recipe on one fold (resumable; DDP over nproc x nnodes)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from pipeline.config import Recipe, load_params
 from pipeline.errors import UserError, run_main
 from pipeline.models import check_model_params
-from pipeline.runtime import launch_workers, setup_runtime, teardown, under_torchrun
+from pipeline.runtime import launch_workers, resolve_nodes, setup_runtime, teardown, under_torchrun
 from pipeline.train import FoldPaths, fit, load_fold_data
 
 
@@ -41,15 +42,18 @@ def main() -> None:
         live=args.live,
     )
 
-    nproc = params.runtime.nproc
-    if nproc > 1 and not under_torchrun():
+    nproc, nnodes = params.runtime.nproc, params.runtime.nnodes
+    if (nproc > 1 or nnodes > 1) and not under_torchrun():
         # Check the params and data here, where a mistake still prints one line, then start the workers.
+        nodes = resolve_nodes(params.runtime, os.environ)
         load_fold_data(recipe, args.fold, paths)
-        code = launch_workers(nproc, [__file__, *sys.argv[1:]])
+        code = launch_workers(nproc, [__file__, *sys.argv[1:]], nodes)
         if code != 0:
+            nodes_part = "" if nodes is None else f" on {nnodes} nodes (this is node {nodes.node_rank})"
+            logs = "" if nodes is None else " and the other nodes' logs"
             raise UserError(
-                f"train@{args.model}-{args.fold}: the {nproc} DDP workers failed (exit code {code}); "
-                "see above"
+                f"train@{args.model}-{args.fold}: the {nproc * nnodes} DDP workers{nodes_part} failed "
+                f"(exit code {code}); see above{logs}"
             )
         return
 

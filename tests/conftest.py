@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,14 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 Run = Callable[[list[str], Path], subprocess.CompletedProcess[str]]
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_command(
+    args: list[str], cwd: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command with this venv's executables first on PATH; output captured as text."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = {**venv_env(), **(extra_env or {})}
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
@@ -25,7 +29,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def run() -> Run:
     """`run(args, cwd)`: a command in the test's environment (this venv's dvc and python)."""
-    return _run
+    return run_command
 
 
 @pytest.fixture
@@ -34,13 +38,89 @@ def dvc_project(tmp_path: Path) -> Path:
 
     The test writes params.yaml and the data.
     """
-    work = tmp_path / "project"
-    work.mkdir()
+    return make_dvc_project(tmp_path / "project")
+
+
+def make_dvc_project(work: Path) -> Path:
+    """`work` made a DVC project (no git) holding this repository's dvc.yaml, pipeline/ and stages/."""
+    work.mkdir(parents=True)
     for name in ["dvc.yaml", "pipeline", "stages"]:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, work / name)
-    assert _run(["dvc", "init", "--no-scm", "-q"], work).returncode == 0
+    assert run_command(["dvc", "init", "--no-scm", "-q"], work).returncode == 0
     return work
+
+
+# A toy project of the real pipeline's shape, for the parallel runner and SLURM: its stages only sleep,
+# print epoch lines, fail when told and write small files.
+
+STEP = '''\
+"""A toy stage: logs epoch lines, sleeps, fails when told, writes its output."""
+import json, os, pathlib, sys, time
+kind, model, fold = sys.argv[1], sys.argv[2], sys.argv[3]
+name = f"{kind}@{model}-{fold}"
+control = json.loads(pathlib.Path("control.json").read_text())
+events = pathlib.Path("events")
+events.mkdir(exist_ok=True)
+(events / f"{name}.start").write_text(str(time.time()))
+(events / f"{name}.ran-on-node-{os.environ.get('TRASHSEG_NODE_RANK', '-')}").touch()
+epochs = control.get("epochs", 2) if kind == "train" else 0
+for epoch in range(1, epochs + 1):
+    time.sleep(control.get("sleep", 0.5))
+    print(f"{model} fold {fold} epoch {epoch}/{epochs}: train loss 0.5, val mIoU {0.1 * epoch:.4f}, lr 1e-03",
+          flush=True)
+if name in control.get("fail", []):
+    sys.exit(3)
+out = pathlib.Path(sys.argv[4])
+out.parent.mkdir(parents=True, exist_ok=True)
+source = pathlib.Path(sys.argv[5]).read_text() if len(sys.argv) > 5 else ""
+out.write_text(f"{name} from {source.strip()!r} with {control.get('value', 0)}\\n")
+(events / f"{name}.end").write_text(str(time.time()))
+'''
+
+TOY_DVC = {
+    "stages": {
+        "prep": {"cmd": "python -c \"open('data.txt', 'w').write('data')\"", "outs": ["data.txt"]},
+        "train": {
+            "matrix": {"model": ["a", "b"], "fold": [0, 1]},
+            "cmd": "python step.py train ${item.model} ${item.fold} "
+            "out/${item.model}/train${item.fold}.txt data.txt",
+            "deps": ["step.py", "data.txt"],
+            "params": [{"control.json": ["value"]}],
+            "outs": ["out/${item.model}/train${item.fold}.txt"],
+        },
+        "oof": {
+            "matrix": {"model": ["a", "b"], "fold": [0, 1]},
+            "cmd": "python step.py oof ${item.model} ${item.fold} out/${item.model}/oof${item.fold}.txt "
+            "out/${item.model}/train${item.fold}.txt",
+            "deps": ["step.py", "out/${item.model}/train${item.fold}.txt"],
+            "outs": ["out/${item.model}/oof${item.fold}.txt"],
+        },
+        "final": {
+            "cmd": "python -c \"import glob; open('final.txt', 'w').write(''.join("
+            "open(p).read() for p in sorted(glob.glob('out/*/oof*.txt'))))\"",
+            "deps": [f"out/{m}/oof{k}.txt" for m in "ab" for k in (0, 1)],
+            "outs": ["final.txt"],
+        },
+    }
+}
+TOY_STAGES = [f"{kind}@{m}-{k}" for kind in ("train", "oof") for m in "ab" for k in (0, 1)]
+
+
+def venv_env() -> dict[str, str]:
+    """os.environ with this venv's executables (dvc, python) first on PATH."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def make_toy_project(path: Path, **control: object) -> Path:
+    """A DVC project (no git) of TOY_DVC's stages at `path`; `control` steers its stages (see STEP)."""
+    path.mkdir()
+    (path / "dvc.yaml").write_text(yaml.safe_dump(TOY_DVC, sort_keys=False))
+    (path / "step.py").write_text(STEP)
+    (path / "control.json").write_text(json.dumps({"value": 1, **control}))
+    init = subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=path, env=venv_env(), capture_output=True)
+    assert init.returncode == 0, init.stderr
+    return path

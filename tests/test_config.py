@@ -92,6 +92,8 @@ def test_int_accepted_for_float() -> None:
         ({"ensemble": {"grid_step": 0.3}}, "'ensemble.grid_step' must be 1/n for an integer n"),
         ({"train": {"num_workers": 2}}, "unknown key 'train.num_workers'"),
         ({"runtime": {"num_workers": -1}}, "'runtime.num_workers' must be at least 0"),
+        ({"runtime": {"nnodes": 0}}, "'runtime.nnodes' must be at least 1, got 0"),
+        ({"runtime": {"rdzv_endpoint": "node0"}}, "'runtime.rdzv_endpoint' must be host:port of node 0"),
         ({"models": {"a": {"train": {"lr": -1}}}}, "'models.a.train.lr' must be greater than 0"),
         ({"models": {"a": {"trian": {}}}}, "unknown key 'models.a.trian'"),
         ({"models": {"a": {"model": {"arch_": "FPN"}}}}, "unknown key 'models.a.model.arch_'"),
@@ -212,7 +214,7 @@ def test_every_path_a_stage_reads_is_a_dependency() -> None:
 def test_the_training_fingerprint_covers_the_code_that_shapes_the_weights() -> None:
     # A module the train stage runs must either be hashed into the resume fingerprint or be known
     # not to shape the weights; otherwise a code change would resume (keep) weights the old code made.
-    not_shaping = {"pipeline/__init__.py", "pipeline/atomic.py", "pipeline/errors.py"}
+    not_shaping = {"pipeline/__init__.py", "pipeline/atomic.py", "pipeline/errors.py", "pipeline/progress.py"}
     hashed = {f"pipeline/{name}.py" for name in WEIGHT_MODULES}
     assert hashed | not_shaping == _pipeline_modules(ROOT / "stages" / "train.py")
     assert not hashed & not_shaping

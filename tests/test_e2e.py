@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Run
+from conftest import Run, make_dvc_project, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +34,7 @@ TINY = {
 
 def _tiny_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
+    for section, values in copy.deepcopy(TINY).items():  # a copy: tests edit what this returns
         if section == "models":
             params[section] = values
         else:
@@ -46,14 +48,28 @@ def _stale_stages(run: Run, work: Path) -> set[str]:
     return set(re.findall(r"^(\S+):\s*$", status.stdout, flags=re.MULTILINE))
 
 
-@pytest.mark.slow
-def test_dvc_repro_runs_every_stage(dvc_project: Path, run: Run) -> None:
-    work = dvc_project
-    params = _tiny_params()
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+@dataclass(frozen=True)
+class Reproduced:
+    """A tiny project after `dvc repro`, and its dvc.lock as that run left it (tests edit the project)."""
 
-    repro = run(["dvc", "repro"], work)
+    work: Path
+    lock: dict
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    """One sequential `dvc repro` of the tiny config, shared by the tests of this module."""
+    work = make_dvc_project(tmp_path_factory.mktemp("repro") / "project")
+    (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
+    # One thread per process: the setting under which CPU training is deterministic (see the parallel test).
+    repro = run_command(["dvc", "repro"], work, {"OMP_NUM_THREADS": "1"})
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    return Reproduced(work, yaml.safe_load((work / "dvc.lock").read_text()))
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage(reproduced: Reproduced, run: Run) -> None:
+    work = reproduced.work
 
     for model in ("unet", "fpn"):
         for fold in (0, 1, 2):
@@ -105,3 +121,22 @@ def test_dvc_repro_runs_every_stage(dvc_project: Path, run: Run) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(edited))
     stale = _stale_stages(run, work)
     assert {s for s in stale if s.startswith("train@")} == {"train@fpn-0", "train@fpn-1", "train@fpn-2"}
+
+
+@pytest.mark.slow
+def test_parallel_repro_ends_as_the_sequential_one(reproduced: Reproduced, tmp_path: Path, run: Run) -> None:
+    # The train and oof stages two at a time on two CPU "devices" of one thread each, as the sequential
+    # run had: the outputs (their md5s in dvc.lock) are the same, bit for bit.
+    work = make_dvc_project(tmp_path / "project")
+    (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
+    command = [sys.executable, "-m", "pipeline", "parallel", "--devices", "cpu,cpu", "--threads", "1"]
+    parallel = run(command, work)
+    assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
+    assert "== 12 stages on 2 devices (0 up to date)" in parallel.stdout
+    assert yaml.safe_load((work / "dvc.lock").read_text()) == reproduced.lock
+    for name in ["cv.json", "leaderboard.json"]:
+        assert (work / "metrics" / name).read_text() == (reproduced.work / "metrics" / name).read_text()
+
+    again = run(command, work)
+    assert again.returncode == 0 and "== 0 stages on 2 devices (12 up to date)" in again.stdout
+    assert "Running stage" not in again.stdout + again.stderr

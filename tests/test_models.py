@@ -220,3 +220,12 @@ def test_checkpoint_from_another_model_is_a_user_error() -> None:
     state["classes"] = ["bg", "a"]  # the head now has one channel too many for the class list
     with pytest.raises(UserError, match=r"best.pt: weights do not match: 'segmentation_head.0.weight'"):
         model_from_checkpoint(state, source="best.pt")
+
+
+def test_the_same_checkpoint_state_writes_the_same_bytes(tmp_path: Path) -> None:
+    # DVC hashes checkpoints: an identical re-run (or a parallel one) must record the same md5.
+    state = {"model_state": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3}
+    save_checkpoint(tmp_path / "a.pt", state)
+    save_checkpoint(tmp_path / "b.pt", state)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert torch.equal(load_checkpoint(tmp_path / "b.pt")["model_state"]["w"], state["model_state"]["w"])

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,16 @@ import torch
 import yaml
 
 from pipeline import coco
-from pipeline.config import DemoParams, Params, PredictParams, Recipe, params_from_dict, params_to_dict
+from pipeline.config import (
+    DemoParams,
+    Params,
+    PredictParams,
+    Recipe,
+    RuntimeParams,
+    TrainParams,
+    params_from_dict,
+    params_to_dict,
+)
 from pipeline.dataset import ImageDataset, InferenceBatch, build_inference_loader
 from pipeline.demo import generate_demo
 from pipeline.errors import UserError
@@ -37,7 +47,7 @@ from pipeline.metrics import confusion_matrix, mean_iou
 from pipeline.models import load_checkpoint, model_from_checkpoint
 from pipeline.oof import held_out, read_oof, write_oof
 from pipeline.resume import run_fingerprint
-from pipeline.runtime import Runtime, seed_everything, setup_runtime
+from pipeline.runtime import NodeSpec, Runtime, resolve_nodes, seed_everything, setup_runtime
 from pipeline.train import (
     FoldPaths,
     build_train_state,
@@ -477,15 +487,21 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path:
     assert curve["step"].tolist() == [0, 1, 2, 3]
 
 
-def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> None:
-    params_file = _write_params(tmp_path / "params.yaml", _params(runtime={"nproc": 2}))
-    out = tmp_path / "ddp"
-    # runtime.nproc: 2, so the stage starts its two workers under torchrun itself.
+def _run_stage(dataset: Path, out: Path, params_file: Path) -> subprocess.CompletedProcess[str]:
+    """The train stage's script as DVC runs it, asserted to succeed."""
     run = subprocess.run(
         [sys.executable, *_stage_args(dataset, out, params_file)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> None:
+    params_file = _write_params(tmp_path / "params.yaml", _params(runtime={"nproc": 2}))
+    out = tmp_path / "ddp"
+    # runtime.nproc: 2, so the stage starts its two workers under torchrun itself.
+    run = _run_stage(dataset, out, params_file)
     assert run.stdout.count("best val mIoU") == 1  # only rank 0 reports
     paths = _paths(dataset, out)
     assert sorted(p.name for p in paths.model_dir.iterdir()) == ["best.pt", "last.pt"]
@@ -503,6 +519,169 @@ def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> 
     assert cm.sum() == len(images) * 64 * 64
     # Every rank validates with rank 0's BatchNorm statistics, the ones best.pt stores.
     assert mean_iou(cm) == pytest.approx(metrics["miou"])
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (the OS picks it; a race with another program is possible but rare)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _node_env(node_rank: int) -> dict[str, str]:
+    """_env() as the launcher on node `node_rank` sees it, with no node settings inherited from a real job."""
+    env = {k: v for k, v in _env().items() if k not in ("SLURM_NODEID", "TRASHSEG_RDZV_ENDPOINT")}
+    return dict(env, TRASHSEG_NODE_RANK=str(node_rank))
+
+
+@contextlib.contextmanager
+def _started(commands: list[list[str]], envs: list[dict[str, str]], logs: list[Path]) -> Iterator[list]:
+    """The commands running at once, each writing its `logs` file; any still running at exit is stopped."""
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for command, env, log in zip(commands, envs, logs, strict=True):
+            out = stack.enter_context(log.open("w"))
+            procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+        try:
+            yield procs
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()  # the launcher forwards SIGTERM to torchrun and its workers
+                    proc.wait()
+
+
+NODES = RuntimeParams(nnodes=2, rdzv_endpoint="node0.cluster:29500")
+
+
+def test_resolve_nodes_reads_the_params_endpoint_and_this_nodes_rank() -> None:
+    assert resolve_nodes(RuntimeParams(), {"TRASHSEG_NODE_RANK": "1"}) is None  # one node: standalone
+    assert resolve_nodes(NODES, {"TRASHSEG_NODE_RANK": "1"}) == NodeSpec(2, 1, "node0.cluster", 29500)
+
+
+def test_resolve_nodes_prefers_the_environment_and_falls_back_to_slurm() -> None:
+    env = {"TRASHSEG_RDZV_ENDPOINT": "10.0.0.7:1234", "TRASHSEG_NODE_RANK": "0", "SLURM_NODEID": "1"}
+    assert resolve_nodes(NODES, env) == NodeSpec(2, 0, "10.0.0.7", 1234)
+    assert resolve_nodes(NODES, {"SLURM_NODEID": "1"}) == NodeSpec(2, 1, "node0.cluster", 29500)
+    ipv6 = {"TRASHSEG_RDZV_ENDPOINT": "[fd00::7]:29400", "SLURM_NODEID": "2"}
+    assert resolve_nodes(RuntimeParams(nnodes=3), ipv6) == NodeSpec(3, 2, "[fd00::7]", 29400)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "environ", "message"),
+    [
+        (
+            RuntimeParams(nnodes=2),
+            {"TRASHSEG_NODE_RANK": "0"},
+            "params: runtime.nnodes is 2 but no rendezvous endpoint: set runtime.rdzv_endpoint "
+            "(host:port of node 0) or TRASHSEG_RDZV_ENDPOINT",
+        ),
+        (NODES, {}, "params: runtime.nnodes is 2 but this node's rank is unknown: set TRASHSEG_NODE_RANK"),
+        (NODES, {"TRASHSEG_NODE_RANK": "2"}, "environment: TRASHSEG_NODE_RANK is 2 but runtime.nnodes is 2"),
+        (NODES, {"SLURM_NODEID": "-1"}, "environment: SLURM_NODEID is -1 but runtime.nnodes is 2"),
+        (
+            NODES,
+            {"TRASHSEG_NODE_RANK": "one"},
+            "environment: TRASHSEG_NODE_RANK must be an integer, got 'one'",
+        ),
+        (
+            NODES,
+            {"TRASHSEG_NODE_RANK": "0", "TRASHSEG_RDZV_ENDPOINT": "node0"},
+            "environment: TRASHSEG_RDZV_ENDPOINT must be host:port of node 0 (port 1-65535), got 'node0'",
+        ),
+    ],
+)
+def test_resolve_nodes_refuses_a_missing_or_bad_setting_in_one_line(
+    runtime: RuntimeParams, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(UserError) as info:
+        resolve_nodes(runtime, environ)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["node0", "node0:", ":29500", "node0:http", "node0:0", "node0:65536", "::1:29500", "a b:1"]
+)
+def test_a_bad_rdzv_endpoint_is_refused_when_params_load(endpoint: str) -> None:
+    with pytest.raises(UserError) as info:
+        params_from_dict({"runtime": {"nnodes": 2, "rdzv_endpoint": endpoint}})
+    expected = f"params: 'runtime.rdzv_endpoint' must be host:port of node 0 (port 1-65535), got {endpoint!r}"
+    assert str(info.value) == expected
+
+
+def test_cpu_threads_share_this_nodes_cores_among_its_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Node 0 of 2, with 2 of the 4 processes: it splits its own 8 cores in 2, less a core per loader worker.
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("pipeline.runtime.cpu_cores", lambda: 8)
+    monkeypatch.setattr("pipeline.runtime.dist.is_initialized", lambda: True)  # no process group to join
+    try:
+        runtime = setup_runtime(TrainParams(), num_workers=1, device="cpu")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(1)
+    assert (runtime.rank, runtime.local_rank, runtime.world_size, runtime.is_main) == (1, 1, 4, False)
+
+
+def test_launcher_on_two_nodes_gives_node_0_the_first_global_ranks(tmp_path: Path) -> None:
+    # Node 1 starts first: static rendezvous ranks the workers by node rank, not by who joins first.
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, pathlib, sys\n"
+        "name = f\"node{os.environ['TRASHSEG_NODE_RANK']}-local{os.environ['LOCAL_RANK']}.txt\"\n"
+        "seen = ' '.join(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE'))\n"
+        "(pathlib.Path(sys.argv[1]) / name).write_text(seen)\n"
+    )
+    port = _free_port()
+    launcher = (
+        "import sys; from pipeline.runtime import NodeSpec, launch_workers; node = int(sys.argv[1]); "
+        f"sys.exit(launch_workers(2, sys.argv[2:], NodeSpec(2, node, '127.0.0.1', {port})))"
+    )
+    commands = [[sys.executable, "-c", launcher, str(node), str(worker), str(tmp_path)] for node in (1, 0)]
+    logs = [tmp_path / f"node{node}.log" for node in (1, 0)]
+    with _started(commands[:1], [_node_env(1)], logs[:1]) as first:
+        time.sleep(2)
+        with _started(commands[1:], [_node_env(0)], logs[1:]) as second:
+            codes = [proc.wait(timeout=120) for proc in first + second]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    # "RANK WORLD_SIZE LOCAL_WORLD_SIZE" as each worker saw them.
+    seen = {path.stem: path.read_text() for path in tmp_path.glob("node*-local*.txt")}
+    assert seen == {
+        f"node{node}-local{local}": f"{2 * node + local} 4 2" for node in (0, 1) for local in (0, 1)
+    }
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_like_one_node_of_two_processes(dataset: Path, tmp_path: Path) -> None:
+    # Two "nodes" of one process each, on this machine, writing to one folder as nodes on a shared
+    # filesystem would: each runs the same stage command; only node 0 (global rank 0) writes.
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes_file = _write_params(
+        tmp_path / "nodes.yaml", _params(runtime={"nnodes": 2, "rdzv_endpoint": endpoint})
+    )
+    out = tmp_path / "nodes"
+    command = [sys.executable, *_stage_args(dataset, out, nodes_file)]
+    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
+    with _started([command, command], [_node_env(0), _node_env(1)], logs) as procs:
+        codes = [proc.wait(timeout=300) for proc in procs]
+    node0, node1 = (log.read_text() for log in logs)
+    assert codes == [0, 0], node0[-3000:] + node1[-3000:]
+    assert node0.count("best val mIoU") == 1 and "best val mIoU" not in node1
+    paths = _paths(dataset, out)
+    assert sorted(p.name for p in paths.model_dir.iterdir()) == ["best.pt", "last.pt"]
+    metrics = json.loads(paths.metrics.read_text())
+    assert set(metrics) == {"miou"}
+
+    one_node_file = _write_params(tmp_path / "one_node.yaml", _params(runtime={"nproc": 2}))
+    single = tmp_path / "one_node"
+    _run_stage(dataset, single, one_node_file)
+    # The same world of 2 ranks, the same shards and seeds: on CPU the runs agree to the last bit.
+    assert metrics == json.loads(_paths(dataset, single).metrics.read_text())
+    a = load_checkpoint(paths.model_dir / "best.pt")["model_state"]
+    b = load_checkpoint(_paths(dataset, single).model_dir / "best.pt")["model_state"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
