@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -168,7 +168,7 @@ def parse_devices(text: str, threads: int | None, cores: int) -> list[Device]:
     """`0,1,2,3` (GPU indices) or `cpu,cpu` (CPU slots): each runs one stage at a time.
 
     A stage sees only its GPU (CUDA_VISIBLE_DEVICES); a CPU slot hides every GPU. Each stage gets
-    `threads` OpenMP threads, by default the machine's cores shared out between the devices.
+    `threads` OpenMP and MKL threads, by default the machine's cores shared out between the devices.
     """
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -186,7 +186,10 @@ def parse_devices(text: str, threads: int | None, cores: int) -> list[Device]:
     for i, name in enumerate(names):
         visible = "" if name == "cpu" else name
         label = f"cpu{i}" if name == "cpu" else f"gpu{name}"
-        devices.append(Device(label, {"CUDA_VISIBLE_DEVICES": visible, "OMP_NUM_THREADS": str(per_stage)}))
+        # MKL's pool too: left at its default (every core) its threads spin against the other stages'
+        # and a CPU stage ran 2.5x slower beside a second one (measured in bench/parallel.py's set-up).
+        threads_env = {"OMP_NUM_THREADS": str(per_stage), "MKL_NUM_THREADS": str(per_stage)}
+        devices.append(Device(label, {"CUDA_VISIBLE_DEVICES": visible, **threads_env}))
     return devices
 
 
@@ -253,7 +256,7 @@ def run_parallel(
     """
     env = _child_env()
     plan = plan_stages(read_graph(root))
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = _Signals()
     jobs: list[Job] = []
     try:
         if plan.before:
@@ -271,7 +274,7 @@ def run_parallel(
             file=out,
             flush=True,
         )
-        _Scheduler(root, devices, env).run(jobs, out, poll_s)
+        _Scheduler(root, devices, env, signals).run(jobs, out, poll_s)
         failed = [j for j in jobs if j.state in ("failed", "skipped")]
         if failed:
             _report_failures(failed, out)
@@ -279,6 +282,7 @@ def run_parallel(
         print("== dvc repro", file=out, flush=True)
         return _run_foreground([*dvc_command(), "repro"], root, env)
     except Interrupted as exc:
+        signals.ignore()
         running = [j for j in jobs if j.proc is not None and j.proc.poll() is None]
         print(f"\n{exc}: stopping {len(running)} running stages", file=out, flush=True)
         _stop(running)
@@ -291,15 +295,14 @@ def run_parallel(
         )
         return 128 + exc.signum
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signals.restore()
 
 
 class _Scheduler:
     """Starts each waiting job on the first free device once what it needs has succeeded."""
 
-    def __init__(self, root: Path, devices: list[Device], env: dict[str, str]) -> None:
-        self.root, self.devices, self.env = root, devices, env
+    def __init__(self, root: Path, devices: list[Device], env: dict[str, str], signals: _Signals) -> None:
+        self.root, self.devices, self.env, self.signals = root, devices, env, signals
         self.free = list(devices)
 
     def run(self, jobs: list[Job], out: IO[str], poll_s: float) -> None:
@@ -331,14 +334,16 @@ class _Scheduler:
             log.flush()
             # A new session: the stage's processes form their own group, which Ctrl-C in the runner's
             # terminal does not reach; the runner signals that group itself, in order (see _stop).
-            job.proc = subprocess.Popen(
-                [*dvc_command(), "--wait-for-lock", "repro", "--single-item", job.stage],
-                cwd=self.root,
-                env={**self.env, **device.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            # Signals wait until the child is recorded in `job.proc`, so an interrupt cannot orphan it.
+            with self.signals.deferred():
+                job.proc = subprocess.Popen(
+                    [*dvc_command(), "--wait-for-lock", "repro", "--single-item", job.stage],
+                    cwd=self.root,
+                    env={**self.env, **device.env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
 
     def _poll(self, job: Job) -> None:
         assert job.proc is not None and job.slot is not None
@@ -457,8 +462,39 @@ def _run_foreground(args: list[str], root: Path, env: dict[str, str]) -> int:
         raise
 
 
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
+class _Signals:
+    """SIGINT/SIGTERM handling of the runner: raise Interrupted, except inside `deferred()`, which raises
+    it at its end (a child being started is then recorded first and cannot be orphaned)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.depth:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            raise Interrupted(self.pending)
+
+    def ignore(self) -> None:
+        """From now on (the clean-up), ignore both: a second Ctrl-C must not cut it short."""
+        for signum in self.previous:
+            signal.signal(signum, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def dvc_command() -> list[str]:

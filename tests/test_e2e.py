@@ -62,7 +62,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
     work = make_dvc_project(tmp_path_factory.mktemp("repro") / "project")
     (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
     # One thread per process: the setting under which CPU training is deterministic (see the parallel test).
-    repro = run_command(["dvc", "repro"], work, {"OMP_NUM_THREADS": "1"})
+    repro = run_command(["dvc", "repro"], work, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     return Reproduced(work, yaml.safe_load((work / "dvc.lock").read_text()))
 

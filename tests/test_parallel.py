@@ -62,12 +62,14 @@ def test_devices_pin_one_gpu_each_or_hide_them_all() -> None:
     gpus = parse_devices("0,1", None, cores=16)
     assert [d.name for d in gpus] == ["gpu0", "gpu1"]
     assert [d.env for d in gpus] == [
-        {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "8"},
-        {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "8"},
+        {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"},
+        {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"},
     ]
     cpus = parse_devices("cpu,cpu,cpu", 1, cores=2)
     assert [d.name for d in cpus] == ["cpu0", "cpu1", "cpu2"]
-    assert all(d.env == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"} for d in cpus)
+    assert all(
+        d.env == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} for d in cpus
+    )
 
 
 @pytest.mark.parametrize(
