@@ -144,6 +144,13 @@ def validate(args: argparse.Namespace) -> None:
 def parallel(args: argparse.Namespace) -> None:
     """`pipeline.parallel.run_parallel` in the current DVC project; exits with its code."""
     root = _dvc_root("parallel")
+    runtime = _load_params(None).runtime
+    if runtime.nproc > 1 or runtime.nnodes > 1:
+        # Each stage sees one device here; DDP over several would find only the first.
+        raise UserError(
+            f"params: runtime.nproc is {runtime.nproc} and runtime.nnodes {runtime.nnodes}; "
+            "`parallel` gives each stage one device: set both to 1, or run `dvc repro` for DDP"
+        )
     devices = parse_devices(args.devices, args.threads, cpu_cores())
     code = run_parallel(root, devices, args.logs)
     if code != 0:

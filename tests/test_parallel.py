@@ -265,6 +265,17 @@ def test_parallel_outside_a_dvc_project_is_a_user_error(tmp_path: Path) -> None:
     assert run.returncode == 2 and "no dvc.yaml here" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_parallel_refuses_ddp_stages_it_would_squeeze_onto_one_device(tmp_path: Path) -> None:
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"runtime": {"nproc": 2}}))
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", "parallel", "--devices", "0,1"],
+        cwd=tmp_path, env=venv_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "runtime.nproc is 2" in run.stderr and "gives each stage one device" in run.stderr
+
+
 def test_plan_of_the_real_dvc_yaml() -> None:
     from pipeline.parallel import read_graph
 
