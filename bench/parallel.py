@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ensemble import apply
 
 from pipeline.atomic import write_json
 from pipeline.runtime import cpu_cores
@@ -46,11 +47,7 @@ def main() -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for item in args.sets:
         key, _, value = item.partition("=")
-        *path, last = key.split(".")
-        section = params
-        for part in path:
-            section = section[part]
-        section[last] = yaml.safe_load(value)
+        apply(params, key, yaml.safe_load(value))
 
     with tempfile.TemporaryDirectory(prefix="bench_parallel.") as tmp:
         base = args.workspace or Path(tmp)

@@ -204,8 +204,7 @@ class Job:
     needs: list[str]
     log: Path
     state: str = "waiting"  # waiting | running | done | up to date | failed | skipped | stopped
-    device: str = ""
-    slot: Device | None = field(default=None, repr=False)
+    slot: Device | None = None  # the device it runs (or ran) on
     returncode: int | None = None
     attempts: int = 0
     started: float = 0.0
@@ -215,6 +214,10 @@ class Job:
     note: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _read_to: int = field(default=0, repr=False)
+
+    @property
+    def device(self) -> str:
+        return self.slot.name if self.slot else ""
 
     def summary(self, now: float) -> str:
         """One line: stage, device, state, time, epoch and val mIoU when training."""
@@ -327,7 +330,7 @@ class _Scheduler:
 
     def _start(self, job: Job, device: Device) -> None:
         job.attempts += 1
-        job.slot, job.device, job.state = device, device.name, "running"
+        job.slot, job.state = device, "running"
         job.started = job.started or time.monotonic()
         with open(job.log, "w" if job.attempts == 1 else "a") as log:
             log.write(f"{_ATTEMPT} {job.stage}  # {device.name}, attempt {job.attempts}\n")

@@ -17,7 +17,7 @@ import yaml
 from conftest import TOY_STAGES, make_toy_project, run_command, venv_env
 
 from pipeline.errors import UserError
-from pipeline.parallel import Job, Plan, parse_devices, plan_stages, select_jobs
+from pipeline.parallel import Device, Job, Plan, parse_devices, plan_stages, select_jobs
 from pipeline.progress import EpochProgress, epoch_line, parse_epoch_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_epoch_lines_round_trip() -> None:
 
 
 def test_summary_line_names_stage_device_epoch_and_best_score() -> None:
-    job = Job("train@unet-0", [], Path("x.log"), state="running", device="gpu1", started=100.0)
+    job = Job("train@unet-0", [], Path("x.log"), state="running", slot=Device("gpu1", {}), started=100.0)
     job.progress, job.best = EpochProgress(3, 8, 0.4), 0.45
     line = job.summary(now=165.0)
     assert re.fullmatch(r"train@unet-0\s+gpu1\s+running\s+1m05s\s+epoch 3/8\s+best val mIoU 0.4500", line)
