@@ -3,10 +3,12 @@
 JPEG + mask decoding, the training augmentations of one model recipe of params.yaml (--model, default
 the first of its `models`; its augment section, at --size), the rarity-weighted elastic step and batch
 collation, through `build_train_loader` with num_workers=0 on one pinned core, on demo images generated
-at 512 px. Prints the median images/s over passes (target >= 40) and a per-step breakdown in ms per image.
+at 512 px. Prints the median images/s over passes (target >= 40) and a per-step breakdown in ms per image,
+without and with the boundary weight map (train.boundary_*: instance map decoded and augmented with the
+mask, weights computed per item; --boundary-w0 0 leaves that row out).
 
     python bench/loader.py [--images 48] [--size 512] [--batch-size 8] [--repeats 3] [--params params.yaml]
-                           [--model NAME]
+                           [--model NAME] [--boundary-w0 10] [--boundary-sigma 5] [--class-balance]
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from harness import demo_training_data, pin_to_one_core
 from pipeline.config import AugmentParams, load_params
 from pipeline.dataset import SegmentationDataset, build_train_loader, normalize
 from pipeline.errors import run_main
-from pipeline.images import image_path, mask_relpath, read_image, read_mask
+from pipeline.images import image_path, mask_relpath, read_image, read_instance_map, read_mask
 from pipeline.train import training_set
+from pipeline.weightmap import BoundaryWeighting
 
 TARGET_IMAGES_PER_S = 40.0
 
@@ -39,37 +42,54 @@ def images_per_second(
     rates = []
     for _ in range(args.repeats):
         start, seen = time.perf_counter(), 0
-        for images, _ in loader:
-            seen += len(images)
+        for batch in loader:  # (images, masks) or (images, masks, weights)
+            seen += len(batch[0])
         rates.append(seen / (time.perf_counter() - start))
     return statistics.median(rates)
 
 
 def breakdown(dataset: SegmentationDataset, batch_size: int) -> dict[str, float]:
     """Mean ms per image of each step, run one after another on every image."""
+    boundary = dataset.boundary
     steps = dict.fromkeys(
         ["decode image + mask", "augment", "elastic (at its p)", "normalise + collate"], 0.0
     )
+    if boundary is not None:
+        steps = {"decode instance map": 0.0, **steps, "weight map": 0.0}
     outputs = []
     for name in dataset.file_names:
         t0 = time.perf_counter()
         image = read_image(image_path(dataset.root, name))
         mask = read_mask(dataset.masks_dir / mask_relpath(name))
         t1 = time.perf_counter()
-        out = dataset.transform(image=image, mask=mask)
+        extra = {}
+        if boundary is not None:
+            extra["masks"] = [read_instance_map(dataset.instances_dir / mask_relpath(name))]
         t2 = time.perf_counter()
-        outputs.append(dataset.elastic(image=out["image"], mask=out["mask"]))
+        out = dataset.transform(image=image, mask=mask, **extra)
         t3 = time.perf_counter()
+        extra = {"masks": list(out["masks"])} if extra else {}
+        outputs.append(dataset.elastic(image=out["image"], mask=out["mask"], **extra))
+        t4 = time.perf_counter()
         steps["decode image + mask"] += t1 - t0
-        steps["augment"] += t2 - t1
-        steps["elastic (at its p)"] += (t3 - t2) * float(np.mean(dataset.elastic_p))
-    t4 = time.perf_counter()
-    for i in range(0, len(outputs), batch_size):
-        batch = outputs[i : i + batch_size]
-        default_collate(
-            [(normalize(o["image"]), torch.from_numpy(o["mask"].astype(np.int64))) for o in batch]
-        )
-    steps["normalise + collate"] = time.perf_counter() - t4
+        if boundary is not None:
+            steps["decode instance map"] += t2 - t1
+        steps["augment"] += t3 - t2
+        steps["elastic (at its p)"] += (t4 - t3) * float(np.mean(dataset.elastic_p))
+    t5 = time.perf_counter()
+    items = []
+    for o in outputs:
+        item = [normalize(o["image"]), torch.from_numpy(o["mask"].astype(np.int64))]
+        if boundary is not None:
+            t = time.perf_counter()
+            item.append(
+                torch.from_numpy(boundary.weights(o["masks"][0] if "masks" in o else None, o["mask"]))
+            )
+            steps["weight map"] += time.perf_counter() - t
+        items.append(item)
+    for i in range(0, len(items), batch_size):
+        default_collate(items[i : i + batch_size])
+    steps["normalise + collate"] = time.perf_counter() - t5 - steps.get("weight map", 0.0)
     return {k: v / len(outputs) * 1e3 for k, v in steps.items()}
 
 
@@ -93,17 +113,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the recipes' params file")
     parser.add_argument("--model", help="the recipe whose augment section to use (default: the first)")
+    parser.add_argument(
+        "--boundary-w0", type=float, default=10.0, help="train.boundary_w0 of the second row (0: no row)"
+    )
+    parser.add_argument("--boundary-sigma", type=float, default=5.0, help="train.boundary_sigma (px)")
+    parser.add_argument("--class-balance", action="store_true", help="train.boundary_class_balance")
     args = parser.parse_args()
     pin_to_one_core()
     recipe, base = recipe_augment(args.params, args.model)
     params = dataclasses.replace(base, size=args.size)
 
+    rows: dict[str, tuple[float, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         print(f"generating {args.images} demo images at 512 px ...")
         names, presence = demo_training_data(Path(tmp), args.images, 512)
         dataset, weights = training_set(params, Path(tmp) / "demo", names, Path(tmp) / "masks", presence)
-        rate = images_per_second(dataset, weights, args)
-        steps = breakdown(dataset, args.batch_size)
+        rows["without weight maps"] = (
+            images_per_second(dataset, weights, args),
+            breakdown(dataset, args.batch_size),
+        )
+        if args.boundary_w0 > 0:
+            boundary = BoundaryWeighting(
+                args.boundary_w0, args.boundary_sigma, args.class_balance, presence.shape[1]
+            )
+            weighted = SegmentationDataset(
+                dataset.root,
+                dataset.file_names,
+                dataset.masks_dir,
+                dataset.transform,
+                dataset.elastic,
+                dataset.elastic_p,
+                boundary=boundary,
+            )
+            label = f"with weight maps (w0 {args.boundary_w0:g}, sigma {args.boundary_sigma:g}" + (
+                ", class balance)" if args.class_balance else ")"
+            )
+            rows[label] = images_per_second(weighted, weights, args), breakdown(weighted, args.batch_size)
 
     print(
         f"{args.images} images 512 px -> {args.size} px, batch {args.batch_size}, one core, num_workers=0; "
@@ -111,11 +156,13 @@ def main() -> None:
     )
     mean_p = dataset.elastic_p.mean()
     print(f"elastic: {params.elastic_impl}, mean p {mean_p:.2f}; oversample: {params.oversample}")
-    for name, ms in steps.items():
-        print(f"  {name:<24}{ms:>7.2f} ms/image")
-    print(f"  {'sum':<24}{sum(steps.values()):>7.2f} ms/image")
     target = f"target >= {TARGET_IMAGES_PER_S:.0f}"
-    print(f"loader: {rate:.1f} images/s per core (median of {args.repeats} passes; {target})")
+    for label, (rate, steps) in rows.items():
+        print(f"{label}:")
+        for name, ms in steps.items():
+            print(f"  {name:<24}{ms:>7.2f} ms/image")
+        print(f"  {'sum':<24}{sum(steps.values()):>7.2f} ms/image")
+        print(f"  loader: {rate:.1f} images/s per core (median of {args.repeats} passes; {target})")
 
 
 if __name__ == "__main__":

@@ -315,6 +315,9 @@ def subprocess_env(threads: int) -> dict[str, str]:
 
 def dvc(work: Path, args: list[str], env: dict[str, str], log: Path) -> float:
     """Run `dvc ARGS` in `work`, appending its output to `log`; its wall seconds. Exits on failure."""
+    # The stages import `pipeline` from the workspace's own copy, not from the editable install (this
+    # checkout), which may change while a long benchmark runs.
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(work), env.get("PYTHONPATH")])))
     with log.open("a") as handle:
         handle.write(f"\n$ dvc {' '.join(args)}\n")
         handle.flush()

@@ -213,7 +213,8 @@ class FastElastic(A.DualTransform):
     The displacement field comes from `fast_displacement_field` (coarse noise, upsampled); the image is
     resampled bilinearly and the mask by nearest neighbour (one remap each), so mask labels stay valid.
     Border handling and fills follow albumentations' ElasticTransform defaults (constant 0: black image,
-    background label). Targets: image and mask.
+    background label). Targets: image and mask, and `masks` (each remapped as the mask, dtype kept: the
+    dataset's uint16 instance maps travel that way).
     """
 
     _targets = (Targets.IMAGE, Targets.MASK)

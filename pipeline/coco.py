@@ -1,4 +1,4 @@
-"""COCO json -> semantic masks: load and validate annotations, rasterize them, write the masks."""
+"""COCO json -> semantic masks and instance maps: load and validate annotations, rasterize, write them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,17 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.images import file_name_problem, image_path, mask_relpath, read_image, write_mask
+from pipeline.images import (
+    INSTANCES_DIR,
+    MAX_INSTANCES,
+    file_name_problem,
+    image_path,
+    instance_map_path,
+    mask_relpath,
+    read_image,
+    write_instance_map,
+    write_mask,
+)
 
 Overlap = Literal["area_desc", "max_class"]
 OnBad = Literal["error", "skip"]
@@ -295,6 +305,33 @@ def rasterize(coco: CocoSet, image: ImageRecord, overlap: Overlap = "area_desc")
     smaller ones stay visible on top (area counted from the decoded mask, never the json's `area` field);
     "max_class" gives each pixel the highest class index covering it. Ties go by annotation id.
     """
+    return _paint(coco, image, overlap, with_instances=False)[0]
+
+
+def rasterize_instances(
+    coco: CocoSet, image: ImageRecord, overlap: Overlap = "area_desc"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(semantic mask as `rasterize` gives it, instance map uint16 HxW) of `image`'s annotations.
+
+    The instance map holds k where the image's k-th annotation (1-based, in `coco.annotations[image.id]`
+    order) owns the pixel after the `overlap` rule, 0 where no object is: both maps come from one painting
+    pass, so instance > 0 exactly where class > 0 and instance k's pixels carry its annotation's class.
+    """
+    n = len(coco.annotations[image.id])
+    if n > MAX_INSTANCES:
+        raise UserError(
+            f"{coco.path}: image id {image.id} ({image.file_name}) has {n} annotations; its instance map "
+            f"(a 16-bit PNG) holds at most {MAX_INSTANCES}"
+        )
+    mask, instances = _paint(coco, image, overlap, with_instances=True)
+    assert instances is not None
+    return mask, instances
+
+
+def _paint(
+    coco: CocoSet, image: ImageRecord, overlap: Overlap, with_instances: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The class mask and, if asked, the instance map, painting each decoded annotation once."""
     try:
         order_rule = OVERLAP_RULES[overlap]
     except KeyError:
@@ -305,9 +342,13 @@ def rasterize(coco: CocoSet, image: ImageRecord, overlap: Overlap = "area_desc")
     areas = [int(mask_utils.area(rle)) for rle in rles]
     ids = [ann.get("id", position) for position, ann in enumerate(anns)]
     mask = np.zeros((image.height, image.width), dtype=np.uint8)
+    instances = np.zeros((image.height, image.width), dtype=np.uint16) if with_instances else None
     for i in order_rule(areas, labels, ids):
-        mask[mask_utils.decode(rles[i]).astype(bool)] = labels[i]
-    return mask
+        pixels = mask_utils.decode(rles[i]).astype(bool)
+        mask[pixels] = labels[i]
+        if instances is not None:
+            instances[pixels] = i + 1
+    return mask, instances
 
 
 def _paint_area_desc(areas: Sequence[int], labels: Sequence[int], ids: Sequence[int]) -> list[int]:
@@ -348,17 +389,34 @@ def check_images(coco: CocoSet) -> None:
 
 
 def write_masks(coco: CocoSet, out_dir: str | Path, overlap: Overlap = "area_desc") -> np.ndarray:
-    """Check each image of `coco` and write its semantic mask to `out_dir/mask_relpath(file_name)`.
+    """Check each image of `coco` and write its semantic mask to `out_dir/mask_relpath(file_name)` and its
+    instance map (`rasterize_instances`) to `instance_map_path(out_dir, file_name)`.
 
     Returns bool (len(coco.images), n_classes): the classes each mask holds (column 0 background).
     """
+    _check_instance_paths(coco)
     presence = np.zeros((len(coco.images), coco.n_classes), dtype=bool)
     for row, image in enumerate(tqdm(coco.images, desc=f"masks for {coco.path.name}", unit="img")):
         read_image(coco.image_file(image), (image.height, image.width))
-        mask = rasterize(coco, image, overlap)
+        mask, instances = rasterize_instances(coco, image, overlap)
         presence[row, np.unique(mask)] = True
         write_mask(Path(out_dir) / mask_relpath(image.file_name), mask)
+        write_instance_map(instance_map_path(out_dir, image.file_name), instances)
     return presence
+
+
+def _check_instance_paths(coco: CocoSet) -> None:
+    """`UserError` if an instance map would land on another image's mask: images `x.jpg` and
+    `instances/x.jpg` both claim `instances/x.png` of the masks folder."""
+    owners = {mask_relpath(image.file_name): image.file_name for image in coco.images}
+    for image in coco.images:
+        taken = owners.get(f"{INSTANCES_DIR}/{mask_relpath(image.file_name)}")
+        if taken is not None:
+            raise UserError(
+                f"{coco.path}: the instance map of {image.file_name!r} would overwrite the mask of "
+                f"{taken!r} ({INSTANCES_DIR}/ of the masks folder holds instance maps); rename the folder "
+                f"{INSTANCES_DIR!r}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ class ModelParams:
     # A whole smp model saved with `save_pretrained` (a local folder, or a Hugging Face hub id fetched
     # once): arch and encoder then come from its config.json and its weights initialise the model.
     from_pretrained: str | None = None
+    # Further keyword arguments of the architecture, checked against its signature: e.g.
+    # {deep_supervision: true} for UnetPlusPlus or UNet3Plus, {cgm: true, cgm_gate: true} for UNet3Plus.
+    options: dict[str, bool | int | float | str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,16 @@ class TrainParams:
     grad_clip: float | None = 1.0
     losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "dice": 1.0})
     class_weights: list[float] | None = None
+    # Deep supervision (model.options.deep_supervision): the loss weight of each side output, deepest
+    # last (null: 1.0 each); the classification-guided module's presence BCE weight (model.options.cgm).
+    side_weights: list[float] | None = None
+    presence_weight: float = 1.0
+    # The U-Net paper's boundary weight map w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on the
+    # per-pixel CE (0: off). d1, d2: distances (px, at the training size) to the nearest and second
+    # nearest object; w_c: 1, or with class_balance each class's inverse pixel frequency in the image.
+    boundary_w0: float = 0.0
+    boundary_sigma: float = 5.0
+    boundary_class_balance: bool = False
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
@@ -165,6 +178,10 @@ class PredictParams:
     scales: list[float] = field(default_factory=lambda: [1.0])
     batch_size: int = 8
     num_workers: int = 2
+    # Overlap-tile inference: windows of the training size (augment.size) with this overlap (a fraction
+    # of the window), blended with a smooth window; for images larger than the training size.
+    sliding_window: bool = False
+    window_overlap: float = 0.5
     # Mixed precision on CUDA (bf16, or fp16 where the GPU lacks bf16, e.g. a T4); false: float32.
     amp: bool = True
 
@@ -380,6 +397,10 @@ _RANGES: dict[str, Rule] = {
     "train.grad_clip": _POSITIVE,
     "train.losses": (lambda v: _WEIGHTS[0](list(v.values())), "weights all >= 0, some > 0"),
     "train.class_weights": _WEIGHTS,
+    "train.side_weights": (lambda v: all(w >= 0 for w in v), "all >= 0"),
+    "train.presence_weight": _AT_LEAST_0,
+    "train.boundary_w0": _AT_LEAST_0,
+    "train.boundary_sigma": _POSITIVE,
     "train.val_every": _AT_LEAST_1,
     "train.max_batches": _AT_LEAST_1,
     "runtime.nproc": _AT_LEAST_1,
@@ -390,6 +411,7 @@ _RANGES: dict[str, Rule] = {
     "predict.scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "non-empty, all greater than 0"),
     "predict.batch_size": _AT_LEAST_1,
     "predict.num_workers": _AT_LEAST_0,
+    "predict.window_overlap": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "submission.size": _POSITIVE,
 }
 

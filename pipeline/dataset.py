@@ -19,7 +19,8 @@ from pipeline import coco
 from pipeline.augment import build_resize
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry, pad_to_multiple, padded_shape
-from pipeline.images import image_path, mask_relpath, read_image, read_mask
+from pipeline.images import INSTANCES_DIR, image_path, mask_relpath, read_image, read_instance_map, read_mask
+from pipeline.weightmap import BoundaryWeighting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,10 +40,18 @@ def normalize(image: np.ndarray) -> torch.Tensor:
 
 
 class SegmentationDataset(Dataset):
-    """Training / validation images with their masks -> (image float32 (3, S, S), mask int64 (S, S)).
+    """Training / validation images with their masks -> (image float32 (3, S, S), mask int64 (S, S)), or
+    with `boundary` -> (image, mask, weight float32 (S, S)).
 
     Item `key` reads `root/file_names[i]` and `masks_dir/mask_relpath(file_names[i])`, applies `transform`
     (albumentations, image + mask), then `elastic` with probability `elastic_p[i]` (rare-class weighted).
+
+    With `boundary` (a `weightmap.BoundaryWeighting`) the item also carries the per-pixel loss weight
+    `boundary.weights(instances, mask)`, computed per item on the augmented maps: distances must be those
+    of the pixels the model sees, after scaling, affine and elastic steps. The instance map is read from
+    `instances_dir/mask_relpath(file_names[i])` (default: the masks stage's `masks_dir/instances`) and goes
+    through every step with the mask (nearest neighbour, uint16 kept), only when `boundary.w0 > 0`. The
+    random draws are the same with and without `boundary`: image and mask are those of a dataset without.
 
     The key is an index i, drawing from the dataset's own random streams (seeded by `seed` or `reseed`),
     or an `(i, item_seed)` pair as `SeededSampler` yields, drawing from streams seeded by item_seed alone:
@@ -59,6 +68,8 @@ class SegmentationDataset(Dataset):
         elastic: A.BasicTransform | None = None,
         elastic_p: Sequence[float] | np.ndarray | None = None,
         seed: int = 0,
+        boundary: BoundaryWeighting | None = None,
+        instances_dir: str | Path | None = None,
     ) -> None:
         if elastic_p is not None:
             if elastic is None:
@@ -72,6 +83,8 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.elastic = elastic
         self.elastic_p = elastic_p
+        self.boundary = boundary
+        self.instances_dir = self.masks_dir / INSTANCES_DIR if instances_dir is None else Path(instances_dir)
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -81,7 +94,7 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.file_names)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         if isinstance(key, tuple):
             index, item_seed = key
             streams = _Streams.from_seed(item_seed)
@@ -96,15 +109,36 @@ class SegmentationDataset(Dataset):
                 f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
                 f"{image.shape[0]}x{image.shape[1]} (re-run the masks stage)"
             )
+        # The instance map rides along as albumentations' `masks`: mask interpolation and fills, no draws
+        # of its own, so every random draw is the one made without it.
+        extra: dict[str, list[np.ndarray]] = {}
+        if self.boundary is not None and self.boundary.needs_instances:
+            extra["masks"] = [self._read_instances(file_name, mask.shape)]
         # One generator pair per transform tree, shared by its children: albumentations' set_random_seed
         # would give every child its own generator with the same seed, and identical streams make
         # HorizontalFlip and VerticalFlip (and every other pair of draws) fire together.
         self.transform.set_random_state(streams.transform, streams.transform_py)
-        out = self.transform(image=image, mask=mask)
+        out = self.transform(image=image, mask=mask, **extra)
         if self.elastic_p is not None and streams.elastic.random() < self.elastic_p[index]:
             self.elastic.set_random_state(streams.elastic, streams.elastic_py)
-            out = self.elastic(image=out["image"], mask=out["mask"])
-        return normalize(out["image"]), torch.from_numpy(out["mask"].astype(np.int64))
+            if extra:
+                extra["masks"] = list(out["masks"])
+            out = self.elastic(image=out["image"], mask=out["mask"], **extra)
+        image_t, mask_t = normalize(out["image"]), torch.from_numpy(out["mask"].astype(np.int64))
+        if self.boundary is None:
+            return image_t, mask_t
+        instances = out["masks"][0] if extra else None
+        return image_t, mask_t, torch.from_numpy(self.boundary.weights(instances, out["mask"]))
+
+    def _read_instances(self, file_name: str, shape: tuple[int, ...]) -> np.ndarray:
+        path = self.instances_dir / mask_relpath(file_name)
+        instances = read_instance_map(path)
+        if instances.shape != shape:
+            raise UserError(
+                f"{path}: instance map is {instances.shape[0]}x{instances.shape[1]} but its mask is "
+                f"{shape[0]}x{shape[1]} (re-run the masks stage)"
+            )
+        return instances
 
 
 @dataclass(frozen=True)
@@ -329,6 +363,7 @@ def build_train_loader(
 ) -> DataLoader:
     """Shuffled (or rarity-weighted, with replacement) training batches; the last partial batch dropped.
 
+    Items are tuples of tensors (image, mask[, weight]) that the default collate stacks per position.
     One loader serves the whole run: its workers persist, and `loader.sampler.set_epoch(epoch)` before
     each epoch picks that epoch's order (seeded by seed + epoch) and item seeds (`SeededSampler`).
     The dataset receives (index, item_seed) keys, as `SegmentationDataset` takes them.

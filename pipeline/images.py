@@ -1,4 +1,4 @@
-"""Image and mask files: where they live, reading images, writing and reading class-index mask PNGs."""
+"""Image and mask files: where they live, reading images, writing and reading mask and instance-map PNGs."""
 
 from __future__ import annotations
 
@@ -22,6 +22,17 @@ def image_path(root: str | Path, file_name: str) -> Path:
 def mask_relpath(file_name: str) -> str:
     """Relative path of an image's mask file: `batch_01_vt/0002.jpg` -> `batch_01_vt/0002.png`."""
     return str(PurePosixPath(file_name).with_suffix(".png"))
+
+
+# Subfolder of the masks folder holding the instance maps, at the same relative paths as the masks.
+INSTANCES_DIR = "instances"
+# Instance maps are 16-bit PNGs: 0 is "no object", so an image holds at most this many annotations.
+MAX_INSTANCES = 65535
+
+
+def instance_map_path(masks_dir: str | Path, file_name: str) -> Path:
+    """Where the masks stage writes an image's instance map: masks_dir/instances/mask_relpath(file_name)."""
+    return Path(masks_dir) / INSTANCES_DIR / mask_relpath(file_name)
 
 
 def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -50,24 +61,46 @@ def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:
     """Write a uint8 HxW class-index mask as a grayscale PNG, atomically."""
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise ValueError(f"mask must be uint8 HxW, got {mask.dtype} {mask.shape}")
-    with atomic_path(path) as tmp:
-        Image.fromarray(mask).save(tmp, format="PNG")
+    _write_png(path, mask, np.uint8, "mask")
 
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a mask written by `write_mask` (uint8 HxW of class indexes)."""
+    return _read_png(path, np.uint8, ("L",), "mask", "is the masks stage up to date?")
+
+
+def write_instance_map(path: str | Path, instances: np.ndarray) -> None:
+    """Write a uint16 HxW instance map (0 = no object, k = the image's k-th annotation) as a 16-bit PNG."""
+    _write_png(path, instances, np.uint16, "instance map")
+
+
+def read_instance_map(path: str | Path) -> np.ndarray:
+    """Read an instance map written by `write_instance_map` (uint16 HxW)."""
+    return _read_png(path, np.uint16, ("I;16", "I;16B", "I;16L"), "instance map", "re-run the masks stage")
+
+
+def _write_png(path: str | Path, array: np.ndarray, dtype: type, what: str) -> None:
+    if array.ndim != 2 or array.dtype != dtype:
+        raise ValueError(f"{what} must be {np.dtype(dtype).name} HxW, got {array.dtype} {array.shape}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def _read_png(path: str | Path, dtype: type, modes: tuple[str, ...], what: str, hint: str) -> np.ndarray:
+    """A single-channel PNG of one of `modes` as a writable `dtype` array; a UserError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: mask file not found (is the masks stage up to date?)")
+        raise UserError(f"{path}: {what} file not found ({hint})")
+    bits = 8 * np.dtype(dtype).itemsize
     try:
         with Image.open(path) as img:
-            if img.mode != "L":
-                raise UserError(f"{path}: mask must be an 8-bit grayscale PNG, got mode {img.mode}")
-            return np.asarray(img).copy()
+            if img.mode not in modes:
+                raise UserError(
+                    f"{path}: {what} must be a {bits}-bit grayscale PNG, got mode {img.mode} ({hint})"
+                )
+            return np.asarray(img).astype(dtype)  # native byte order, writable
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable mask ({exc})") from None
+        raise UserError(f"{path}: unreadable {what} ({exc}); {hint}") from None
 
 
 def file_name_problem(file_name: str) -> str | None:

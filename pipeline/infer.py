@@ -1,4 +1,5 @@
-"""Test-time inference: TTA, multi-scale and fold ensembling that average probabilities, streamed by batch."""
+"""Test-time inference: TTA, multi-scale, sliding-window and fold ensembling that average probabilities,
+streamed by batch."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from torch import nn
 
 from pipeline import coco
 from pipeline import models as model_io
+from pipeline.config import PredictParams
 from pipeline.dataset import ImageDataset, build_inference_loader
 from pipeline.errors import UserError
 from pipeline.geometry import SIZE_MULTIPLE, Geometry, resize_argmax
+from pipeline.tiling import SlidingWindow
 
 TTA_TRANSFORMS: dict[str, Callable[[], ttach.Compose]] = {
     "none": lambda: ttach.Compose([]),  # one identity transform
@@ -94,6 +97,22 @@ class SoftmaxOutput(nn.Module):
         return self.model(images).float().softmax(dim=1)
 
 
+def window_overlap_of(predict: PredictParams) -> float | None:
+    """The sliding-window overlap `predict` asks for: `predict.window_overlap` when
+    `predict.sliding_window` is on, else None (whole-image inference)."""
+    return predict.window_overlap if predict.sliding_window else None
+
+
+def build_member(
+    model: nn.Module, transforms: ttach.Compose, tile: int, window_overlap: float | None, tile_batch: int
+) -> nn.Module:
+    """`model` as an ensemble member: probabilities averaged over the TTA `transforms`; with a
+    `window_overlap`, run that way on `tile` x `tile` windows (`tile_batch` at a time) and blended
+    (`tiling.SlidingWindow`), so TTA applies to each window."""
+    member = ttach.SegmentationTTAWrapper(SoftmaxOutput(model), transforms, merge_mode="mean")
+    return member if window_overlap is None else SlidingWindow(member, tile, window_overlap, tile_batch)
+
+
 def scaled_size(size: int, scale: float) -> int:
     """`size * scale` rounded to the nearest multiple of 32, halves up, never below 32."""
     if scale <= 0:
@@ -150,6 +169,7 @@ def predict_probabilities(
     num_workers: int,
     device: torch.device,
     amp: bool = True,
+    window_overlap: float | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (dataset index, (C, h, w) float32 probabilities on `device`) per image, in dataset order.
 
@@ -157,15 +177,18 @@ def predict_probabilities(
     over TTA transforms (`tta`, a resolved name: see `resolve_tta`), scales and models (weighted by
     `weights`, normalised; None = equal). The models are moved to `device` and put in eval mode. `amp`:
     autocast on CUDA (bf16, else fp16); CPU always runs float32. Nothing is kept between batches, so
-    memory is bounded by `batch_size`, not by the size of the dataset.
+    memory is bounded by `batch_size`, not by the size of the dataset. `window_overlap`: None predicts
+    each (scaled) image whole; a fraction in [0, 1) predicts it in windows of the training size
+    (`dataset.geometry.size`) overlapping by that fraction, `batch_size` windows at a time, blended
+    (`tiling.SlidingWindow`; at each scale, after scaling).
     """
     if not models or not scales:
         raise ValueError("predict_probabilities needs at least one model and one scale")
     shares = normalise_weights(weights, len(models))
     transforms = build_tta(tta)
+    tile = dataset.geometry.size
     members = [
-        ttach.SegmentationTTAWrapper(SoftmaxOutput(m.to(device).eval()), transforms, merge_mode="mean")
-        for m in models
+        build_member(m.to(device).eval(), transforms, tile, window_overlap, batch_size) for m in models
     ]
     loader = build_inference_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
     for batch in loader:
@@ -212,10 +235,12 @@ def predict_members(
     num_workers: int,
     device: torch.device,
     amp: bool = True,
+    window_overlap: float | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (index into `images`, (C, h, w) merged probabilities) per image, in order, streaming.
 
-    Each member averages its fold models with its own TTA at its own geometry (`predict_probabilities`);
+    Each member averages its fold models with its own TTA at its own geometry (`predict_probabilities`;
+    with `window_overlap`, in sliding windows of the member's own training size);
     the members' probabilities are then merged with `weights` (M, C) at the largest member's shape
     (`merge_probabilities`). One image per member is held at a time (plus each member's batch).
     """
@@ -230,6 +255,7 @@ def predict_members(
             num_workers,
             device,
             amp,
+            window_overlap,
         )
         for member in members
     ]
@@ -250,6 +276,7 @@ def predict_images(
     num_workers: int,
     device: torch.device,
     amp: bool = True,
+    window_overlap: float | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (dataset index, uint8 label mask) per image, in dataset order, streaming batch by batch.
 
@@ -257,9 +284,10 @@ def predict_images(
     `out_size` is None. Probabilities are resized bilinearly to that size before the argmax, so class
     boundaries are decided at the output resolution rather than upsampled as blocky labels; the resize
     runs in strips (`geometry.resize_argmax`), so a 4000x3000 photo needs no 4000x3000xC array.
+    `window_overlap`: sliding-window inference, as in `predict_probabilities`.
     """
     for index, probs in predict_probabilities(
-        models, weights, dataset, tta, scales, batch_size, num_workers, device, amp
+        models, weights, dataset, tta, scales, batch_size, num_workers, device, amp, window_overlap
     ):
         yield index, probabilities_to_mask(probs, output_shape(dataset.images[index], out_size))
 

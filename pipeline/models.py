@@ -22,13 +22,33 @@ from safetensors.torch import load_file as load_safetensors
 from segmentation_models_pytorch.base import SegmentationModel
 from torch import nn
 
+from pipeline import architectures
 from pipeline.atomic import atomic_path
 from pipeline.config import AugmentParams, ModelParams
 from pipeline.errors import UserError
 from pipeline.geometry import geometry_of
 
-# smp's own registry (lower-case name -> class); we check against it to give a one-line error.
-ARCHITECTURES: dict[str, type[nn.Module]] = smp.MODEL_ARCHITECTURES_MAPPING
+# Every model.arch (lower-case name -> class): smp's registry plus trashseg's own architectures. Ours
+# replaces smp's UnetPlusPlus under its own name (same class name, same weights without deep supervision),
+# so checkpoints that record `_model_class: UnetPlusPlus` rebuild with it.
+ARCHITECTURES: dict[str, type[SegmentationModel]] = {
+    **smp.MODEL_ARCHITECTURES_MAPPING,
+    "unetplusplus": architectures.UnetPlusPlus,
+    "unet3plus": architectures.UNet3Plus,
+}
+# Init arguments trashseg sets itself, so model.options may not: where each comes from instead.
+_SET_BY_TRASHSEG = {
+    "encoder_name": "it is model.encoder",
+    "encoder_weights": "it is model.encoder_weights",
+    "decoder_channels": "it is model.decoder_channels",
+    "classes": "the class count comes from the data",
+    "in_channels": "images are RGB (3 channels)",
+    "activation": "trashseg's losses and inference take logits",
+    "aux_params": "trashseg's losses and inference take the segmentation logits alone",
+}
+# Heads whose output width is the class count, by name prefix in the state dict: a saved model with
+# another class count keeps their fresh initialisation (see load_pretrained).
+_CLASS_HEADS = ("segmentation_head.", "side_heads.", "presence_head.")
 
 # Wrappers add these to parameter names: DistributedDataParallel and torch.compile respectively.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -47,14 +67,11 @@ def build_model(model_params: ModelParams, n_classes: int) -> nn.Module:
     "imagenet" (smp downloads it), or a path to a local state-dict file (.pt/.pth or .safetensors)
     that is loaded into `model.encoder`, which works offline. With `model.from_pretrained` the whole
     model comes from an smp `save_pretrained` folder (or hub id) instead: see `load_pretrained`.
+    `model.options` are further init arguments of the architecture (e.g. deep_supervision), each
+    checked against its signature first.
     """
     if model_params.from_pretrained is not None:
-        for key in ("encoder_weights", "decoder_channels"):
-            if getattr(model_params, key) is not None:
-                raise UserError(
-                    f"params: model.{key} does not apply with model.from_pretrained (its config.json "
-                    "fixes the model and its weights initialise it): leave it null"
-                )
+        _check_pretrained_settings(model_params)
         return load_pretrained(model_params.from_pretrained, n_classes)
     arch = model_params.arch
     check_arch(arch, "params: model.arch")
@@ -70,6 +87,7 @@ def build_model(model_params: ModelParams, n_classes: int) -> nn.Module:
     }
     if model_params.decoder_channels is not None:
         init["decoder_channels"] = _decoder_channels(arch, model_params.decoder_channels)
+    init.update(_options(arch, model_params.options or {}))
     model = _create(arch, init, f"params: model {arch}/{encoder}")
     if local_weights:
         load_encoder_weights(model.encoder, Path(weights), encoder)
@@ -81,6 +99,7 @@ def check_model_params(model_params: ModelParams) -> None:
     settings the arch rejects, a missing local weights file or pretrained folder (a UserError)."""
     pretrained = model_params.from_pretrained
     if pretrained is not None:
+        _check_pretrained_settings(model_params)
         if Path(pretrained).expanduser().exists() or not _HUB_ID.fullmatch(pretrained):
             load_pretrained(pretrained, n_classes=2)  # local: reads config.json and the weights
         return
@@ -93,10 +112,10 @@ def check_model_params(model_params: ModelParams) -> None:
 
 
 def check_arch(arch: str, where: str) -> None:
-    """Refuse an architecture smp's registry lacks (names are case-insensitive, as in smp.create_model)."""
+    """Refuse an architecture ARCHITECTURES lacks (names are case-insensitive, as in smp.create_model)."""
     if not isinstance(arch, str) or arch.lower() not in ARCHITECTURES:
         valid = ", ".join(cls.__name__ for cls in ARCHITECTURES.values())
-        raise UserError(f"{where} '{arch}' is not an smp architecture (valid: {valid})")
+        raise UserError(f"{where} '{arch}' is not an architecture trashseg knows (valid: {valid})")
 
 
 def check_encoder(encoder: str) -> None:
@@ -128,10 +147,50 @@ def _decoder_channels(arch: str, channels: list[int]) -> list[int]:
     return list(channels)
 
 
+def _check_pretrained_settings(model_params: ModelParams) -> None:
+    """Refuse settings that a `model.from_pretrained` model's config.json fixes instead."""
+    given = {
+        "encoder_weights": model_params.encoder_weights is not None,
+        "decoder_channels": model_params.decoder_channels is not None,
+        "options": bool(model_params.options),
+    }
+    for key, is_set in given.items():
+        if is_set:
+            raise UserError(
+                f"params: model.{key} does not apply with model.from_pretrained (its config.json "
+                "fixes the model and its weights initialise it): "
+                + ("leave it empty" if key == "options" else "leave it null")
+            )
+
+
+def _options(arch: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`model.options`, checked against the architecture's init arguments before anything is built."""
+    parameters = inspect.signature(ARCHITECTURES[arch.lower()]).parameters
+    settable = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        and name not in _SET_BY_TRASHSEG
+    ]
+    for key in options:
+        if key in _SET_BY_TRASHSEG:
+            raise UserError(
+                f"params: model.options.{key} is set by trashseg ({_SET_BY_TRASHSEG[key]}): remove it"
+            )
+        # smp forwards unknown keyword arguments to the encoder, which drops them silently.
+        if key not in settable:
+            raise UserError(
+                f"params: model.options.{key} is not a setting of model.arch '{arch}' "
+                f"(its settings: {', '.join(settable)})"
+            )
+    return dict(options)
+
+
 def _create(arch: str, init: dict[str, Any], where: str) -> nn.Module:
-    """smp.create_model(arch, **init), with settings smp or timm reject turned into a one-line UserError."""
+    """ARCHITECTURES[arch](**init), with settings the architecture, smp or timm reject turned into a
+    one-line UserError."""
     try:
-        return smp.create_model(arch, **init)
+        return ARCHITECTURES[arch.lower()](**init)
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         # e.g. a decoder_channels list whose length is not the encoder depth, or a timm model
         # without the feature maps smp needs
@@ -162,9 +221,9 @@ def load_pretrained(source: str, n_classes: int) -> nn.Module:
     # model_from_smp_config leaves out a saved classification head (aux_params).
     state = {key: value for key, value in saved.items() if not key.startswith("classification_head.")}
     expected = model.state_dict()
-    # Another class count changes only the head's last conv: that layer keeps its fresh init.
+    # Another class count changes only the heads' convs to the classes: those keep their fresh init.
     for key, tensor in expected.items():
-        if key.startswith("segmentation_head.") and key in state and state[key].shape != tensor.shape:
+        if key.startswith(_CLASS_HEADS) and key in state and state[key].shape != tensor.shape:
             state[key] = tensor
     try:
         model.load_state_dict(state)
@@ -213,7 +272,10 @@ def model_from_smp_config(config: dict[str, Any], n_classes: int, where: str) ->
     init = {key: value for key, value in config.items() if not key.startswith("_")}
     if init.get("in_channels", 3) != 3:
         raise UserError(f"{where}: the model takes {init['in_channels']} input channels; images are RGB (3)")
-    init.update(encoder_weights=None, classes=n_classes, activation=None, aux_params=None)
+    init.update(encoder_weights=None, classes=n_classes)
+    # trashseg's own architectures have neither an activation nor smp's classification head to turn off.
+    accepted = inspect.signature(ARCHITECTURES[arch.lower()]).parameters
+    init.update({key: None for key in ("activation", "aux_params") if key in accepted})
     return _create(arch, init, f"{where}: model {arch}/{init.get('encoder_name')}")
 
 

@@ -24,7 +24,7 @@ from pipeline.config import PredictParams
 from pipeline.dataset import ImageDataset
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry
-from pipeline.infer import predict_probabilities, resolve_tta
+from pipeline.infer import predict_probabilities, resolve_tta, window_overlap_of
 from pipeline.models import load_checkpoint, model_from_checkpoint
 
 LEVELS = 255  # uint8 quantisation: p -> round(p * LEVELS)
@@ -54,8 +54,9 @@ def write_oof(
     out: Path,
 ) -> str:
     """Predict `images` (the fold's held-out images) with best.pt at `checkpoint` and the TTA that
-    `predict.tta` resolves to for its training augmentation; write their quantised probabilities to
-    `out` (atomically, streaming: one image in memory at a time). Returns the TTA used."""
+    `predict.tta` resolves to for its training augmentation (in sliding windows when
+    `predict.sliding_window`); write their quantised probabilities to `out` (atomically, streaming: one
+    image in memory at a time). Returns the TTA used."""
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint))
     for key in ("geometry", "augment"):
@@ -73,6 +74,7 @@ def write_oof(
         predict.num_workers,
         device,
         predict.amp,
+        window_overlap_of(predict),
     )
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         _write_array(archive, "file_names", np.array([image.file_name for image in images], dtype=str))

@@ -16,12 +16,13 @@ import torch
 
 from pipeline.config import Recipe
 from pipeline.errors import UserError
-from pipeline.images import image_path, mask_relpath
+from pipeline.images import image_path, instance_map_path, mask_relpath
 from pipeline.models import load_checkpoint
 
 # The pipeline modules whose code shapes the trained weights. Inference, OOF and ensembling modules are
 # left out on purpose: they only shape what is computed from best.pt, which their own stages redo.
 WEIGHT_MODULES = (
+    "architectures",
     "augment",
     "coco",
     "config",
@@ -36,6 +37,7 @@ WEIGHT_MODULES = (
     "resume",
     "runtime",
     "train",
+    "weightmap",
 )
 # Libraries whose versions shape the weights (augmentation draws, kernels, initialisation). OpenCV is
 # installed under one of several distribution names; the one that is not installed reads None.
@@ -44,6 +46,8 @@ WEIGHT_LIBRARIES = (
     "numpy",
     "opencv-python",
     "opencv-python-headless",
+    "pytorch-msssim",
+    "scipy",
     "segmentation-models-pytorch",
     "timm",
     "torch",
@@ -64,13 +68,20 @@ def run_fingerprint(
     DVC re-runs a train stage when any of its deps changes, and the model's folder persists, so this is
     what tells a killed run (resume it) from a finished run whose inputs changed (train again): the
     recipe (model, augment, train), the fold, the DDP world size, the `inputs` files (folds.csv, the
-    manifest), the bytes of every image and mask the fold reads, a local encoder weights file or
-    pretrained folder, the code in WEIGHT_MODULES and the library versions. How the run is carried out
-    (loader workers) and everything downstream of best.pt (TTA, submission) are left out.
+    manifest), the bytes of every image and mask (and instance map, with boundary weights) the fold
+    reads, a local encoder weights file or pretrained folder, the code in WEIGHT_MODULES and the
+    library versions. How the run is carried out (loader workers) and everything downstream of best.pt
+    (TTA, submission) are left out.
     """
     data = hashlib.sha256()
+    # The boundary weight map reads the instance maps: an edit that only splits an annotation leaves
+    # the class mask as it was but changes the weights.
+    instances = recipe.train.boundary_w0 > 0
     for name in file_names:
-        for path in (image_path(root, name), masks / mask_relpath(name)):
+        paths = [image_path(root, name), masks / mask_relpath(name)]
+        if instances:
+            paths.append(instance_map_path(masks, name))
+        for path in paths:
             data.update(sha256_file(path).encode())
     package = Path(__file__).parent
     relevant = {

@@ -27,13 +27,14 @@ from pipeline.dataset import ImageDataset, SegmentationDataset, build_inference_
 from pipeline.errors import UserError
 from pipeline.folds import read_folds
 from pipeline.geometry import geometry_of, resize_argmax
-from pipeline.losses import build_loss
+from pipeline.losses import PIXEL_WEIGHTED_LOSSES, TrainingObjective, build_loss
 from pipeline.manifest import read_manifest
 from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
 from pipeline.models import build_model, checkpoint_state, load_checkpoint, parameter_groups, save_checkpoint
 from pipeline.progress import epoch_line
 from pipeline.resume import read_resume_state, restore_rng_states, rng_states, run_fingerprint
 from pipeline.runtime import Runtime, seed_everything
+from pipeline.weightmap import BoundaryWeighting, boundary_weighting
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,10 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=runtime.device)
     state.optimizer.zero_grad(set_to_none=True)
     progress = tqdm(itertools.islice(loader, n_batches), desc, total=n_batches, disable=not runtime.is_main)
-    for i, (images, masks) in enumerate(progress):
-        images, masks = runtime.to_device(images), masks.to(runtime.device, non_blocking=True)
+    for i, batch in enumerate(progress):
+        # (images, masks), or (images, masks, boundary weight maps) with train.boundary_w0 > 0
+        images, masks = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
+        pixel_weights = batch[2].to(runtime.device, non_blocking=True) if len(batch) > 2 else None
         group_start = i - i % train.accumulate
         group_size = min(train.accumulate, n_batches - group_start)  # the epoch's last group may be short
         stepping = i == group_start + group_size - 1
@@ -89,7 +92,7 @@ def train_one_epoch(
         no_sync = runtime.distributed and not stepping
         with state.model.no_sync() if no_sync else contextlib.nullcontext():
             with runtime.autocast():
-                loss = loss_fn(state.model(images), masks)
+                loss = loss_fn(state.model(images), masks, pixel_weights)
             state.scaler.scale(loss / group_size).backward()
         loss_sum += loss.detach()
         if stepping:
@@ -150,7 +153,9 @@ def fit(recipe: Recipe, num_workers: int, fold: int, paths: FoldPaths, runtime: 
     seed_everything(train.seed)
     resume = read_resume_state(paths.model_dir, fingerprint)
     state = build_train_state(recipe, len(data.classes), runtime, steps_per_epoch * train.epochs, resume)
-    loss_fn = build_loss(train.losses, train.class_weights).to(runtime.device)
+    check_side_weights(recipe, state.raw)
+    loss = build_loss(train.losses, train.class_weights)
+    loss_fn = TrainingObjective(loss, train.side_weights, train.presence_weight).to(runtime.device)
     history: list[dict[str, float]] = resume["history"] if resume else []
     best_score = resume["best_score"] if resume else -math.inf
     if runtime.is_main and resume:  # messages count epochs from 1; files index them from 0 (dvclive's step)
@@ -256,6 +261,24 @@ def check_train_params(recipe: Recipe, n_classes: int) -> None:
             f"params: models.{recipe.name}: train.class_weights has {len(weights)} weights for "
             f"{n_classes} classes (background first)"
         )
+    weighted = boundary_weighting(recipe.train, n_classes) is not None
+    if weighted and not PIXEL_WEIGHTED_LOSSES & set(recipe.train.losses):
+        raise UserError(
+            f"params: models.{recipe.name}: the boundary weight map (train.boundary_w0, "
+            "train.boundary_class_balance) weights the pixels of "
+            f"{', '.join(sorted(PIXEL_WEIGHTED_LOSSES))}, which train.losses does not name"
+        )
+
+
+def check_side_weights(recipe: Recipe, model: nn.Module) -> None:
+    """train.side_weights must give one weight per deep-supervision side output of the built model."""
+    weights = recipe.train.side_weights
+    n_side = getattr(model, "n_side_outputs", 0)
+    if weights is not None and len(weights) != n_side:
+        raise UserError(
+            f"params: models.{recipe.name}: train.side_weights has {len(weights)} weights, but "
+            f"{recipe.model.arch} with these model.options gives {n_side} side outputs"
+        )
 
 
 def build_loaders(
@@ -272,7 +295,10 @@ def build_loaders(
     functions of (seed, epoch) alone, never of what ran before, which is what lets a resumed run match
     an uninterrupted one.
     """
-    train_set, sample_weights = training_set(aug, paths.root, data.train_names, paths.masks, data.presence)
+    boundary = boundary_weighting(train, len(data.classes))
+    train_set, sample_weights = training_set(
+        aug, paths.root, data.train_names, paths.masks, data.presence, boundary
+    )
     pin = runtime.device.type == "cuda"
     train_loader = build_train_loader(
         train_set,
@@ -290,12 +316,18 @@ def build_loaders(
 
 
 def training_set(
-    aug: AugmentParams, root: Path, file_names: list[str], masks_dir: Path, presence: np.ndarray
+    aug: AugmentParams,
+    root: Path,
+    file_names: list[str],
+    masks_dir: Path,
+    presence: np.ndarray,
+    boundary: BoundaryWeighting | None = None,
 ) -> tuple[SegmentationDataset, np.ndarray | None]:
     """The training Dataset of `fit` (augmentation, rare-class-weighted elastic) and its per-image
     oversampling weights (None unless `augment.oversample`). Benchmarks build theirs here too.
 
-    presence: bool (len(file_names), C), the classes in each image's mask.
+    presence: bool (len(file_names), C), the classes in each image's mask. With `boundary` each item also
+    carries its boundary weight map, computed after augmentation (the instance maps beside the masks).
     """
     dataset = SegmentationDataset(
         root,
@@ -304,6 +336,7 @@ def training_set(
         augment.build_train_transform(aug),
         augment.build_elastic(aug),
         augment.elastic_probabilities(presence, aug),
+        boundary=boundary,
     )
     rarity = augment.rarity_weights(presence, aug.elastic_gamma)
     return dataset, augment.sampling_weights(presence, rarity) if aug.oversample else None
@@ -338,8 +371,12 @@ def build_train_state(
     net = torch.compile(raw) if train.compile else raw
     model = net
     if runtime.distributed:
+        # Architecture options may leave parameters out of the graph (an encoder_depth below 5 skips
+        # the encoder's last stage); DDP must then look for them, at a small cost per step.
         model = DistributedDataParallel(
-            net, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None
+            net,
+            device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=bool(recipe.model.options),
         )
     return TrainState(raw, model, net, optimizer, scheduler, scaler)
 

@@ -1,4 +1,4 @@
-"""Stage `masks`: check the COCO data and images, write one mask PNG per training image and the manifest."""
+"""Stage `masks`: check the COCO data and images, write the training masks, instance maps and manifest."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def main() -> None:
     parser.add_argument("--root", required=True, help="folder the jsons' file_names are relative to")
     parser.add_argument("--train-json", required=True)
     parser.add_argument("--test-json", required=True)
-    parser.add_argument("--out", required=True, help="masks folder, replaced as a whole")
+    parser.add_argument(
+        "--out", required=True, help="masks folder (instance maps in its instances/), replaced as a whole"
+    )
     parser.add_argument("--manifest", required=True, help="manifest JSON: classes, images, class presence")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
@@ -39,7 +41,8 @@ def main() -> None:
 
     problems = train.problems + test.problems
     print(
-        f"masks: {len(train.images)} training images -> {args.out}, {len(test.images)} test images checked; "
+        f"masks: {len(train.images)} training images -> {args.out} (instance maps in {args.out}/instances), "
+        f"{len(test.images)} test images checked; "
         f"annotations: {train.n_annotations} used, {len(problems)} skipped, "
         f"{train.clipped} clipped to the image" + (f" (first skipped: {problems[0]})" if problems else "")
     )

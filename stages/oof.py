@@ -31,7 +31,8 @@ def main() -> None:
     images = held_out(manifest.train, fold_of, args.fold)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tta = write_oof(args.checkpoint, images, args.root, predict, device, args.out)
-    print(f"{args.out}: {len(images)} held-out images, TTA {tta} (predict.tta: {predict.tta})")
+    window = f", sliding window (overlap {predict.window_overlap})" if predict.sliding_window else ""
+    print(f"{args.out}: {len(images)} held-out images, TTA {tta} (predict.tta: {predict.tta}){window}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pipeline.infer import (
     predict_members,
     probabilities_to_mask,
     resolve_tta,
+    window_overlap_of,
 )
 from pipeline.manifest import read_manifest
 from pipeline.submission import SubmissionWriter, validate_submission
@@ -51,6 +52,8 @@ def main() -> None:
             raise UserError(f"{paths[0]}: classes {folds.classes} differ from the data's {manifest.classes}")
         members.append(Member(name, folds, resolve_tta(predict.tta, folds.augments)))
     print("members: " + ", ".join(f"{m.name} (TTA {m.tta})" for m in members))
+    if predict.sliding_window:
+        print(f"sliding window: each member's training size, overlap {predict.window_overlap}")
 
     test = manifest.test
     probabilities = predict_members(
@@ -63,6 +66,7 @@ def main() -> None:
         predict.num_workers,
         torch.device("cuda" if torch.cuda.is_available() else "cpu"),
         predict.amp,
+        window_overlap_of(predict),
     )
     n_models = sum(len(m.folds.models) for m in members)
     progress = tqdm(probabilities, desc=f"predict ({n_models} models)", total=len(test), unit="image")

@@ -265,3 +265,45 @@ def test_resize_is_deterministic_and_keeps_mask_labels() -> None:
     np.testing.assert_array_equal(first["image"], second["image"])
     assert first["image"].shape == (64, 64, 3)
     np.testing.assert_array_equal(first["mask"], mask[::2, ::2])  # nearest on an exact 2x shrink
+
+
+@pytest.mark.parametrize("resize", ["squash", "crop"])
+@pytest.mark.parametrize("elastic_impl", sorted(ELASTIC_IMPLS))
+def test_instance_maps_ride_along_as_masks_with_ids_up_to_65535(resize: str, elastic_impl: str) -> None:
+    # The dataset passes the uint16 instance map as albumentations' `masks`: it must keep its dtype and
+    # every id (nearest neighbour everywhere), stay aligned with the class mask (the class of each id is
+    # fixed, so lut[instances] == mask after every step), and leave the random draws of image and mask
+    # as they are without it.
+    params = AugmentParams(
+        size=48, resize=resize, hflip=0.5, vflip=0.5, rot90=0.5, shift_scale_rotate=1.0, color=1.0,
+        elastic_alpha=300.0, elastic_sigma=6.0, elastic_impl=elastic_impl,
+    )  # fmt: skip
+    transform, elastic = build_train_transform(params), build_elastic(params)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    ids = np.array([0, 1, 255, 256, 40000, 65535], np.uint16)
+    instances = np.zeros((60, 90), np.uint16)
+    for k, (r, c) in enumerate([(5, 5), (5, 40), (30, 10), (30, 45), (10, 70)], start=1):
+        instances[r : r + 20, c : c + 25] = ids[k]
+    lut = np.zeros(65536, np.uint8)
+    lut[ids] = [0, 1, 2, 1, 3, 2]  # id -> class; two ids per class for classes 1 and 2
+    mask = lut[instances]
+    seen: set[int] = set()
+    for seed in range(4):
+        plain, extra = [], []
+        for with_instances in (False, True):
+            transform.set_random_seed(seed)
+            elastic.set_random_seed(seed)
+            kwargs = {"masks": [instances]} if with_instances else {}
+            out = transform(image=image, mask=mask, **kwargs)
+            if with_instances:
+                kwargs = {"masks": list(out["masks"])}
+            out = elastic(image=out["image"], mask=out["mask"], **kwargs)
+            (extra if with_instances else plain).append(out)
+        np.testing.assert_array_equal(extra[0]["image"], plain[0]["image"])
+        np.testing.assert_array_equal(extra[0]["mask"], plain[0]["mask"])
+        moved = extra[0]["masks"][0]
+        assert moved.dtype == np.uint16 and moved.shape == (48, 48)
+        seen |= set(np.unique(moved).tolist())
+        np.testing.assert_array_equal(lut[moved], extra[0]["mask"])
+    assert {256, 40000, 65535} <= seen <= set(ids.tolist())

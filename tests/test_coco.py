@@ -16,7 +16,16 @@ from pycocotools.coco import COCO
 
 from pipeline import cli, coco
 from pipeline.errors import UserError
-from pipeline.images import image_path, mask_relpath, read_image, read_mask, write_mask
+from pipeline.images import (
+    image_path,
+    instance_map_path,
+    mask_relpath,
+    read_image,
+    read_instance_map,
+    read_mask,
+    write_instance_map,
+    write_mask,
+)
 from pipeline.submission import SubmissionWriter
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
@@ -145,6 +154,89 @@ def test_unknown_overlap_rule_lists_the_valid_ones(tmp_path: Path) -> None:
     data = coco.load_coco(make_json(tmp_path, overlapping(1, 1)))
     with pytest.raises(ValueError, match="area_desc, max_class"):
         coco.rasterize(data, data.images[0], overlap="min_class")  # type: ignore[arg-type]
+
+
+def three_objects() -> list[dict[str, Any]]:
+    """`overlapping`'s two squares (json order: small class 1, big class 3) and a third object of the big
+    one's class overlapping it (35 px at x 10..17, y 0..5), so that only the instance map tells them apart."""
+    return [*overlapping(120.0, 36.0), ann(3, [[10, 0, 17, 0, 17, 5, 10, 5]], category_id=3)]
+
+
+@pytest.mark.parametrize("overlap", ["area_desc", "max_class"])
+def test_write_masks_writes_instance_maps_that_agree_with_the_masks(tmp_path: Path, overlap: str) -> None:
+    json_path = make_json(tmp_path, three_objects())
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "a" / "img.jpg")
+    data = coco.load_coco(json_path)
+    presence = coco.write_masks(data, tmp_path / "masks", overlap)  # type: ignore[arg-type]
+    mask = read_mask(tmp_path / "masks" / "a" / "img.png")
+    instances = read_instance_map(tmp_path / "masks" / "instances" / "a" / "img.png")
+    assert (
+        instance_map_path(tmp_path / "masks", "a/img.jpg")
+        == tmp_path / "masks" / "instances" / "a" / "img.png"
+    )
+    assert instances.dtype == np.uint16 and instances.shape == (H, W)
+    np.testing.assert_array_equal(mask, coco.rasterize(data, data.images[0], overlap))  # type: ignore[arg-type]
+    assert presence[0].tolist() == [True, True, False, True]
+    # Ownership agrees: an object exactly where a class is, and instance k (the k-th annotation in json
+    # order) carries its annotation's class.
+    np.testing.assert_array_equal(instances > 0, mask > 0)
+    for k, annotation in enumerate(data.annotations[1], start=1):
+        assert (mask[instances == k] == data.label(annotation)).all()
+    # The overlap rule decides the owner as it decides the class: area_desc keeps the small square
+    # (instance 1) on top, max_class gives the pixel to the big square's class 3 (instance 2).
+    small_on_top = overlap == "area_desc"
+    assert instances[7, 9] == (1 if small_on_top else 2)
+    counts = np.bincount(instances.ravel(), minlength=4)
+    assert counts[1] == (36 if small_on_top else 36 - 16)
+    # The third object (painted after the big one under both rules) owns their overlap: same class, so
+    # the mask shows one region there and only the instance map keeps the two objects apart.
+    assert instances[2, 11] == 3 and instances[2, 9] == 2 and mask[2, 11] == mask[2, 9] == 3
+    assert counts[3] == 35 and counts[2] == 120 - 10 - (16 if small_on_top else 0)
+
+
+def test_instance_map_round_trip_and_bad_files(tmp_path: Path) -> None:
+    instances = (np.arange(H * W, dtype=np.uint32).reshape(H, W) * 300 % 65536).astype(np.uint16)
+    instances[0, 0] = 65535
+    path = tmp_path / "deep" / "i.png"
+    write_instance_map(path, instances)
+    back = read_instance_map(path)
+    assert back.dtype == np.uint16 and back.flags.writeable
+    np.testing.assert_array_equal(back, instances)
+    with pytest.raises(ValueError, match="uint16"):
+        write_instance_map(tmp_path / "x.png", instances.astype(np.int32))
+    missing = r"missing\.png: instance map file not found \(re-run the masks stage\)"
+    with pytest.raises(UserError, match=missing):
+        read_instance_map(tmp_path / "missing.png")
+    write_mask(tmp_path / "eight_bit.png", np.zeros((3, 3), np.uint8))
+    with pytest.raises(UserError, match=r"eight_bit\.png: instance map must be a 16-bit"):
+        read_instance_map(tmp_path / "eight_bit.png")
+
+
+def test_an_instance_map_may_not_land_on_another_images_mask(tmp_path: Path) -> None:
+    data = {
+        "images": [
+            {"id": 1, "file_name": "x.jpg", "height": H, "width": W},
+            {"id": 2, "file_name": "instances/x.jpg", "height": H, "width": W},
+        ],
+        "annotations": [ann(1, [[0, 0, 5, 0, 5, 5]])],
+        "categories": [{"id": 1, "name": "cat"}],
+    }
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"set\.json: the instance map of 'x\.jpg' would overwrite"):
+        coco.write_masks(coco.load_coco(path), tmp_path / "masks")
+    assert not (tmp_path / "masks").exists()  # refused before writing anything
+
+
+def test_too_many_annotations_for_a_16_bit_instance_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(coco, "MAX_INSTANCES", 2)
+    data = coco.load_coco(make_json(tmp_path, three_objects()))
+    assert coco.rasterize(data, data.images[0]).any()  # the class mask alone has no such limit
+    with pytest.raises(UserError, match=r"set.json: image id 1 \(a/img.jpg\) has 3 annotations"):
+        coco.rasterize_instances(data, data.images[0])
 
 
 @pytest.mark.parametrize("first_id", [0, 1, 40])

@@ -31,7 +31,8 @@ from pipeline.dataset import (
 )
 from pipeline.errors import UserError, one_line
 from pipeline.geometry import Geometry
-from pipeline.images import mask_relpath, read_mask, write_mask
+from pipeline.images import instance_map_path, mask_relpath, read_mask, write_instance_map, write_mask
+from pipeline.weightmap import BoundaryWeighting, boundary_weights, class_balance_weights
 
 Data = tuple[Path, Path, list[str]]
 PARAMS = AugmentParams(size=32, hflip=0.5, vflip=0.5, shift_scale_rotate=0.5, color=0.5, elastic_alpha=300.0)
@@ -129,6 +130,102 @@ def test_mask_of_the_wrong_size_is_a_user_error(tmp_path: Path) -> None:
     records = [coco.ImageRecord(id=0, file_name="a.jpg", height=10, width=12)]
     with pytest.raises(UserError, match=r"masks/a.png: mask is 10x10 but its image is 10x12"):
         ImageDataset(tmp_path, records, Geometry("squash", 32), masks_dir=tmp_path / "masks")[0]
+
+
+# Each object has its own class, so the instance map is a relabelling of the mask (id of class c =
+# INSTANCE_IDS[c]) and the weights of any augmented item can be recomputed from its returned mask.
+INSTANCE_IDS = np.array([0, 7, 65535, 300], np.uint16)
+BOUNDARY = BoundaryWeighting(w0=10.0, sigma=3.0, class_balance=True, n_classes=4)
+
+
+@pytest.fixture(scope="module")
+def instance_data(tmp_path_factory: pytest.TempPathFactory) -> Data:
+    """4 JPEGs (48x64): classes 1 and 2 touching side by side, class 3 below them 3 px apart; the masks
+    stage's layout (masks/, masks/instances/)."""
+    root = tmp_path_factory.mktemp("instance_data")
+    rng = np.random.default_rng(1)
+    names = []
+    for i in range(4):
+        name = f"b/{i:03d}.jpg"
+        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / "images" / name)
+        mask = np.zeros((48, 64), np.uint8)
+        mask[8:30, 6 + i : 30], mask[8:30, 30:56], mask[33:44, 10 : 50 - i] = 1, 2, 3
+        write_mask(root / "masks" / mask_relpath(name), mask)
+        write_instance_map(instance_map_path(root / "masks", name), INSTANCE_IDS[mask])
+        names.append(name)
+    return root / "images", root / "masks", names
+
+
+def test_boundary_weights_are_those_of_the_augmented_mask(instance_data: Data) -> None:
+    # Full training augmentation, elastic step always: the weight map must be the one of the instance
+    # map as augmented with the mask, and image and mask must be exactly those drawn without weights.
+    images, masks, names = instance_data
+    p = np.ones(len(names))
+
+    def dataset(boundary: BoundaryWeighting | None) -> SegmentationDataset:
+        transform, elastic = build_train_transform(PARAMS), build_elastic(PARAMS)
+        return SegmentationDataset(images, names, masks, transform, elastic, p, boundary=boundary)
+
+    plain, weighted = dataset(None), dataset(BOUNDARY)
+    for key in [(i % len(names), seed) for i, seed in enumerate(range(100, 108))]:
+        reference = plain[key]
+        assert len(reference) == 2
+        image, mask, weight = weighted[key]
+        assert torch.equal(image, reference[0]) and torch.equal(mask, reference[1])
+        assert weight.dtype == torch.float32 and weight.shape == (32, 32)
+        labels = mask.numpy()
+        expected = boundary_weights(labels, labels, 4, BOUNDARY.w0, BOUNDARY.sigma, True)
+        np.testing.assert_array_equal(weight.numpy(), expected)
+        assert float(weight.max()) > 1.0 + 0.5 * BOUNDARY.w0  # the seam between classes 1 and 2
+
+
+def test_boundary_weights_flip_with_a_horizontal_flip(instance_data: Data) -> None:
+    images, masks, names = instance_data
+    flip = A.Compose([A.HorizontalFlip(p=1.0)])
+    boundary = BoundaryWeighting(w0=10.0, sigma=3.0, class_balance=False, n_classes=4)
+    dataset = SegmentationDataset(images, names, masks, flip, boundary=boundary)
+    _, mask, weight = dataset[1]
+    original = read_mask(masks / mask_relpath(names[1]))
+    instances = INSTANCE_IDS[original]
+    unflipped = boundary_weights(instances, original, 4, 10.0, 3.0, class_balance=False)
+    np.testing.assert_array_equal(mask.numpy(), original[:, ::-1])
+    np.testing.assert_array_equal(weight.numpy(), unflipped[:, ::-1])
+    assert not np.array_equal(unflipped, unflipped[:, ::-1])  # the flip is visible in the weights
+
+
+def test_train_loader_stacks_the_weight_maps(instance_data: Data) -> None:
+    images, masks, names = instance_data
+    transform = build_train_transform(PARAMS)
+    dataset = SegmentationDataset(images, names, masks, transform, boundary=BOUNDARY)
+    batch = next(iter(build_train_loader(dataset, batch_size=2, num_workers=0, seed=3)))
+    assert [tuple(t.shape) for t in batch] == [(2, 3, 32, 32), (2, 32, 32), (2, 32, 32)]
+    assert [t.dtype for t in batch] == [torch.float32, torch.int64, torch.float32]
+
+
+def test_a_missing_or_stale_instance_map_is_a_one_line_user_error(
+    instance_data: Data, tmp_path: Path
+) -> None:
+    images, masks, names = instance_data
+    transform = A.Compose([build_resize(32)])
+    dataset = SegmentationDataset(images, names, masks, transform, boundary=BOUNDARY, instances_dir=tmp_path)
+    with pytest.raises(UserError) as caught:
+        dataset[0]
+    line = one_line(caught.value)
+    path = tmp_path / mask_relpath(names[0])
+    assert line == f"{path}: instance map file not found (re-run the masks stage)"
+    write_instance_map(tmp_path / mask_relpath(names[0]), np.zeros((48, 60), np.uint16))
+    with pytest.raises(
+        UserError, match=r"instance map is 48x60 but its mask is 48x64 \(re-run the masks stage\)"
+    ):
+        dataset[0]
+    # Class balance alone needs no instance map.
+    balance_only = BoundaryWeighting(w0=0.0, sigma=3.0, class_balance=True, n_classes=4)
+    dataset = SegmentationDataset(
+        images, names, masks, transform, boundary=balance_only, instances_dir=tmp_path
+    )
+    _, mask, weight = dataset[2]
+    np.testing.assert_array_equal(weight.numpy(), class_balance_weights(mask.numpy(), 4))
 
 
 def test_image_dataset_squash_resizes_like_training(data: Data) -> None:

@@ -4,6 +4,7 @@ streaming, checkpoints."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import runpy
@@ -392,6 +393,26 @@ def test_predict_stage_follows_the_fitted_weights(tmp_path: Path, monkeypatch: p
     alone = infer.predict_images(folds.models, None, dataset, None, "none", [1.0], 2, 0, CPU)
     for index, mask in alone:
         np.testing.assert_array_equal(written[records[index].file_name], mask)
+
+
+def test_predict_stage_predicts_in_sliding_windows_when_switched_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = _stage_project(tmp_path, [[0.5] * 3, [0.5] * 3], tta="none")
+    config = json.loads((tmp_path / "params.yaml").read_text())
+    config["predict"].update(sliding_window=True, window_overlap=0.25)
+    (tmp_path / "params.yaml").write_text(json.dumps(config))
+    real, overlaps = infer.predict_members, []
+
+    def spy(*args, **kwargs):
+        overlaps.append(inspect.signature(real).bind(*args, **kwargs).arguments["window_overlap"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "predict_members", spy)
+    _run_predict(tmp_path, monkeypatch)
+    assert overlaps == [0.25]
+    written = dict(iter_submission(tmp_path / "sub/s.csv", ImageSet(records, 3), None))
+    assert len(written) == len(records)
 
 
 def test_predict_stage_refuses_tta_the_models_never_trained_with(

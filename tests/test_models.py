@@ -6,9 +6,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import save_file
 
+from pipeline import architectures
 from pipeline.config import AugmentParams, ModelParams
 from pipeline.errors import UserError
 from pipeline.models import (
@@ -16,8 +18,10 @@ from pipeline.models import (
     checkpoint_state,
     load_checkpoint,
     model_from_checkpoint,
+    model_from_smp_config,
     parameter_groups,
     save_checkpoint,
+    smp_config,
     strip_wrapper_prefixes,
 )
 
@@ -182,6 +186,57 @@ def test_checkpoint_without_smp_config_rebuilds_from_its_model_params() -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
+
+
+UNET3PLUS = ModelParams(
+    arch="UNet3Plus",
+    encoder="resnet18",
+    encoder_weights=None,
+    options={"encoder_depth": 4, "cat_channels": 8, "deep_supervision": True, "cgm": True, "cgm_gate": True},
+)
+
+
+def test_unet3plus_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = build_model(UNET3PLUS, n_classes=4).eval()
+    with torch.no_grad():  # a presence head that finds class 2 absent, so the eval gate takes part
+        model.presence_head[1].bias.copy_(torch.tensor([1.0, 1.0, -50.0, 1.0]))
+    state = checkpoint_state(model, UNET3PLUS, ["background", "a", "b", "c"], AUG64, 0, 0.0, 0)
+    assert state["smp_config"]["_model_class"] == "UNet3Plus"
+    save_checkpoint(tmp_path / "best.pt", state)
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "best.pt"))
+    assert isinstance(rebuilt, architectures.UNet3Plus) and not rebuilt.training
+    assert (rebuilt.n_side_outputs, rebuilt.cgm_gate) == (3, True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = rebuilt(x)
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    assert (out[:, 2] == architectures.ABSENT_LOGIT).all()
+
+
+def test_smp_unetplusplus_config_rebuilds_as_ours() -> None:
+    # Checkpoints written before trashseg had its own UnetPlusPlus record smp's config of smp's class.
+    torch.manual_seed(0)
+    theirs = smp.UnetPlusPlus("resnet18", encoder_weights=None, classes=3, decoder_channels=[16] * 5).eval()
+    rebuilt = model_from_smp_config(smp_config(theirs), n_classes=3, where="best.pt")
+    assert type(rebuilt) is architectures.UnetPlusPlus and rebuilt.n_side_outputs == 0
+    rebuilt.load_state_dict(theirs.state_dict())  # strict
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), theirs(x))
+
+
+def test_saved_unet3plus_loads_with_another_class_count(tmp_path: Path) -> None:
+    donor = build_model(UNET3PLUS, n_classes=3)
+    donor.save_pretrained(tmp_path / "saved")
+    model = build_model(ModelParams(from_pretrained=str(tmp_path / "saved")), n_classes=5)
+    assert isinstance(model, architectures.UNet3Plus) and model.n_side_outputs == 3
+    loaded, saved = model.state_dict(), donor.state_dict()
+    fresh = {key for key in saved if loaded[key].shape != saved[key].shape}
+    # Every head to the classes keeps its fresh init; everything else is the saved model's.
+    assert fresh and all(
+        key.startswith(("segmentation_head.", "side_heads.", "presence_head.")) for key in fresh
+    )
+    assert all(torch.equal(loaded[key], saved[key]) for key in saved if key not in fresh)
 
 
 class _RunsCode:

@@ -92,6 +92,24 @@ def test_write_oof_stores_each_held_out_image_at_the_model_s_inference_shape(
     assert [name for name, _ in stored] == stored.file_names
 
 
+def test_write_oof_predicts_in_sliding_windows_when_switched_on(tmp_path: Path) -> None:
+    images = _images(tmp_path / "data")
+    augment = AugmentParams(size=32, resize="crop", hflip=0.5, vflip=0.0)
+    model = _checkpoint(tmp_path / "best.pt", augment)
+    predict = PredictParams(tta="none", batch_size=2, num_workers=0, sliding_window=True, window_overlap=0.5)
+    write_oof(tmp_path / "best.pt", images, tmp_path / "data", predict, CPU, tmp_path / "fold0.npz")
+    stored = read_oof(tmp_path / "fold0.npz")
+    dataset = ImageDataset(tmp_path / "data", images, Geometry("crop", 32, 32))
+    tiled = dict(predict_probabilities([model], None, dataset, "none", [1.0], 2, 0, CPU, True, 0.5))
+    whole = dict(predict_probabilities([model], None, dataset, "none", [1.0], 2, 0, CPU))
+    for index, image in enumerate(images):
+        probs = stored.probabilities(index)
+        assert tuple(probs.shape) == (3, *dataset.geometry.inference_shape(image.height, image.width))
+        assert (probs - tiled[index]).abs().max() <= 1 / 510 + 1e-5
+    # The two wider-than-a-tile images (32x58, 53x32) differ from whole-image inference: it was tiled.
+    assert all((stored.probabilities(i) - whole[i]).abs().max() > 0.01 for i in (0, 2))
+
+
 def test_write_oof_refuses_a_tta_the_checkpoint_never_trained_with(tmp_path: Path) -> None:
     images = _images(tmp_path / "data")
     _checkpoint(tmp_path / "best.pt", AugmentParams(size=32, hflip=0.5, vflip=0.0))

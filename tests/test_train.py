@@ -41,7 +41,7 @@ from pipeline.demo import generate_demo
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry, resize_argmax
 from pipeline.images import read_mask, write_mask
-from pipeline.losses import build_loss
+from pipeline.losses import TrainingObjective, build_loss
 from pipeline.manifest import manifest_of, read_manifest, write_manifest
 from pipeline.metrics import confusion_matrix, mean_iou
 from pipeline.models import load_checkpoint, model_from_checkpoint
@@ -736,3 +736,52 @@ def test_sigterm_to_the_launcher_stops_its_workers(tmp_path: Path) -> None:
     assert proc.wait(timeout=60) != 0
     time.sleep(8)  # past the workers' sleep: a survivor would have written its file by now
     assert not list(tmp_path.glob("survived*"))
+
+
+def _u3p_params(**train: object) -> Params:
+    """TINY with one U-Net 3+ recipe: deep supervision and a gated CGM, 8-wide decoder stages."""
+    raw = {section: dict(values) for section, values in TINY.items()}
+    options = {"deep_supervision": True, "cgm": True, "cgm_gate": True, "cat_channels": 8}
+    model = {"arch": "UNet3Plus", "decoder_channels": None, "options": options}
+    raw["models"] = {MODEL: {"model": model, "train": dict(train)}}
+    return params_from_dict(raw)
+
+
+def test_unet3plus_with_side_outputs_cgm_and_boundary_weights_trains_and_rebuilds(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """A real fit: the loss sees every side output, the presence head and the boundary weight maps; best.pt
+    rebuilds the gated U-Net 3+ that inference runs (one logits tensor in eval mode)."""
+    recipe = _u3p_params(max_batches=2, boundary_w0=5.0, boundary_class_balance=True).recipe(MODEL)
+    seen: list[tuple[object, object]] = []
+    forward = TrainingObjective.forward
+
+    def spy(self: TrainingObjective, output: object, target: torch.Tensor, weights: object = None) -> object:
+        seen.append((output, weights))
+        return forward(self, output, target, weights)
+
+    paths = _paths(dataset, tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainingObjective, "forward", spy)
+        result = fit(recipe, 0, 0, paths, _cpu(recipe))
+    assert len(seen) == 2 and math.isfinite(result["miou"])
+    output, weights = seen[0]
+    assert isinstance(output, dict) and set(output) == {"logits", "side", "presence"}
+    assert len(output["side"]) == 4 and output["presence"].shape == (4, 11)  # depth 5: 4 below the top
+    assert isinstance(weights, torch.Tensor) and weights.shape == (4, 64, 64) and weights.max() > 1
+    ckpt = load_checkpoint(paths.model_dir / "best.pt")
+    model = model_from_checkpoint(ckpt, "best.pt")
+    assert type(model).__name__ == "UNet3Plus" and ckpt["smp_config"]["cgm_gate"] is True
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 11, 64, 64)
+
+
+def test_boundary_weights_without_a_pixel_loss_and_wrong_side_weights_are_refused(
+    dataset: Path, tmp_path: Path
+) -> None:
+    runtime = _cpu(_recipe())
+    with pytest.raises(UserError, match=r"boundary weight map .* the pixels of ce, which train.losses"):
+        fit(_recipe(boundary_w0=5.0, losses={"dice": 1.0}), 0, 0, _paths(dataset, tmp_path), runtime)
+    recipe = _u3p_params(side_weights=[1.0, 0.5]).recipe(MODEL)
+    with pytest.raises(UserError, match=r"train.side_weights has 2 weights, but UNet3Plus .* gives 4 side"):
+        fit(recipe, 0, 0, _paths(dataset, tmp_path), runtime)
+    assert not (tmp_path / "models").exists()  # refused before anything was written
