@@ -247,8 +247,22 @@ def run_ablation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             **score,
         }
 
+    def run_or_record(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        # A variant whose stage fails (a recipe that diverges, say) is a result, not the end of the run;
+        # the baseline's failure is: every row is read against it.
+        try:
+            return run(name, overrides)
+        except SystemExit as exc:
+            if name == "baseline":
+                raise
+            first = str(exc).splitlines()[0]
+            print(f"  {name}: FAILED: {first} (see {work / name / 'dvc.log'})", flush=True)
+            return {"overrides": overrides, "failed": first}
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {name: pool.submit(run, name, overrides) for name, overrides in args.variants.items()}
+        futures = {
+            name: pool.submit(run_or_record, name, overrides) for name, overrides in args.variants.items()
+        }
         try:
             results = {name: future.result() for name, future in futures.items()}
         except BaseException:
@@ -279,6 +293,9 @@ def print_table(results: dict[str, Any]) -> None:
     )
     print(f"{'variant':<16} {'train min':>9} {'OOF':>6} {'mIoU':>6} {'vs base':>7}  " + "  ".join(classes))
     for name, row in variants.items():
+        if "failed" in row:
+            print(f"{name:<16} FAILED: {row['failed']}")
+            continue
         ious = "  ".join(_cell(row["iou"].get(c), len(c)) for c in classes)
         minutes = "(reused)" if row["reused_baseline"] else f"{row['train_minutes']:.1f}"
         oof = _cell(row.get("oof_miou"), 6)

@@ -84,11 +84,15 @@ def test_ablation_trains_each_variant_and_reuses_the_baseline_for_predict_only_o
 
     args = [str(data), "--params", str(params_file), "--epochs", "1", "--n-splits", "3", "--json", str(out)]
     args += ["--variant", "ce-only", "train.losses={ce: 1.0}", "--variant", "tta-hflip", "predict.tta=hflip"]
+    # A variant whose train stage fails is reported as such; the others still run.
+    args += ["--variant", "fails", "train.boundary_w0=5.0", "train.losses={dice: 1.0}"]
     args += ["--workdir", str(tmp_path / "work")]
     run = _bench("ablation", args)
 
     variants = json.loads(out.read_text())["variants"]
-    assert list(variants) == ["baseline", "ce-only", "tta-hflip"]
+    assert list(variants) == ["baseline", "ce-only", "tta-hflip", "fails"]
+    assert variants.pop("fails")["failed"].startswith("dvc repro -s train@unet-0 failed")
+    assert re.search(r"^fails\s+FAILED: dvc repro -s train@unet-0 failed", run.stdout, re.M), run.stdout
     assert all(0.0 <= v["miou"] <= 1.0 for v in variants.values())
     assert [v["reused_baseline"] for v in variants.values()] == [False, False, True]
     written = yaml.safe_load((tmp_path / "work/ce-only/params.yaml").read_text())
