@@ -232,6 +232,19 @@ def test_options_reach_the_model() -> None:
     assert isinstance(ours, UnetPlusPlus) and ours.n_side_outputs == 3
 
 
+def test_unet3plus_takes_timm_encoders_and_local_encoder_weights(tmp_path: Path) -> None:
+    """Encoders come through smp as for every other architecture: `tu-` names, and a local state dict."""
+    small = {"cat_channels": 8}
+    timm_model = build_model(dataclasses.replace(UNET3PLUS, encoder="tu-resnet10t", options=small), C)
+    assert timm_model.eval()(batch()).shape == (N, C, SIZE, SIZE)
+    torch.manual_seed(3)
+    weights = smp.encoders.get_encoder("resnet18", weights=None).state_dict()
+    torch.save(weights, tmp_path / "resnet18.pth")
+    local = dataclasses.replace(UNET3PLUS, encoder_weights=str(tmp_path / "resnet18.pth"), options=small)
+    loaded = build_model(local, C).encoder.state_dict()
+    assert all(torch.equal(loaded[key], weights[key]) for key in weights)
+
+
 def test_options_with_from_pretrained_are_refused(tmp_path: Path) -> None:
     params = ModelParams(from_pretrained=str(tmp_path), options={"deep_supervision": True})
     for check in (lambda: build_model(params, n_classes=C), lambda: check_model_params(params)):
