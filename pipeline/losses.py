@@ -171,7 +171,8 @@ class TrainingObjective(nn.Module):
             total = total + weight * self.loss(side, target, pixel_weights)
         if "presence" in output:
             presence = output["presence"].float()
-            truth = F.one_hot(target, presence.shape[1]).amax(dim=(1, 2)).to(presence)
+            # 1 where class c occurs in image n: a scatter over the pixels, not an (N, H, W, C) one-hot.
+            truth = torch.zeros_like(presence).scatter_(1, target.flatten(1), 1.0)
             total = total + self.presence_weight * F.binary_cross_entropy_with_logits(presence, truth)
         return total
 
