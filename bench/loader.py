@@ -28,7 +28,14 @@ from harness import demo_training_data, pin_to_one_core
 from pipeline.config import AugmentParams, load_params
 from pipeline.dataset import SegmentationDataset, build_train_loader, normalize
 from pipeline.errors import run_main
-from pipeline.images import image_path, mask_relpath, read_image, read_instance_map, read_mask
+from pipeline.images import (
+    image_path,
+    instance_map_path,
+    mask_relpath,
+    read_image,
+    read_instance_map,
+    read_mask,
+)
 from pipeline.train import training_set
 from pipeline.weightmap import BoundaryWeighting
 
@@ -64,7 +71,7 @@ def breakdown(dataset: SegmentationDataset, batch_size: int) -> dict[str, float]
         t1 = time.perf_counter()
         extra = {}
         if boundary is not None:
-            extra["masks"] = [read_instance_map(dataset.instances_dir / mask_relpath(name))]
+            extra["masks"] = [read_instance_map(instance_map_path(dataset.masks_dir, name))]
         t2 = time.perf_counter()
         out = dataset.transform(image=image, mask=mask, **extra)
         t3 = time.perf_counter()

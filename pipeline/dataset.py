@@ -19,7 +19,14 @@ from pipeline import coco
 from pipeline.augment import build_resize
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry, pad_to_multiple, padded_shape
-from pipeline.images import INSTANCES_DIR, image_path, mask_relpath, read_image, read_instance_map, read_mask
+from pipeline.images import (
+    image_path,
+    instance_map_path,
+    mask_relpath,
+    read_image,
+    read_instance_map,
+    read_mask,
+)
 from pipeline.weightmap import BoundaryWeighting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +56,7 @@ class SegmentationDataset(Dataset):
     With `boundary` (a `weightmap.BoundaryWeighting`) the item also carries the per-pixel loss weight
     `boundary.weights(instances, mask)`, computed per item on the augmented maps: distances must be those
     of the pixels the model sees, after scaling, affine and elastic steps. The instance map is read from
-    `instances_dir/mask_relpath(file_names[i])` (default: the masks stage's `masks_dir/instances`) and goes
+    `images.instance_map_path(masks_dir, file_names[i])` (where the masks stage writes it) and goes
     through every step with the mask (nearest neighbour, uint16 kept), only when `boundary.w0 > 0`. The
     random draws are the same with and without `boundary`: image and mask are those of a dataset without.
 
@@ -69,7 +76,6 @@ class SegmentationDataset(Dataset):
         elastic_p: Sequence[float] | np.ndarray | None = None,
         seed: int = 0,
         boundary: BoundaryWeighting | None = None,
-        instances_dir: str | Path | None = None,
     ) -> None:
         if elastic_p is not None:
             if elastic is None:
@@ -84,7 +90,6 @@ class SegmentationDataset(Dataset):
         self.elastic = elastic
         self.elastic_p = elastic_p
         self.boundary = boundary
-        self.instances_dir = self.masks_dir / INSTANCES_DIR if instances_dir is None else Path(instances_dir)
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -131,7 +136,7 @@ class SegmentationDataset(Dataset):
         return image_t, mask_t, torch.from_numpy(self.boundary.weights(instances, out["mask"]))
 
     def _read_instances(self, file_name: str, shape: tuple[int, ...]) -> np.ndarray:
-        path = self.instances_dir / mask_relpath(file_name)
+        path = instance_map_path(self.masks_dir, file_name)
         instances = read_instance_map(path)
         if instances.shape != shape:
             raise UserError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import albumentations as A
@@ -31,7 +32,14 @@ from pipeline.dataset import (
 )
 from pipeline.errors import UserError, one_line
 from pipeline.geometry import Geometry
-from pipeline.images import instance_map_path, mask_relpath, read_mask, write_instance_map, write_mask
+from pipeline.images import (
+    INSTANCES_DIR,
+    instance_map_path,
+    mask_relpath,
+    read_mask,
+    write_instance_map,
+    write_mask,
+)
 from pipeline.weightmap import BoundaryWeighting, boundary_weights, class_balance_weights
 
 Data = tuple[Path, Path, list[str]]
@@ -207,23 +215,23 @@ def test_a_missing_or_stale_instance_map_is_a_one_line_user_error(
     instance_data: Data, tmp_path: Path
 ) -> None:
     images, masks, names = instance_data
+    # The class masks without their instance maps, as an older masks stage left them.
+    masks = Path(shutil.copytree(masks, tmp_path / "masks", ignore=shutil.ignore_patterns(INSTANCES_DIR)))
     transform = A.Compose([build_resize(32)])
-    dataset = SegmentationDataset(images, names, masks, transform, boundary=BOUNDARY, instances_dir=tmp_path)
+    dataset = SegmentationDataset(images, names, masks, transform, boundary=BOUNDARY)
     with pytest.raises(UserError) as caught:
         dataset[0]
     line = one_line(caught.value)
-    path = tmp_path / mask_relpath(names[0])
+    path = instance_map_path(masks, names[0])
     assert line == f"{path}: instance map file not found (re-run the masks stage)"
-    write_instance_map(tmp_path / mask_relpath(names[0]), np.zeros((48, 60), np.uint16))
+    write_instance_map(path, np.zeros((48, 60), np.uint16))
     with pytest.raises(
         UserError, match=r"instance map is 48x60 but its mask is 48x64 \(re-run the masks stage\)"
     ):
         dataset[0]
     # Class balance alone needs no instance map.
     balance_only = BoundaryWeighting(w0=0.0, sigma=3.0, class_balance=True, n_classes=4)
-    dataset = SegmentationDataset(
-        images, names, masks, transform, boundary=balance_only, instances_dir=tmp_path
-    )
+    dataset = SegmentationDataset(images, names, masks, transform, boundary=balance_only)
     _, mask, weight = dataset[2]
     np.testing.assert_array_equal(weight.numpy(), class_balance_weights(mask.numpy(), 4))
 
