@@ -74,6 +74,15 @@ class AugmentParams:
     elastic_sigma: float = 10.0
     elastic_impl: Literal["fast", "albumentations"] = "fast"
     oversample: bool = False
+    # Rare-class copy-paste: with this probability a training image gets 1..copy_paste_max objects cut (by
+    # their polygons) from the fold's other training images, the object drawn class first, a class with
+    # probability proportional to its rarity weight (elastic_gamma), so rare classes are pasted most.
+    copy_paste: float = 0.0  # 0: off
+    copy_paste_max: int = 3
+    copy_paste_scale: list[float] = field(default_factory=lambda: [0.75, 1.25])  # [low, high] size factor
+    copy_paste_hflip: float = 0.5
+    # anywhere: a uniform position; background: the position (of a few tries) covering the least foreground.
+    copy_paste_placement: Literal["anywhere", "background"] = "background"
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,9 @@ class TrainParams:
     channels_last: bool = True
     compile: bool = False
     val_every: int = 1  # validate every N epochs (and always after the last)
+    # Exponential moving average of the weights (decay per optimizer step, torch.optim.swa_utils), validated
+    # and saved in best.pt instead of the raw weights; null: off.
+    ema: float | None = None
     seed: int = 42
     max_batches: int | None = None
 
@@ -187,6 +199,24 @@ class PredictParams:
 
 
 @dataclass(frozen=True)
+class MetricParams:
+    """Which mIoU every score uses: validation, out-of-fold, ensemble fitting, leaderboard, `score`."""
+
+    # dataset: one confusion matrix summed over every image, IoU per class, mean over classes present.
+    # image: per image, the mean IoU over the classes in its truth or its prediction; then the mean over images.
+    average: Literal["dataset", "image"] = "dataset"
+
+
+@dataclass(frozen=True)
+class PseudoParams:
+    """Pseudo-labels of the test images from a frozen teacher's ensemble probabilities (stage `pseudo`)."""
+
+    enabled: bool = False
+    # Pixels whose teacher probability (of its argmax class) is below this get the ignore index: no loss.
+    threshold: float = 0.9
+
+
+@dataclass(frozen=True)
 class SubmissionParams:
     """The submission CSV's format and mask size."""
 
@@ -210,6 +240,8 @@ class Params:
     ensemble: EnsembleParams = field(default_factory=EnsembleParams)
     predict: PredictParams = field(default_factory=PredictParams)
     submission: SubmissionParams = field(default_factory=SubmissionParams)
+    metric: MetricParams = field(default_factory=MetricParams)
+    pseudo: PseudoParams = field(default_factory=PseudoParams)
     # The named model recipes, resolved; params.yaml without a `models` section has one, "model".
     models: dict[str, Recipe] = field(default_factory=dict)
 
@@ -384,6 +416,13 @@ _RANGES: dict[str, Rule] = {
     "augment.elastic_gamma": _AT_LEAST_0,
     "augment.elastic_alpha": _AT_LEAST_0,
     "augment.elastic_sigma": _POSITIVE,
+    "augment.copy_paste": _PROBABILITY,
+    "augment.copy_paste_max": _AT_LEAST_1,
+    "augment.copy_paste_scale": (
+        lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+        "[low, high] with 0 < low <= high",
+    ),
+    "augment.copy_paste_hflip": _PROBABILITY,
     "model.decoder_channels": (lambda v: len(v) > 0 and all(c >= 1 for c in v), "non-empty, all at least 1"),
     "split.seed": _AT_LEAST_0,
     "train.seed": _AT_LEAST_0,  # numpy's SeedSequence takes no negative entropy
@@ -403,6 +442,8 @@ _RANGES: dict[str, Rule] = {
     "train.boundary_sigma": _POSITIVE,
     "train.val_every": _AT_LEAST_1,
     "train.max_batches": _AT_LEAST_1,
+    "train.ema": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+    "pseudo.threshold": _PROBABILITY,
     "runtime.nproc": _AT_LEAST_1,
     "runtime.num_workers": _AT_LEAST_0,
     "runtime.nnodes": _AT_LEAST_1,
@@ -435,6 +476,21 @@ def _check_ranges(sections: Any, source: str, prefix: str = "") -> None:
             raise UserError(f"{source}: '{prefix}{key}' must be {what}, got {value!r}")
 
 
+def _check_pseudo(recipe: Recipe, source: str, prefix: str) -> None:
+    """What pseudo-labelled images cannot feed: a loss without ignored pixels, a map needing instances."""
+    if "ms_ssim" in recipe.train.losses:
+        # A windowed structural score has no per-pixel term to leave out at the ignore index.
+        raise UserError(
+            f"{source}: '{prefix}train.losses' names ms_ssim, which cannot skip the ignored pixels of "
+            "pseudo-labels (pseudo.enabled); drop one of them"
+        )
+    if recipe.train.boundary_w0 > 0:
+        raise UserError(
+            f"{source}: '{prefix}train.boundary_w0' needs instance maps, which pseudo-labelled test images "
+            "do not have (pseudo.enabled); drop one of them"
+        )
+
+
 def _check_consistency(params: Params, source: str) -> None:
     """Ranges, and cross-section rules that a single type cannot express."""
     _check_ranges(params, source)
@@ -458,6 +514,8 @@ def _check_consistency(params: Params, source: str) -> None:
     for recipe in params.models.values():
         prefix = f"models.{recipe.name}."
         _check_ranges(recipe, source, prefix)
+        if params.pseudo.enabled:
+            _check_pseudo(recipe, source, prefix)
         if recipe.augment.size % 32:
             raise UserError(
                 f"{source}: '{prefix}augment.size' must be divisible by 32 (encoder strides), "

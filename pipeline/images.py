@@ -24,6 +24,10 @@ def mask_relpath(file_name: str) -> str:
     return str(PurePosixPath(file_name).with_suffix(".png"))
 
 
+# Mask value of pixels that no loss and no score counts: pseudo-labels below the teacher's threshold.
+IGNORE_INDEX = 255
+
+
 # Subfolder of the masks folder holding the instance maps, at the same relative paths as the masks.
 INSTANCES_DIR = "instances"
 # Instance maps are 16-bit PNGs: 0 is "no object", so an image holds at most this many annotations.

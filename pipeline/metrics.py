@@ -1,14 +1,20 @@
-"""Confusion matrices and IoU for semantic segmentation, accumulated over a whole dataset."""
+"""Confusion matrices and IoU for semantic segmentation, over a whole dataset or averaged per image."""
 
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import numpy as np
 import torch
 
-# Dataset-level IoU sums one confusion matrix over every image and divides once; averaging
-# per-image IoUs instead would weight a 10-pixel object like a 100,000-pixel one.
+# The metric's two definitions (params `metric.average`). "dataset" sums one confusion matrix over every
+# image and divides once: a 10-pixel object weighs a thousandth of a 10,000-pixel one. "image" (cohort 1's
+# competition page) scores each image alone, the mean IoU over the classes in its truth or its prediction,
+# then averages the images: every image weighs the same, and a false positive on an image without the
+# class costs that image a whole class's IoU of 0.
+Average = Literal["dataset", "image"]
+AVERAGES: tuple[Average, ...] = ("dataset", "image")
 
 
 def confusion_matrix(
@@ -90,6 +96,58 @@ def mean_iou(cm: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slice: an empty matrix, NaN is the answer
         return float(np.nanmean(iou))
+
+
+def image_mious(cms: np.ndarray) -> np.ndarray:
+    """Per-image mIoU from per-image confusion matrices (N, C, C) -> float64 (N,): for each image the mean
+    IoU over the classes in its truth or its prediction (NaN for an image with no counted pixel)."""
+    cms = _stack(cms)
+    tp = np.diagonal(cms, axis1=1, axis2=2).astype(np.float64)
+    union = cms.sum(axis=1) + cms.sum(axis=2) - tp
+    iou = np.full(tp.shape, np.nan)
+    np.divide(tp, union, out=iou, where=union > 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(iou, axis=1)
+
+
+def score(cms: np.ndarray, average: Average) -> float:
+    """mIoU of a set of images from their per-image confusion matrices (N, C, C), by `average`:
+    "dataset": `mean_iou` of their sum; "image": the mean of `image_mious` (images with no counted pixel,
+    e.g. all ignored, are skipped). NaN for no images."""
+    cms = _stack(cms)
+    if average == "dataset":
+        return mean_iou(cms.sum(axis=0))
+    if average == "image":
+        per_image = image_mious(cms)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return float(np.nanmean(per_image)) if per_image.size else float("nan")
+    raise ValueError(f"unknown average {average!r} (valid: {', '.join(AVERAGES)})")
+
+
+def class_ious(cms: np.ndarray, average: Average) -> np.ndarray:
+    """Per-class IoU (C,) by `average`: "dataset": `iou_per_class` of the summed matrix; "image": each
+    class's IoU averaged over the images whose truth or prediction holds it (NaN where none does)."""
+    cms = _stack(cms)
+    if average == "dataset":
+        return iou_per_class(cms.sum(axis=0))
+    if average == "image":
+        tp = np.diagonal(cms, axis1=1, axis2=2).astype(np.float64)
+        union = cms.sum(axis=1) + cms.sum(axis=2) - tp
+        iou = np.full(tp.shape, np.nan)
+        np.divide(tp, union, out=iou, where=union > 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(iou, axis=0) if len(iou) else np.full(cms.shape[1], np.nan)
+    raise ValueError(f"unknown average {average!r} (valid: {', '.join(AVERAGES)})")
+
+
+def _stack(cms: np.ndarray) -> np.ndarray:
+    cms = np.asarray(cms)
+    if cms.ndim != 3 or cms.shape[1] != cms.shape[2]:
+        raise ValueError(f"per-image confusion matrices must have shape (N, C, C), got {cms.shape}")
+    return cms
 
 
 def _check_integer(array: np.ndarray, name: str) -> None:
