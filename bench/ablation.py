@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -17,6 +18,7 @@ import yaml
 
 from pipeline.config import params_to_dict
 from recipe import (
+    DATA_STAGES,
     checked,
     dvc,
     make_workspace,
@@ -177,6 +179,21 @@ def reuses_baseline(overrides: dict[str, Any]) -> bool:
     return bool(overrides) and all(key.startswith(REUSE_PREFIXES) for key in overrides)
 
 
+def teaches(overrides: dict[str, Any]) -> bool:
+    """Whether a variant trains on pseudo-labels (it then needs the baseline's test predictions)."""
+    return overrides.get("pseudo.enabled") is True
+
+
+def freeze_teacher(baseline: Path, folder: Path) -> None:
+    """`python -m pipeline teacher` in `folder` from the baseline workspace's test probabilities."""
+    predictions = baseline / "predictions" / "test.npz"
+    subprocess.run(
+        [sys.executable, "-m", "pipeline", "teacher", "--predictions", str(predictions),
+         "--out", str(folder / "teacher" / "test.npz")],
+        check=True,
+    )  # fmt: skip
+
+
 def run_ablation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train and score every variant; the predict-only ones after the baseline, from its workspace."""
     raw = yaml.safe_load(args.params.read_text())
@@ -198,10 +215,12 @@ def run_ablation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         nonlocal baseline_ok
         folder = work / name
         reuse = reuses_baseline(overrides)
-        if reuse:
+        if reuse or teaches(overrides):
+            # Pseudo-labels come from the baseline's test predictions: its finished run is the teacher.
             baseline_done.wait()
             if not baseline_ok:
-                raise SystemExit(f"{name}: the baseline failed, so there are no trained models to reuse")
+                raise SystemExit(f"{name}: the baseline failed, so there is nothing to reuse or learn from")
+        if reuse:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.copytree(work / "baseline", folder, symlinks=True)
             (folder / "dvc.log").unlink(missing_ok=True)  # this variant's log starts here
@@ -212,7 +231,9 @@ def run_ablation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         log = folder / "dvc.log"
         print(f"  {name}: started ({log})", flush=True)
         try:
-            for stage in ("masks", "split"):
+            if teaches(overrides):
+                freeze_teacher(work / "baseline", folder)
+            for stage in DATA_STAGES:
                 dvc(folder, ["repro", "-s", stage], env, log)
             train_s = {
                 train_stage_name(m, k): dvc(folder, ["repro", "-s", train_stage_name(m, k)], env, log)

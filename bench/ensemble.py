@@ -108,6 +108,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             f"alone_{name}.json",
         ]
         command += ["--root", str(data), "--manifest", "data/manifest.json", "--out", str(out)]
+        command += ["--probabilities", str(out.with_suffix(".npz"))]
         run_logged(command, work, log)
         results["models"][name] = {
             "oof_miou": report["models"][name]["oof_miou"],

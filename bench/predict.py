@@ -105,6 +105,7 @@ def stage_peak_rss(work: Path, n: int) -> tuple[int, int]:
         "--root": "data",
         "--manifest": f"data/manifest_{n}.json",
         "--out": f"sub_{n}.csv",
+        "--probabilities": f"probabilities_{n}.npz",
     }
     args = [part for flag in flags.items() for part in flag]
     return predict_stage_rss(work, args, work / f"predict_{n}.log")

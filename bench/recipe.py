@@ -39,7 +39,9 @@ from pipeline.images import image_path, mask_relpath, read_image, read_mask
 from pipeline.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", "pipeline", "stages"]  # what a workspace needs to run the stages, as tests/test_e2e.py
+COPIED = ["dvc.yaml", "pipeline", "stages", "teacher"]
+# The stages every train stage needs, run once with `dvc repro -s` before a train stage alone is.
+DATA_STAGES = ("masks", "split", "pseudo")  # what a workspace needs to run the stages, as tests/test_e2e.py
 PLAIN_SIZE = 128
 PLAIN_BATCH = 8
 PLAIN_LR = 1e-3
@@ -51,7 +53,7 @@ EPILOG = """\
 One workspace (dvc.yaml, pipeline/, stages/ copied; `dvc init --no-scm`) whose params.yaml is --params
 with data.* pointed at DATA_DIR, split.n_splits = --n-splits, `models` cut down to one recipe M (--model,
 default the first the file defines), ensemble.folds = [--fold] and submission.size = null (scored at each
-image's own size, like the plain loop); `dvc repro -s masks`, `-s split` once. For each budget: a
+image's own size, like the plain loop); `dvc repro -s` of masks, split and pseudo once. For each budget: a
 calibration (`dvc repro -s -f train@M-k` with train.epochs = 1, then 1 + train.val_every, timed; a
 train.epochs of M's own is dropped: the benchmark sets the shared one); epochs = max(1, floor(budget /
 seconds per epoch)); then the timed `dvc repro -s -f train@M-k` and `dvc repro leaderboard` (oof@M-k,
@@ -132,7 +134,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         f"{args.threads} torch thread(s) each, side by side"
     )
     write_params(work, params)
-    for stage in ("masks", "split"):
+    for stage in DATA_STAGES:
         seconds = dvc(work, ["repro", "-s", stage], env, dvc_log)
         print(f"  {stage}: {seconds:.0f} s")
 

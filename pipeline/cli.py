@@ -1,4 +1,5 @@
-"""`python -m pipeline COMMAND`: score and check submissions; run the stages in parallel or on SLURM."""
+"""`python -m pipeline COMMAND`: score and check submissions; run the stages in parallel or on SLURM;
+freeze a pseudo-label teacher."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import coco
-from pipeline.atomic import write_json, write_text
+from pipeline.atomic import atomic_path, write_json, write_text
 from pipeline.config import Params, load_params
 from pipeline.errors import UserError
+from pipeline.metrics import AVERAGES
 from pipeline.parallel import parse_devices, plan_stages, read_graph, run_parallel, stale_stages
+from pipeline.pseudo import TEACHER_FILE
 from pipeline.runtime import cpu_cores, node_rank
 from pipeline.slurm import SlurmOptions, run_on_node, submit_script
 from pipeline.submission import check_submission, score_submission
@@ -43,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--truth", type=Path, required=True, help="COCO json with the test images' annotations"
     )
     score.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    score.add_argument(
+        "--average",
+        choices=AVERAGES,
+        help="mIoU over the whole set (dataset) or per image, then averaged (image); default: metric.average",
+    )
     _add_common(score)
 
     validate = commands.add_parser("validate", help="check a submission's format against the test images")
@@ -79,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
         "node", help="one node's part of a multi-node train stage (under srun; see README)"
     )
     node.add_argument("stage", help="e.g. train@unet-0")
+
+    teacher = commands.add_parser(
+        "teacher", help="freeze the predict stage's test probabilities as the pseudo-label teacher"
+    )
+    teacher.add_argument(
+        "--predictions",
+        type=Path,
+        default=Path("predictions/test.npz"),
+        help="the predict stage's probabilities (default: %(default)s, as dvc.yaml writes them)",
+    )
+    teacher.add_argument(
+        "--out",
+        type=Path,
+        default=Path("teacher") / TEACHER_FILE,
+        help="where the pseudo stage reads the teacher (default: %(default)s)",
+    )
     return parser
 
 
@@ -110,11 +134,13 @@ def score(args: argparse.Namespace) -> None:
     truth = _load_with_classes(args.truth, args.train_json, params)
     if not truth.has_annotations:
         raise UserError(f"{args.truth}: no annotations; --truth must be the test set's ground truth")
+    average = args.average or params.metric.average
     result = score_submission(
-        args.submission, truth, size, params.data.overlap, order=params.submission.rle_order
+        args.submission, truth, size, params.data.overlap, order=params.submission.rle_order, average=average
     )
     absent = sum(math.isnan(v) for v in result["iou"].values())
-    print(f"mIoU {result['miou']:.4f} over {len(result['iou']) - absent} classes ({absent} absent)")
+    classes = f"{len(result['iou']) - absent} classes ({absent} absent)"
+    print(f"mIoU {result['miou']:.4f} ({average} average) over {classes}")
     width = max(len(name) for name in result["iou"])
     print(f"{'class':<{width}}  IoU")
     for name, value in result["iou"].items():
@@ -188,6 +214,22 @@ def node(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def teacher(args: argparse.Namespace) -> None:
+    """Copy --predictions to --out (atomically) once every image's probabilities read back."""
+    # Imported here: the inference stack costs every other subcommand 1.5 s of start-up.
+    from pipeline.oof import read_oof
+
+    stored = read_oof(args.predictions, "test probabilities", "run dvc repro first")
+    for index in range(len(stored)):
+        stored.probabilities(index)  # a UserError naming the file if one is corrupt: never freeze it
+    with atomic_path(args.out) as tmp:
+        shutil.copyfile(args.predictions, tmp)
+    print(
+        f"froze {args.predictions} as {args.out}: {len(stored)} test images, {len(stored.classes)} "
+        f"classes ({', '.join(stored.classes)}); pseudo.enabled: true in params.yaml uses it"
+    )
+
+
 def _dvc_root(command: str) -> Path:
     root = Path.cwd()
     if not (root / "dvc.yaml").is_file():
@@ -202,6 +244,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "parallel": parallel,
     "slurm": slurm,
     "node": node,
+    "teacher": teacher,
 }
 
 

@@ -12,19 +12,23 @@ from typing import Any, Literal
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from scipy import ndimage
 from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.images import (
     INSTANCES_DIR,
     MAX_INSTANCES,
+    ObjectRecord,
     file_name_problem,
     image_path,
     instance_map_path,
     mask_relpath,
+    objects_path,
     read_image,
     write_instance_map,
     write_mask,
+    write_objects,
 )
 
 Overlap = Literal["area_desc", "max_class"]
@@ -389,20 +393,53 @@ def check_images(coco: CocoSet) -> None:
 
 
 def write_masks(coco: CocoSet, out_dir: str | Path, overlap: Overlap = "area_desc") -> np.ndarray:
-    """Check each image of `coco` and write its semantic mask to `out_dir/mask_relpath(file_name)` and its
-    instance map (`rasterize_instances`) to `instance_map_path(out_dir, file_name)`.
+    """Check each image of `coco` and write its semantic mask to `out_dir/mask_relpath(file_name)`, its
+    instance map (`rasterize_instances`) to `instance_map_path(out_dir, file_name)`, and the bank of every
+    object's visible pixels (`visible_objects`) to `objects_path(out_dir)`.
 
     Returns bool (len(coco.images), n_classes): the classes each mask holds (column 0 background).
     """
     _check_instance_paths(coco)
     presence = np.zeros((len(coco.images), coco.n_classes), dtype=bool)
+    objects: list[ObjectRecord] = []
     for row, image in enumerate(tqdm(coco.images, desc=f"masks for {coco.path.name}", unit="img")):
         read_image(coco.image_file(image), (image.height, image.width))
         mask, instances = rasterize_instances(coco, image, overlap)
         presence[row, np.unique(mask)] = True
         write_mask(Path(out_dir) / mask_relpath(image.file_name), mask)
         write_instance_map(instance_map_path(out_dir, image.file_name), instances)
+        labels = [coco.label(ann) for ann in coco.annotations[image.id]]
+        objects += visible_objects(image.file_name, instances, labels)
+    write_objects(objects_path(out_dir), objects, MIN_OBJECT_PIXELS)
     return presence
+
+
+# Objects showing fewer pixels than this stay out of the bank: slivers the overlap rule leaves of a covered
+# object, or annotation specks, are too small to show what the object is, and pasted (scaled up) they
+# would teach the model blobs of noise under a class name.
+MIN_OBJECT_PIXELS = 16
+
+
+def visible_objects(
+    file_name: str, instances: np.ndarray, labels: Sequence[int], min_pixels: int = MIN_OBJECT_PIXELS
+) -> list[ObjectRecord]:
+    """The objects of one instance map (uint16 HxW, k = labels[k - 1]'s object) with at least
+    `min_pixels` visible pixels, in instance order: bbox (x, y, w, h) and area of their pixels."""
+    n = len(labels)
+    if instances.size and int(instances.max()) > n:
+        raise ValueError(f"{file_name}: instance map holds id {instances.max()} but there are {n} labels")
+    area = np.bincount(instances.ravel(), minlength=n + 1)
+    boxes = ndimage.find_objects(instances, max_label=n)  # (rows, cols) slices per id 1..n; None if absent
+    return [
+        ObjectRecord(file_name, k, int(labels[k - 1]), _xywh(boxes[k - 1]), int(area[k]))
+        for k in range(1, n + 1)
+        if area[k] >= max(1, min_pixels)  # ids with no pixel left have no box
+    ]
+
+
+def _xywh(box: tuple[slice, slice]) -> tuple[int, int, int, int]:
+    rows, cols = box
+    return cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start
 
 
 def _check_instance_paths(coco: CocoSet) -> None:

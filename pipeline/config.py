@@ -203,7 +203,7 @@ class MetricParams:
     """Which mIoU every score uses: validation, out-of-fold, ensemble fitting, leaderboard, `score`."""
 
     # dataset: one confusion matrix summed over every image, IoU per class, mean over classes present.
-    # image: per image, the mean IoU over the classes in its truth or its prediction; then the mean over images.
+    # image: per image, the mean IoU over the classes in its truth or its prediction; then the mean of those.
     average: Literal["dataset", "image"] = "dataset"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,6 +29,14 @@ from pipeline.images import (
 )
 from pipeline.weightmap import BoundaryWeighting
 
+# A step on the raw (image, mask, instance map or None) drawing from the generator given, as
+# `copypaste.CopyPaste` is; named by its shape so that the inference stages, which import this module,
+# do not depend on (and re-run for) the copy-paste code.
+RawStep = Callable[
+    [np.ndarray, np.ndarray, np.ndarray | None, np.random.Generator],
+    tuple[np.ndarray, np.ndarray, np.ndarray | None],
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Folded into one multiply-add on 0..255 values: (x / 255 - mean) / std = x * scale + offset.
@@ -50,15 +58,20 @@ class SegmentationDataset(Dataset):
     """Training / validation images with their masks -> (image float32 (3, S, S), mask int64 (S, S)), or
     with `boundary` -> (image, mask, weight float32 (S, S)).
 
-    Item `key` reads `root/file_names[i]` and `masks_dir/mask_relpath(file_names[i])`, applies `transform`
-    (albumentations, image + mask), then `elastic` with probability `elastic_p[i]` (rare-class weighted).
+    Item `key` reads `root/file_names[i]` and `masks_dir/mask_relpath(file_names[i])`, pastes objects
+    into them with `copy_paste` (a `copypaste.CopyPaste`, if given), applies `transform` (albumentations,
+    image + mask), then `elastic` with probability `elastic_p[i]` (rare-class weighted).
 
     With `boundary` (a `weightmap.BoundaryWeighting`) the item also carries the per-pixel loss weight
     `boundary.weights(instances, mask)`, computed per item on the augmented maps: distances must be those
     of the pixels the model sees, after scaling, affine and elastic steps. The instance map is read from
     `images.instance_map_path(masks_dir, file_names[i])` (where the masks stage writes it) and goes
-    through every step with the mask (nearest neighbour, uint16 kept), only when `boundary.w0 > 0`. The
-    random draws are the same with and without `boundary`: image and mask are those of a dataset without.
+    through every step with the mask (nearest neighbour, uint16 kept; pasted objects get new ids), only
+    when `boundary.w0 > 0`. The random draws are the same with and without `boundary`: image and mask
+    are those of a dataset without.
+
+    Copy-paste, transform and elastic step each draw from their own stream, so copy-paste (on, or with
+    probability 0) leaves every draw of the other two as it is without it.
 
     The key is an index i, drawing from the dataset's own random streams (seeded by `seed` or `reseed`),
     or an `(i, item_seed)` pair as `SeededSampler` yields, drawing from streams seeded by item_seed alone:
@@ -76,6 +89,7 @@ class SegmentationDataset(Dataset):
         elastic_p: Sequence[float] | np.ndarray | None = None,
         seed: int = 0,
         boundary: BoundaryWeighting | None = None,
+        copy_paste: RawStep | None = None,
     ) -> None:
         if elastic_p is not None:
             if elastic is None:
@@ -90,6 +104,7 @@ class SegmentationDataset(Dataset):
         self.elastic = elastic
         self.elastic_p = elastic_p
         self.boundary = boundary
+        self.copy_paste = copy_paste
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -114,11 +129,14 @@ class SegmentationDataset(Dataset):
                 f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
                 f"{image.shape[0]}x{image.shape[1]} (re-run the masks stage)"
             )
+        instances = None
+        if self.boundary is not None and self.boundary.needs_instances:
+            instances = self._read_instances(file_name, mask.shape)
+        if self.copy_paste is not None:
+            image, mask, instances = self.copy_paste(image, mask, instances, streams.copy_paste)
         # The instance map rides along as albumentations' `masks`: mask interpolation and fills, no draws
         # of its own, so every random draw is the one made without it.
-        extra: dict[str, list[np.ndarray]] = {}
-        if self.boundary is not None and self.boundary.needs_instances:
-            extra["masks"] = [self._read_instances(file_name, mask.shape)]
+        extra: dict[str, list[np.ndarray]] = {} if instances is None else {"masks": [instances]}
         # One generator pair per transform tree, shared by its children: albumentations' set_random_seed
         # would give every child its own generator with the same seed, and identical streams make
         # HorizontalFlip and VerticalFlip (and every other pair of draws) fire together.
@@ -146,27 +164,58 @@ class SegmentationDataset(Dataset):
         return instances
 
 
+class ConcatSegmentation(Dataset):
+    """Several `SegmentationDataset`s as one (the fold's images, then pseudo-labelled ones), taking the
+    same keys: an index or an `(index, item_seed)` pair (torch's ConcatDataset takes integers only)."""
+
+    def __init__(self, parts: Sequence[SegmentationDataset]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def elastic_p(self) -> np.ndarray | None:
+        """Every item's elastic probability, in order (None if no part has elastic deformation)."""
+        if any(part.elastic_p is None for part in self.parts):
+            return None
+        return np.concatenate([part.elastic_p for part in self.parts])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        local = int(index - self.starts[part])
+        return self.parts[part][local if seed is None else (local, seed)]
+
+
 @dataclass(frozen=True)
 class _Streams:
     """The generators one item (or one dataset's index keys) draws from.
 
     The elastic decision and deformation have their own stream, so an elastic probability of 0 leaves
-    every other draw as it would be with no elastic step at all.
+    every other draw as it would be with no elastic step at all; so has copy-paste. Each is one child of
+    the seed's SeedSequence (transform 0, elastic 1, copy-paste 2): a child does not depend on how many
+    siblings were spawned, so adding one changed no earlier stream.
     """
 
     transform: np.random.Generator
     transform_py: random.Random
     elastic: np.random.Generator
     elastic_py: random.Random
+    copy_paste: np.random.Generator
 
     @classmethod
     def from_seed(cls, seed: int) -> _Streams:
-        transform_seq, elastic_seq = np.random.SeedSequence(seed).spawn(2)
+        transform_seq, elastic_seq, copy_paste_seq = np.random.SeedSequence(seed).spawn(3)
         return cls(
             np.random.default_rng(transform_seq),
             random.Random(int(transform_seq.generate_state(1)[0])),
             np.random.default_rng(elastic_seq),
             random.Random(int(elastic_seq.generate_state(1)[0])),
+            np.random.default_rng(copy_paste_seq),
         )
 
 

@@ -1,12 +1,13 @@
 """Ensemble weights fitted on out-of-fold probabilities, and the ensemble's cross-validated OOF score.
 
 Members are model recipes; each contributes, for every training image, the probabilities its model of
-that image's fold predicted (it never saw the image). A candidate weighting is scored by the mIoU of
-the weighted mean's argmax at each image's own size, over one confusion matrix per fold. Every
-candidate is scored on every fold in one pass over the images, so fitting without fold k (for the
-cross-validated score) costs no extra pass: weights_k = the best candidate on the other folds, scored
-on fold k, and the K scored folds pooled into one matrix give the honest OOF mIoU. The weights used
-for the test set are the best candidate over all folds.
+that image's fold predicted (it never saw the image). A candidate weighting is scored by the mIoU
+(params `metric.average`) of the weighted mean's argmax at each image's own size: for "dataset" from
+one confusion matrix per fold, for "image" from each image's mIoU and per-class IoU. Every candidate is
+scored on every fold in one pass over the images, so fitting without fold k (for the cross-validated
+score) costs no extra pass: weights_k = the best candidate on the other folds, scored on fold k, and
+the K scored folds pooled give the honest OOF mIoU. The weights used for the test set are the best
+candidate over all folds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,15 @@ from pipeline.atomic import write_json
 from pipeline.errors import UserError
 from pipeline.geometry import resize_argmax
 from pipeline.infer import merge_probabilities
-from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
+from pipeline.metrics import (
+    AVERAGES,
+    Average,
+    confusion_matrix_torch,
+    image_ious,
+    image_mious,
+    iou_per_class,
+    mean_iou,
+)
 from pipeline.oof import OofProbabilities
 
 
@@ -66,20 +76,85 @@ def merged_labels(
     ]
 
 
-def candidate_confusions(
+@dataclass(frozen=True)
+class FoldConfusions:
+    """The "dataset" average's evidence on G predictors: one confusion matrix per predictor and fold."""
+
+    confusion: np.ndarray  # int64 (G, K, C, C), rows truth
+
+    def __len__(self) -> int:
+        return len(self.confusion)
+
+    def take(self, index: Sequence[int] | np.ndarray) -> FoldConfusions:
+        """The predictors at `index`, in that order."""
+        return FoldConfusions(self.confusion[np.asarray(index)])
+
+    def score(self, folds: np.ndarray) -> np.ndarray:
+        """float64 (G,): each predictor's mIoU of its matrices pooled over the folds where `folds` (bool
+        (K,)) is True; NaN where nothing was counted."""
+        return np.array([mean_iou(cm) for cm in self.confusion[:, folds].sum(axis=1)])
+
+    def class_iou(self) -> np.ndarray:
+        """float64 (G, C): each predictor's per-class IoU over every fold."""
+        return np.stack([iou_per_class(cm) for cm in self.confusion.sum(axis=1)])
+
+
+@dataclass(frozen=True)
+class ImageIous:
+    """The "image" average's evidence on G predictors: each image's mIoU and per-class IoU, and its fold.
+
+    These rather than (G, N, C, C) int64 counts, which on a real set (66 candidates x 3000 images) take
+    0.2 GB at 11 classes and 5.7 GB at 60; the per-class IoUs are float32 (only reported, never
+    compared), the mIoUs float64 (they pick the weights: exactly `metrics.image_mious` of the counts).
+    """
+
+    fold: np.ndarray  # int (N,): each image's fold, as a position 0..K-1 in the folds' order
+    miou: np.ndarray  # float64 (G, N): mean IoU over the classes in the image's truth or prediction
+    iou: np.ndarray  # float32 (G, N, C): per-class IoU, NaN for a class in neither
+
+    def __len__(self) -> int:
+        return len(self.miou)
+
+    def take(self, index: Sequence[int] | np.ndarray) -> ImageIous:
+        """The predictors at `index`, in that order."""
+        index = np.asarray(index)
+        return ImageIous(self.fold, self.miou[index], self.iou[index])
+
+    def score(self, folds: np.ndarray) -> np.ndarray:
+        """float64 (G,): each predictor's mean image mIoU over the images of the folds where `folds` (bool
+        (K,)) is True; NaN where there are none."""
+        return _nanmean(self.miou[:, np.asarray(folds)[self.fold]], axis=1)
+
+    def class_iou(self) -> np.ndarray:
+        """float64 (G, C): each class's IoU averaged over the images whose truth or prediction holds it."""
+        return _nanmean(self.iou, axis=1)
+
+
+# What scoring needs of G predictors' out-of-fold labels, by average: see `candidate_tally`.
+OofTally = FoldConfusions | ImageIous
+
+
+def candidate_tally(
     members: Sequence[Sequence[OofProbabilities]],
     truth: Callable[[str], np.ndarray],
     candidates: np.ndarray,
     n_classes: int,
+    average: Average,
     desc: str = "scoring weights",
-) -> np.ndarray:
-    """int64 (G, K, C, C): the confusion matrix of every candidate weighting on every fold.
+) -> OofTally:
+    """What the `average` mIoU of every candidate weighting on every fold needs, in one pass over the images.
 
     members[m][k]: member m's stored probabilities of fold k (all members list the same images per fold).
     truth(file_name): uint8 (H, W) truth at the image's own size. candidates: (G, M, C) weights.
+    "dataset": `FoldConfusions`, (G, K, C, C) counts; "image": `ImageIous` of the images in fold order.
     """
-    n_folds = len(members[0])
-    cms = torch.zeros((len(candidates), n_folds, n_classes, n_classes), dtype=torch.int64)
+    if average not in AVERAGES:
+        raise ValueError(f"unknown average {average!r} (valid: {', '.join(AVERAGES)})")
+    n_folds, n_candidates = len(members[0]), len(candidates)
+    fold_cms = torch.zeros((n_candidates, n_folds, n_classes, n_classes), dtype=torch.int64)
+    image_fold: list[int] = []
+    image_miou: list[np.ndarray] = []  # per image, (G,)
+    image_iou: list[np.ndarray] = []  # per image, (G, C) float32
     weights = torch.from_numpy(np.asarray(candidates, dtype=np.float32))
     total = sum(len(fold) for fold in members[0])
     progress = tqdm(total=total, desc=desc, unit="image")
@@ -93,31 +168,55 @@ def candidate_confusions(
         for index, name in enumerate(fold[0].file_names):
             probs = [stored.probabilities(index) for stored in fold]
             mask = torch.from_numpy(truth(name))
-            for g, pred in enumerate(merged_labels(probs, weights, tuple(mask.shape))):
-                cms[g, k] += confusion_matrix_torch(mask, pred, n_classes)
+            preds = merged_labels(probs, weights, tuple(mask.shape))
+            cms = torch.stack([confusion_matrix_torch(mask, pred, n_classes) for pred in preds])
+            if average == "dataset":
+                fold_cms[:, k] += cms
+            else:  # reduced to IoUs right away: the image's (G, C, C) counts are not kept
+                counts = cms.numpy()
+                image_fold.append(k)
+                image_miou.append(image_mious(counts))
+                image_iou.append(image_ious(counts).astype(np.float32))
             progress.update()
     progress.close()
-    return cms.numpy()
+    if average == "dataset":
+        return FoldConfusions(fold_cms.numpy())
+    if not image_fold:
+        return ImageIous(
+            np.zeros(0, np.int64),
+            np.zeros((n_candidates, 0)),
+            np.zeros((n_candidates, 0, n_classes), np.float32),
+        )
+    return ImageIous(np.array(image_fold), np.stack(image_miou, axis=1), np.stack(image_iou, axis=1))
 
 
-def best_candidate(cms: np.ndarray, folds: np.ndarray) -> int:
-    """Index of the candidate with the highest mIoU over the folds where `folds` (bool (K,)) is True.
+def cross_validated(per_fold: Sequence[OofTally]) -> OofTally:
+    """One predictor whose fold k is scored as per_fold[k] (one predictor each) scored it: the ensemble
+    with fold k's weights on fold k."""
+    first = per_fold[0]
+    if isinstance(first, FoldConfusions):
+        return FoldConfusions(np.stack([t.confusion[0, k] for k, t in enumerate(per_fold)])[None])
+    miou, iou = first.miou.copy(), first.iou.copy()
+    for k, tally in enumerate(per_fold):
+        own = first.fold == k
+        miou[:, own], iou[:, own] = tally.miou[:, own], tally.iou[:, own]
+    return ImageIous(first.fold, miou, iou)
 
-    cms: (G, K, C, C). Ties go to the earliest candidate; a NaN score never wins.
-    """
-    scores = np.array([mean_iou(cm) for cm in cms[:, folds].sum(axis=1)])
-    return int(np.argmax(np.nan_to_num(scores, nan=-1.0)))
+
+def best_candidate(scores: np.ndarray) -> int:
+    """Index of the highest of the candidates' scores (G,). Ties go to the earliest; a NaN never wins."""
+    return int(np.argmax(np.nan_to_num(np.asarray(scores), nan=-1.0)))
 
 
 @dataclass(frozen=True)
 class EnsembleFit:
-    """Fitted weights and the confusion matrices that judge them (folds in `folds` order)."""
+    """Fitted weights and the evidence that judges them (folds in `folds` order), by the fit's average."""
 
     weights: np.ndarray  # (M, C) fitted on every fold: what predict uses
     fold_weights: np.ndarray  # (K, M, C): fold k's weights, fitted on the other folds
-    fold_confusion: np.ndarray  # (K, C, C): fold k scored with fold_weights[k]; pooled = the CV score
-    member_confusion: np.ndarray  # (M, K, C, C): each member alone
-    in_sample_confusion: np.ndarray  # (K, C, C): `weights` scored on the folds that chose them
+    cross_validated: OofTally  # one predictor: fold k scored with fold_weights[k]; the CV score
+    members: OofTally  # M predictors: each member alone
+    in_sample: OofTally  # one predictor: `weights` scored on the folds that chose them
 
 
 def fit_ensemble(
@@ -126,38 +225,46 @@ def fit_ensemble(
     n_classes: int,
     grid_step: float,
     per_class: bool,
+    average: Average = "dataset",
 ) -> EnsembleFit:
     """Fit one weight per member on the simplex grid (and, if `per_class`, then one per member and class
-    by one round of coordinate ascent over classes), for all folds and for each fold left out."""
+    by one round of coordinate ascent over classes), maximising the `average` mIoU, for all folds and
+    for each fold left out."""
     n_members, n_folds = len(members), len(members[0])
     grid = simplex_grid(n_members, grid_step)
     candidates = np.repeat(grid[:, :, None], n_classes, axis=2)  # (G, M, C)
-    cms = candidate_confusions(members, truth, candidates, n_classes)
+    tally = candidate_tally(members, truth, candidates, n_classes, average)
     # One search per "fit": fold k left out for k < K, all folds for k == K.
     used = [np.arange(n_folds) != k for k in range(n_folds)] + [np.ones(n_folds, dtype=bool)]
-    chosen = [candidates[best_candidate(cms, mask)] for mask in used]
-    chosen_cms = [cms[best_candidate(cms, mask)] for mask in used]
+    picks = [best_candidate(tally.score(mask)) for mask in used]
+    chosen = [candidates[g] for g in picks]
+    chosen_tally = [tally.take([g]) for g in picks]
     if per_class:
         for c in range(n_classes):
             # For every fit, every grid row in column c with the fit's other columns kept: one pass.
             trial = np.stack([_with_column(w, c, row) for w in chosen for row in grid])
             # Fits often share weights: score each distinct candidate once, in the trial order's terms.
             distinct, inverse = np.unique(trial.reshape(len(trial), -1), axis=0, return_inverse=True)
-            distinct_cms = candidate_confusions(
-                members, truth, distinct.reshape(-1, *trial.shape[1:]), n_classes, desc=f"class {c} weights"
+            distinct_tally = candidate_tally(
+                members,
+                truth,
+                distinct.reshape(-1, *trial.shape[1:]),
+                n_classes,
+                average,
+                desc=f"class {c} weights",
             )
-            trial_cms = distinct_cms[inverse.ravel()]
+            inverse = inverse.ravel()
             for s, mask in enumerate(used):
-                own = trial_cms[s * len(grid) : (s + 1) * len(grid)]
-                best = best_candidate(own, mask)
-                chosen[s], chosen_cms[s] = trial[s * len(grid) + best], own[best]
+                own = inverse[s * len(grid) : (s + 1) * len(grid)]  # fit s's trials, in grid order
+                best = best_candidate(distinct_tally.score(mask)[own])
+                chosen[s], chosen_tally[s] = trial[s * len(grid) + best], distinct_tally.take([own[best]])
     vertices = [int(np.flatnonzero(grid[:, m] == 1)[0]) for m in range(n_members)]
     return EnsembleFit(
         weights=chosen[-1],
         fold_weights=np.stack(chosen[:-1]),
-        fold_confusion=np.stack([chosen_cms[k][k] for k in range(n_folds)]),
-        member_confusion=np.stack([cms[g] for g in vertices]),
-        in_sample_confusion=chosen_cms[-1],
+        cross_validated=cross_validated(chosen_tally[:-1]),
+        members=tally.take(vertices),
+        in_sample=chosen_tally[-1],
     )
 
 
@@ -182,17 +289,18 @@ def write_ensemble_labels(
             write(k, name, merged_labels(probs, weights[None], shape_of(name))[0].numpy())
 
 
-def scores(cms: np.ndarray, folds: Sequence[int], classes: Sequence[str]) -> dict:
-    """The report of one predictor from its per-fold matrices (K, C, C): pooled OOF mIoU, fold mIoUs
-    (mean, population std, each), and per-class IoU of the pooled matrix."""
-    fold_miou = [mean_iou(cm) for cm in cms]
-    pooled = cms.sum(axis=0)
+def scores(tally: OofTally, folds: Sequence[int], classes: Sequence[str]) -> dict:
+    """The report of one predictor (a tally of one) by the tally's average: OOF mIoU over every fold, fold
+    mIoUs (mean, population std, each), and per-class IoU over every fold."""
+    if len(tally) != 1:
+        raise ValueError(f"scores reports one predictor, got {len(tally)}")
+    fold_miou = [float(tally.score(np.arange(len(folds)) == k)[0]) for k in range(len(folds))]
     return {
-        "oof_miou": mean_iou(pooled),
+        "oof_miou": float(tally.score(np.ones(len(folds), dtype=bool))[0]),
         "fold_miou_mean": float(np.nanmean(fold_miou)),
         "fold_miou_std": float(np.nanstd(fold_miou)),
         "folds": {str(k): v for k, v in zip(folds, fold_miou, strict=True)},
-        "iou": dict(zip(classes, iou_per_class(pooled).tolist(), strict=True)),
+        "iou": dict(zip(classes, tally.class_iou()[0].tolist(), strict=True)),
     }
 
 
@@ -242,3 +350,10 @@ def read_weights(path: str | Path, classes: Sequence[str]) -> FittedWeights:
             f"{path}: fitted for other classes or members than the data's (re-run the ensemble stage)"
         )
     return fitted
+
+
+def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+    """float64 mean over `axis` skipping NaNs; NaN (silently) where there is nothing to average."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis, dtype=np.float64)

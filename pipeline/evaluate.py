@@ -1,11 +1,11 @@
-"""Out-of-fold evaluation: one dataset-level confusion matrix, its plot data, and the worst images drawn.
+"""Out-of-fold evaluation: per-image confusion matrices, either mIoU average, plot data, worst images drawn.
 
 The confusion plot is for DVC's `confusion_normalized` template (x: predicted, y: actual). DVC's
 templates count CSV rows, and one row per pixel would be ~10^7 rows, so each actual class gets exactly
 `rows_per_class` rows, split over predicted classes in proportion to the pixel counts (largest-remainder
 rounding). The row-normalised matrix the template draws is then exact to 1 / rows_per_class (0.1% for
 1000 rows), and the file stays a few hundred kB. Raw pixel counts are not preserved; the IoUs in
-metrics/cv.json come from the exact matrix.
+reports/cv.json come from the exact per-image matrices.
 """
 
 from __future__ import annotations
@@ -58,10 +58,16 @@ class ImageScore:
 class OofResult:
     """Everything `evaluate_oof` counted."""
 
-    confusion: np.ndarray  # int64 (C, C) over every evaluated image, rows truth
-    fold_confusion: dict[int, np.ndarray]  # the same per fold
+    # int64 (N, C, C), rows truth: one matrix per evaluated image (in `scores` order), so both averages
+    # of `metrics.score` come from them; N x C x C counts stay small next to the masks they summarise.
+    image_confusion: np.ndarray
     scores: list[ImageScore]  # per evaluated image, in folds.csv order
     n_skipped: int  # images of folds not in ensemble.folds (no OOF prediction expected)
+
+    @property
+    def confusion(self) -> np.ndarray:
+        """int64 (C, C) summed over every evaluated image."""
+        return self.image_confusion.sum(axis=0)
 
 
 def evaluate_oof(
@@ -80,8 +86,7 @@ def evaluate_oof(
     leaderboard measure the same thing. Images of folds not in `trained_folds` are skipped and counted.
     """
     trained = set(trained_folds)
-    confusion = np.zeros((n_classes, n_classes), np.int64)
-    fold_confusion = {k: np.zeros_like(confusion) for k in sorted(trained)}
+    cms: list[np.ndarray] = []
     scores: list[ImageScore] = []
     n_skipped = 0
     for image_id, fold in tqdm(folds.items(), desc="out-of-fold", unit="image"):
@@ -95,12 +100,11 @@ def evaluate_oof(
             raise UserError(
                 f"{oof_path(oof_dir, image_id, fold)}: {exc} (truth or prediction is stale)"
             ) from None
-        confusion += cm
-        fold_confusion[fold] += cm
+        cms.append(cm)
         scores.append(ImageScore(image_id, fold, metrics.mean_iou(cm)))
     if not scores:
         raise UserError(f"{oof_dir}: no out-of-fold predictions to score (ensemble.folds: {sorted(trained)})")
-    return OofResult(confusion, fold_confusion, scores, n_skipped)
+    return OofResult(np.stack(cms), scores, n_skipped)
 
 
 def oof_path(oof_dir: str | Path, image_id: str, fold: int) -> Path:
@@ -128,14 +132,18 @@ def read_pair(
     return truth, pred
 
 
-def cv_summary(result: OofResult, classes: Sequence[str]) -> dict[str, Any]:
-    """The metrics/cv.json dict: dataset-level OOF mIoU, per-fold mIoU (mean, population std), IoUs."""
-    # A trained fold without images (a hand-edited folds.csv) is left out, not scored NaN and averaged.
-    fold_miou = {k: metrics.mean_iou(cm) for k, cm in result.fold_confusion.items() if cm.any()}
+def cv_summary(result: OofResult, classes: Sequence[str], average: metrics.Average) -> dict[str, Any]:
+    """The reports/cv.json dict, each score by `average`: OOF mIoU of every evaluated image, per-fold mIoU
+    (mean, population std), per-class IoU, and the average's name."""
+    folds = np.array([s.fold for s in result.scores])
+    # Only folds that have images: a trained fold without any (a hand-edited folds.csv) is left out,
+    # not scored NaN and averaged.
+    fold_miou = {int(k): metrics.score(result.image_confusion[folds == k], average) for k in np.unique(folds)}
     values = np.array(list(fold_miou.values()))
-    iou = metrics.iou_per_class(result.confusion)
+    iou = metrics.class_ious(result.image_confusion, average)
     return {
-        "oof_miou": metrics.mean_iou(result.confusion),
+        "average": average,
+        "oof_miou": metrics.score(result.image_confusion, average),
         "fold_miou_mean": float(np.mean(values)),
         "fold_miou_std": float(np.std(values)),
         "folds": {str(k): v for k, v in fold_miou.items()},

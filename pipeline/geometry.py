@@ -72,7 +72,7 @@ def pad_to_multiple(image: np.ndarray, multiple: int = SIZE_MULTIPLE) -> np.ndar
     return np.pad(image, pad, mode=mode)
 
 
-def _source_index(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def source_index(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Bilinear sampling along one axis as `F.interpolate(align_corners=False)` does it: for every output
     position, the two source indexes and the weight of the second (source = (out + 0.5) * scale - 0.5,
     clamped at 0)."""
@@ -94,13 +94,24 @@ def resize_argmax(probs: torch.Tensor, size: tuple[int, int], strip_bytes: int =
     """
     if probs.ndim != 3:
         raise ValueError(f"probs must be (C, h, w), got shape {tuple(probs.shape)}")
+    if tuple(probs.shape[1:]) == tuple(size):
+        return probs.argmax(dim=0).to(torch.uint8)
+    return confident_argmax(probs, size, strip_bytes)[0]
+
+
+def confident_argmax(
+    probs: torch.Tensor, size: tuple[int, int], strip_bytes: int = STRIP_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, h, w) probabilities -> (uint8 (H, W) argmax labels, float32 (H, W) probability of that label),
+    after a bilinear resize to `size` = (H, W), in strips as `resize_argmax` (which is its first half).
+    """
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be (C, h, w), got shape {tuple(probs.shape)}")
     channels, in_h, in_w = probs.shape
     out_h, out_w = size
-    if (in_h, in_w) == (out_h, out_w):
-        return probs.argmax(dim=0).to(torch.uint8)
     probs = probs.float()
-    rows_low, rows_high, row_weight = _source_index(out_h, in_h, probs.device)
-    cols_low, cols_high, col_weight = _source_index(out_w, in_w, probs.device)
+    rows_low, rows_high, row_weight = source_index(out_h, in_h, probs.device)
+    cols_low, cols_high, col_weight = source_index(out_w, in_w, probs.device)
 
     def widen(rows: torch.Tensor) -> torch.Tensor:
         """Source rows `rows`, interpolated along columns to the output width: (C, len(rows), W)."""
@@ -108,13 +119,16 @@ def resize_argmax(probs: torch.Tensor, size: tuple[int, int], strip_bytes: int =
         return picked[:, :, cols_low] * (1 - col_weight) + picked[:, :, cols_high] * col_weight
 
     labels = torch.empty((out_h, out_w), dtype=torch.uint8, device=probs.device)
+    confidence = torch.empty((out_h, out_w), dtype=torch.float32, device=probs.device)
     strip = max(1, strip_bytes // (4 * channels * out_w * 6))  # ~six (C, strip, W) temporaries
     for top in range(0, out_h, strip):
         rows = slice(top, min(out_h, top + strip))
         weight = row_weight[rows][None, :, None]
         blended = widen(rows_low[rows]) * (1 - weight) + widen(rows_high[rows]) * weight
-        labels[rows] = blended.argmax(dim=0).to(torch.uint8)
-    return labels
+        # max's index is argmax's: the first of equal maxima.
+        confidence[rows], best = blended.max(dim=0)
+        labels[rows] = best.to(torch.uint8)
+    return labels, confidence
 
 
 def geometry_of(augment: AugmentParams) -> Geometry:

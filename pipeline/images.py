@@ -1,13 +1,16 @@
-"""Image and mask files: where they live, reading images, writing and reading mask and instance-map PNGs."""
+"""Image and mask files: where they live; reading images; masks, instance maps and the object bank."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, write_text
 from pipeline.errors import UserError
 
 
@@ -37,6 +40,92 @@ MAX_INSTANCES = 65535
 def instance_map_path(masks_dir: str | Path, file_name: str) -> Path:
     """Where the masks stage writes an image's instance map: masks_dir/instances/mask_relpath(file_name)."""
     return Path(masks_dir) / INSTANCES_DIR / mask_relpath(file_name)
+
+
+# The masks folder's list of every annotated object (`ObjectRecord`), the sources of copy-paste.
+OBJECTS_FILE = "objects.json"
+
+
+def objects_path(masks_dir: str | Path) -> Path:
+    """Where the masks stage writes the object bank: masks_dir/objects.json."""
+    return Path(masks_dir) / OBJECTS_FILE
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """One annotated object of a training image, as much of it as its instance map shows."""
+
+    file_name: str  # the image (and so its instance map, `instance_map_path`)
+    instance: int  # its value in the instance map (1-based)
+    label: int  # class index (1..C-1; 0 is background)
+    bbox: tuple[int, int, int, int]  # x, y, w, h of its visible pixels
+    area: int  # number of visible pixels
+
+
+def write_objects(path: str | Path, objects: list[ObjectRecord], min_pixels: int) -> None:
+    """Write the object bank as JSON, atomically: `min_pixels` (objects with fewer visible pixels were
+    left out) and `objects`, one {file_name, instance, class, bbox, area} per line."""
+    lines = [json.dumps(_object_json(o), separators=(",", ":")) for o in objects]
+    body = ",\n".join(lines)
+    write_text(path, f'{{"min_pixels": {int(min_pixels)}, "objects": [\n{body}\n]}}\n')
+
+
+def read_objects(path: str | Path) -> list[ObjectRecord]:
+    """Read a bank written by `write_objects`; a one-line `UserError` if it is missing or malformed."""
+    path = Path(path)
+    hint = "re-run the masks stage"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: object bank not found ({hint})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: object bank is not valid JSON ({exc}); {hint}") from None
+    raw = data.get("objects") if isinstance(data, dict) else None
+    if not isinstance(raw, list):
+        raise UserError(f"{path}: object bank has no 'objects' list ({hint})")
+    objects = []
+    for index, entry in enumerate(raw):
+        record = _object_record(entry)
+        if record is None:
+            raise UserError(f"{path}: objects[{index}] is malformed: {entry!r} ({hint})")
+        objects.append(record)
+    return objects
+
+
+def _object_json(o: ObjectRecord) -> dict[str, Any]:
+    return {
+        "file_name": o.file_name,
+        "instance": o.instance,
+        "class": o.label,
+        "bbox": list(o.bbox),
+        "area": o.area,
+    }
+
+
+def _object_record(entry: Any) -> ObjectRecord | None:
+    """The record of one bank entry, or None if a field is missing or out of range."""
+    if not isinstance(entry, dict):
+        return None
+    file_name, instance, label, bbox, area = (
+        entry.get(key) for key in ("file_name", "instance", "class", "bbox", "area")
+    )
+    ints = [instance, label, area, *(bbox if isinstance(bbox, list) else [])]
+    if not (
+        isinstance(file_name, str)
+        and file_name_problem(file_name) is None
+        and isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in ints)
+        and 1 <= instance <= MAX_INSTANCES
+        and 1 <= label <= 255
+        and bbox[0] >= 0
+        and bbox[1] >= 0
+        and bbox[2] >= 1
+        and bbox[3] >= 1
+        and 1 <= area <= bbox[2] * bbox[3]
+    ):
+        return None
+    return ObjectRecord(file_name, instance, label, (bbox[0], bbox[1], bbox[2], bbox[3]), area)
 
 
 def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:

@@ -11,8 +11,11 @@ from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.images import IGNORE_INDEX
 
-# Every loss takes logits (N, C, H, W) and integer targets (N, H, W) with values in 0..C-1.
+# Every loss takes logits (N, C, H, W) and integer targets (N, H, W) with values in 0..C-1, or
+# IGNORE_INDEX for a pixel that must count nowhere (pseudo-labels the teacher was unsure of). ms_ssim has
+# no per-pixel term to leave out: config refuses it with pseudo-labels, and it refuses ignored pixels.
 LossFactory = Callable[[list[float] | None], nn.Module]
 
 # MS-SSIM's Gaussian window: Wang et al.'s sigma 1.5 with a 7-pixel window (11 in the paper) so that five
@@ -24,9 +27,10 @@ MS_SSIM_MIN_SIDE = (MS_SSIM_WINDOW - 1) * 2**4 + 1
 class PixelWeightedCrossEntropy(nn.Module):
     """Cross-entropy with optional class weights and an optional per-pixel weight map.
 
-    Without a map it is `nn.CrossEntropyLoss(weight=class_weights)`. With a map w (N, H, W) it is
-    sum(w * cw[t] * ce) / sum(cw[t]): the map scales each pixel's share as the U-Net paper's weighted
-    energy does, and the normalisation is PyTorch's own, so a map of ones gives the plain loss.
+    Without a map it is `nn.CrossEntropyLoss(weight=class_weights, ignore_index=IGNORE_INDEX)`. With a
+    map w (N, H, W) it is sum(w * cw[t] * ce) / sum(cw[t]) over the pixels not ignored: the map scales
+    each pixel's share as the U-Net paper's weighted energy does, and the normalisation is PyTorch's own,
+    so a map of ones gives the plain loss.
     """
 
     def __init__(self, class_weights: list[float] | None) -> None:
@@ -38,9 +42,12 @@ class PixelWeightedCrossEntropy(nn.Module):
         self, logits: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         if pixel_weights is None:
-            return F.cross_entropy(logits, target, weight=self.weight)
-        per_pixel = F.cross_entropy(logits, target, weight=self.weight, reduction="none")
-        norm = self.weight[target].sum() if self.weight is not None else target.new_tensor(target.numel())
+            return F.cross_entropy(logits, target, weight=self.weight, ignore_index=IGNORE_INDEX)
+        per_pixel = F.cross_entropy(
+            logits, target, weight=self.weight, reduction="none", ignore_index=IGNORE_INDEX
+        )  # 0 at ignored pixels
+        kept = target != IGNORE_INDEX
+        norm = self.weight[target[kept]].sum() if self.weight is not None else kept.sum()
         return (per_pixel * pixel_weights.to(per_pixel)).sum() / norm
 
 
@@ -57,6 +64,8 @@ class MultiScaleSSIMLoss(nn.Module):
                 f"params: the ms_ssim loss needs training images of at least {MS_SSIM_MIN_SIDE} px "
                 f"(augment.size), got {tuple(logits.shape[-2:])}"
             )
+        if bool((target == IGNORE_INDEX).any()):
+            raise UserError("params: the ms_ssim loss cannot skip ignored pixels (pseudo-labels)")
         probs = logits.softmax(dim=1)
         onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs)
         score = pytorch_msssim.ms_ssim(probs, onehot, data_range=1.0, win_size=MS_SSIM_WINDOW)
@@ -69,24 +78,28 @@ def _cross_entropy(class_weights: list[float] | None) -> nn.Module:
 
 def _soft_cross_entropy(class_weights: list[float] | None) -> nn.Module:
     # Label smoothing is the point of this loss over "ce"; smp's version has no class weights.
-    return smp_losses.SoftCrossEntropyLoss(smooth_factor=0.1)
+    return smp_losses.SoftCrossEntropyLoss(smooth_factor=0.1, ignore_index=IGNORE_INDEX)
 
 
 def _dice(class_weights: list[float] | None) -> nn.Module:
-    return smp_losses.DiceLoss(smp_losses.MULTICLASS_MODE, class_weights=class_weights)
+    return smp_losses.DiceLoss(
+        smp_losses.MULTICLASS_MODE, class_weights=class_weights, ignore_index=IGNORE_INDEX
+    )
 
 
 def _focal(class_weights: list[float] | None) -> nn.Module:
-    return smp_losses.FocalLoss(smp_losses.MULTICLASS_MODE, class_weights=class_weights)
+    return smp_losses.FocalLoss(
+        smp_losses.MULTICLASS_MODE, class_weights=class_weights, ignore_index=IGNORE_INDEX
+    )
 
 
 def _lovasz(class_weights: list[float] | None) -> nn.Module:
-    return smp_losses.LovaszLoss(smp_losses.MULTICLASS_MODE)
+    return smp_losses.LovaszLoss(smp_losses.MULTICLASS_MODE, ignore_index=IGNORE_INDEX)
 
 
 def _iou(class_weights: list[float] | None) -> nn.Module:
     # Soft Jaccard, U-Net 3+'s region term (smp's: 1 - soft IoU, averaged over the classes present).
-    return smp_losses.JaccardLoss(smp_losses.MULTICLASS_MODE)
+    return smp_losses.JaccardLoss(smp_losses.MULTICLASS_MODE, ignore_index=IGNORE_INDEX)
 
 
 def _ms_ssim(class_weights: list[float] | None) -> nn.Module:
@@ -171,8 +184,11 @@ class TrainingObjective(nn.Module):
             total = total + weight * self.loss(side, target, pixel_weights)
         if "presence" in output:
             presence = output["presence"].float()
-            # 1 where class c occurs in image n: a scatter over the pixels, not an (N, H, W, C) one-hot.
-            truth = torch.zeros_like(presence).scatter_(1, target.flatten(1), 1.0)
+            # 1 where class c occurs in image n: a scatter over the pixels, not an (N, H, W, C) one-hot;
+            # ignored pixels go to an extra column that is dropped.
+            n, c = presence.shape
+            index = target.flatten(1).masked_fill(target.flatten(1) == IGNORE_INDEX, c)
+            truth = presence.new_zeros(n, c + 1).scatter_(1, index, 1.0)[:, :c]
             total = total + self.presence_weight * F.binary_cross_entropy_with_logits(presence, truth)
         return total
 

@@ -101,14 +101,20 @@ def mean_iou(cm: np.ndarray) -> float:
 def image_mious(cms: np.ndarray) -> np.ndarray:
     """Per-image mIoU from per-image confusion matrices (N, C, C) -> float64 (N,): for each image the mean
     IoU over the classes in its truth or its prediction (NaN for an image with no counted pixel)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(image_ious(cms), axis=1)
+
+
+def image_ious(cms: np.ndarray) -> np.ndarray:
+    """Per-image, per-class IoU from per-image confusion matrices (N, C, C) -> float64 (N, C): `iou_per_class`
+    of each image, NaN for a class in neither that image's truth nor its prediction."""
     cms = _stack(cms)
     tp = np.diagonal(cms, axis1=1, axis2=2).astype(np.float64)
     union = cms.sum(axis=1) + cms.sum(axis=2) - tp
     iou = np.full(tp.shape, np.nan)
     np.divide(tp, union, out=iou, where=union > 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(iou, axis=1)
+    return iou
 
 
 def score(cms: np.ndarray, average: Average) -> float:
@@ -133,10 +139,7 @@ def class_ious(cms: np.ndarray, average: Average) -> np.ndarray:
     if average == "dataset":
         return iou_per_class(cms.sum(axis=0))
     if average == "image":
-        tp = np.diagonal(cms, axis1=1, axis2=2).astype(np.float64)
-        union = cms.sum(axis=1) + cms.sum(axis=2) - tp
-        iou = np.full(tp.shape, np.nan)
-        np.divide(tp, union, out=iou, where=union > 0)
+        iou = image_ious(cms)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmean(iou, axis=0) if len(iou) else np.full(cms.shape[1], np.nan)

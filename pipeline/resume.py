@@ -26,6 +26,7 @@ WEIGHT_MODULES = (
     "augment",
     "coco",
     "config",
+    "copypaste",
     "dataset",
     "folds",
     "geometry",
@@ -34,6 +35,7 @@ WEIGHT_MODULES = (
     "manifest",
     "metrics",
     "models",
+    "pseudo",
     "resume",
     "runtime",
     "train",
@@ -62,31 +64,38 @@ def run_fingerprint(
     root: Path,
     masks: Path,
     file_names: Sequence[str],
+    average: str = "dataset",
+    extra_files: Sequence[Path] = (),
 ) -> str:
     """Hash of everything that shapes one (model, fold)'s weights; a resume state with another is stale.
 
     DVC re-runs a train stage when any of its deps changes, and the model's folder persists, so this is
     what tells a killed run (resume it) from a finished run whose inputs changed (train again): the
     recipe (model, augment, train), the fold, the DDP world size, the `inputs` files (folds.csv, the
-    manifest), the bytes of every image and mask (and instance map, with boundary weights) the fold
-    reads, a local encoder weights file or pretrained folder, the code in WEIGHT_MODULES and the
-    library versions. How the run is carried out (loader workers) and everything downstream of best.pt
-    (TTA, submission) are left out.
+    manifest), the bytes of every image and mask (and instance map, with boundary weights or
+    copy-paste) the fold reads, `extra_files` (pseudo-labelled images and their labels), the metric's
+    `average` (it picks best.pt), a local encoder weights file or pretrained folder, the code in
+    WEIGHT_MODULES and the library versions. How the run is carried out (loader workers) and everything
+    downstream of best.pt (TTA, submission) are left out.
     """
     data = hashlib.sha256()
     # The boundary weight map reads the instance maps: an edit that only splits an annotation leaves
     # the class mask as it was but changes the weights.
-    instances = recipe.train.boundary_w0 > 0
+    # Copy-paste cuts its objects by the instance maps too.
+    instances = recipe.train.boundary_w0 > 0 or recipe.augment.copy_paste > 0
     for name in file_names:
         paths = [image_path(root, name), masks / mask_relpath(name)]
         if instances:
             paths.append(instance_map_path(masks, name))
         for path in paths:
             data.update(sha256_file(path).encode())
+    for path in extra_files:
+        data.update(sha256_file(path).encode())
     package = Path(__file__).parent
     relevant = {
         "recipe": dataclasses.asdict(recipe) | {"name": None},  # renaming a model does not change it
         "fold": fold,
+        "average": average,
         "world_size": world_size,
         "inputs": [sha256_file(path) for path in inputs],
         "images_and_masks": data.hexdigest(),

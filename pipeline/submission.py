@@ -330,17 +330,25 @@ def iter_submission(
 
 
 def score_submission(
-    path: str | Path, truth: CocoSet, size: int | None, overlap: coco.Overlap, order: str = "column"
+    path: str | Path,
+    truth: CocoSet,
+    size: int | None,
+    overlap: coco.Overlap,
+    order: str = "column",
+    average: metrics.Average = "dataset",
 ) -> dict[str, Any]:
-    """Dataset mIoU of a submission against COCO ground truth.
+    """mIoU of a submission against COCO ground truth, by `average` ("dataset" or "image", see metrics).
 
     The truth is rasterized exactly as for training (`coco.rasterize` with `overlap`), resized to the
-    submission's size with nearest-neighbour, and one confusion matrix is summed over all images.
-    Returns {"miou": float, "iou": {class name: float, NaN where absent from truth and prediction}}.
-    Raises `UserError` naming the file and its first problem if the submission is invalid, or if every
-    annotation of the truth was skipped as bad or ignored as not a class (an all-background truth would
-    score nonsense).
+    submission's size with nearest-neighbour, and one confusion matrix is kept per image (N x C x C
+    counts: small), so either average comes from the same counts.
+    Returns {"miou": float, "iou": {class name: float, NaN where absent from truth and prediction},
+    "average": average}. Raises `UserError` naming the file and its first problem if the submission is
+    invalid, or if every annotation of the truth was skipped as bad or ignored as not a class (an
+    all-background truth would score nonsense).
     """
+    if average not in metrics.AVERAGES:
+        raise ValueError(f"unknown average {average!r} (valid: {', '.join(metrics.AVERAGES)})")
     left_out = truth.skipped + truth.ignored
     if truth.n_annotations == 0 and left_out > 0:
         why = "skipped as bad" + (" or ignored (category not a class)" if truth.ignored else "")
@@ -350,16 +358,20 @@ def score_submission(
         raise UserError(f"{path}: invalid submission ({len(problems)} problems); first: {problems[0]}")
     images = truth.by_file_name()
     n_classes = truth.n_classes
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    cms = np.zeros((len(images), n_classes, n_classes), dtype=np.int64)
     predictions = iter_submission(path, truth, size, order)
-    for image_id, pred in tqdm(predictions, total=len(images), desc="score", unit="image"):
+    for i, (image_id, pred) in enumerate(tqdm(predictions, total=len(images), desc="score", unit="image")):
         target = coco.rasterize(truth, images[image_id], overlap)
         if target.shape != pred.shape:
             # The nearest rule that augment.build_resize applies to training masks.
             target = cv2.resize(target, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)
-        cm += metrics.confusion_matrix(target, pred, n_classes)
-    iou = metrics.iou_per_class(cm)
-    return {"miou": metrics.mean_iou(cm), "iou": dict(zip(truth.classes, iou.tolist(), strict=True))}
+        cms[i] = metrics.confusion_matrix(target, pred, n_classes)
+    iou = metrics.class_ious(cms, average)
+    return {
+        "miou": metrics.score(cms, average),
+        "iou": dict(zip(truth.classes, iou.tolist(), strict=True)),
+        "average": average,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,21 +17,31 @@ from dvclive import Live
 from scmrepo.exceptions import SCMError as GitSCMError
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import augment, coco
 from pipeline.atomic import write_json
 from pipeline.config import AugmentParams, Recipe, TrainParams
-from pipeline.dataset import ImageDataset, SegmentationDataset, build_inference_loader, build_train_loader
+from pipeline.copypaste import CopyPaste
+from pipeline.dataset import (
+    ConcatSegmentation,
+    ImageDataset,
+    SegmentationDataset,
+    build_inference_loader,
+    build_train_loader,
+)
 from pipeline.errors import UserError
 from pipeline.folds import read_folds
 from pipeline.geometry import geometry_of, resize_argmax
+from pipeline.images import image_path, objects_path
 from pipeline.losses import PIXEL_WEIGHTED_LOSSES, TrainingObjective, build_loss
 from pipeline.manifest import read_manifest
-from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
+from pipeline.metrics import Average, class_ious, confusion_matrix_torch, score
 from pipeline.models import build_model, checkpoint_state, load_checkpoint, parameter_groups, save_checkpoint
 from pipeline.progress import epoch_line
+from pipeline.pseudo import PseudoSet, read_pseudo
 from pipeline.resume import read_resume_state, restore_rng_states, rng_states, run_fingerprint
 from pipeline.runtime import Runtime, seed_everything
 from pipeline.weightmap import BoundaryWeighting, boundary_weighting
@@ -48,6 +58,9 @@ class FoldPaths:
     model_dir: Path  # best.pt and the resume state last.pt
     metrics: Path  # JSON: the best epoch's validation mIoU and its index
     live: Path  # dvclive per-epoch curves
+    # The pseudo stage's output (`pseudo.read_pseudo`): test images with pseudo-labels that join the
+    # training part (never validation); None or an empty set: none.
+    pseudo: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,13 @@ class FoldData:
     train_names: list[str]  # file_names of the training images
     val_images: list[coco.ImageRecord]  # the held-out fold
     presence: np.ndarray  # bool (len(train_names), len(classes)): classes in each training mask
+    # Pseudo-labelled test images that join the training part (never the held-out fold); None: none.
+    pseudo: PseudoSet | None = None
+
+    @property
+    def all_presence(self) -> np.ndarray:
+        """Class presence of every training item: the fold's images, then the pseudo-labelled ones."""
+        return self.presence if self.pseudo is None else np.vstack([self.presence, self.pseudo.presence])
 
 
 @dataclass
@@ -70,6 +90,19 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    # train.ema: the exponential moving average of raw's weights and buffers, updated after every
+    # optimizer step; validated and saved in best.pt in place of raw. None when off.
+    ema: AveragedModel | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What validation runs and best.pt stores: the EMA model when on, else the trained one."""
+        return self.net if self.ema is None else self.ema.module
+
+    @property
+    def kept(self) -> nn.Module:
+        """The module whose weights best.pt stores (raw, or the EMA copy of raw)."""
+        return self.raw if self.ema is None else self.ema.module
 
 
 def train_one_epoch(
@@ -103,6 +136,8 @@ def train_one_epoch(
             state.scaler.update()
             state.optimizer.zero_grad(set_to_none=True)
             state.scheduler.step()
+            if state.ema is not None:
+                state.ema.update_parameters(state.raw)
         if runtime.is_main and i % 10 == 0:  # .item() waits for the GPU; not every step
             progress.set_postfix(loss=f"{loss.item():.4f}")
     if runtime.distributed:
@@ -112,28 +147,41 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, n_classes: int, runtime: Runtime) -> np.ndarray:
-    """Dataset-level confusion matrix, int64 (C, C), rows truth, summed over ranks.
+    """Per-image confusion matrices, int64 (N, C, C), rows truth, of every rank's images (under DDP
+    gathered from all ranks), from which `metrics.score` gives either average of the metric.
 
     The loader yields `InferenceBatch`es with truth masks (`build_inference_loader` over an
     `ImageDataset` given masks): each image is predicted whole at the model's geometry and scored at
     its own size, as the out-of-fold predictions and the leaderboard are.
     """
     model.eval()
-    cm = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=runtime.device)
+    cms = []
     for batch in loader:
         with runtime.autocast():
             logits = model(runtime.to_device(batch.images))
         probs = logits.float().softmax(dim=1)
         for image_probs, (h, w), mask in zip(probs, batch.shapes, batch.masks, strict=True):
             pred = resize_argmax(image_probs[:, :h, :w], tuple(mask.shape))
-            cm += confusion_matrix_torch(mask.to(runtime.device), pred, n_classes)
+            cms.append(confusion_matrix_torch(mask.to(runtime.device), pred, n_classes))
+    local = torch.stack(cms).cpu().numpy() if cms else np.zeros((0, n_classes, n_classes), np.int64)
     if runtime.distributed:
-        dist.all_reduce(cm)  # each rank saw a disjoint shard of the held-out images
-    return cm.cpu().numpy()
+        # Each rank saw a disjoint shard of the held-out images; the per-image average needs every image.
+        shards: list[np.ndarray | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, local)
+        local = np.concatenate(shards)
+    return local
 
 
-def fit(recipe: Recipe, num_workers: int, fold: int, paths: FoldPaths, runtime: Runtime) -> dict[str, Any]:
-    """Train `recipe` on all folds but `fold`, keep the epoch with the best validation mIoU in best.pt.
+def fit(
+    recipe: Recipe,
+    num_workers: int,
+    fold: int,
+    paths: FoldPaths,
+    runtime: Runtime,
+    average: Average = "dataset",
+) -> dict[str, Any]:
+    """Train `recipe` on all folds but `fold`, keep the epoch with the best validation mIoU (by
+    `average`, params metric.average) in best.pt: the EMA weights when `train.ema` is on.
 
     Resumes after the last finished epoch when model_dir/last.pt was written by the same recipe and
     data (`resume.run_fingerprint`); each epoch reseeds from seed + epoch (the model's draws, the data order
@@ -144,8 +192,23 @@ def fit(recipe: Recipe, num_workers: int, fold: int, paths: FoldPaths, runtime: 
     train = recipe.train
     data = load_fold_data(recipe, fold, paths)
     all_names = data.train_names + [image.file_name for image in data.val_images]
+    inputs = [paths.folds, paths.manifest]
+    if recipe.augment.copy_paste > 0:
+        inputs.append(objects_path(paths.masks))
+    extra_files = []
+    if data.pseudo is not None:
+        for image in data.pseudo.images:
+            extra_files += [image_path(paths.root, image.file_name), data.pseudo.mask_path(image)]
     fingerprint = run_fingerprint(
-        recipe, fold, runtime.world_size, [paths.folds, paths.manifest], paths.root, paths.masks, all_names
+        recipe,
+        fold,
+        runtime.world_size,
+        inputs,
+        paths.root,
+        paths.masks,
+        all_names,
+        average,
+        extra_files,
     )
     train_loader, val_loader = build_loaders(recipe.augment, train, num_workers, data, paths, runtime)
     steps_per_epoch = math.ceil(batches_per_epoch(len(train_loader), train.max_batches) / train.accumulate)
@@ -167,7 +230,7 @@ def fit(recipe: Recipe, num_workers: int, fold: int, paths: FoldPaths, runtime: 
             flush=True,
         )
     elastic_p = train_loader.dataset.elastic_p
-    elastic_by_class = augment.elastic_probability_by_class(data.presence, elastic_p, data.classes)
+    elastic_by_class = augment.elastic_probability_by_class(data.all_presence, elastic_p, data.classes)
     live = open_live(paths.live, fold, elastic_by_class, history) if runtime.is_main else None
 
     for epoch in range(len(history), train.epochs):
@@ -190,24 +253,24 @@ def fit(recipe: Recipe, num_workers: int, fold: int, paths: FoldPaths, runtime: 
             if runtime.distributed:
                 # Without SyncBatchNorm (CPU) each rank's last forward updated its own BatchNorm
                 # running stats; validate every shard with rank 0's, the ones best.pt stores.
-                for buffer in state.raw.buffers():
+                for buffer in state.kept.buffers():
                     dist.broadcast(buffer, src=0)
-            cm = evaluate(state.net, val_loader, len(data.classes), runtime)
-            score = mean_iou(cm)
-            record["val_miou"] = score
+            cms = evaluate(state.evaluated, val_loader, len(data.classes), runtime)
+            val_score = score(cms, average)
+            record["val_miou"] = val_score
         history.append(record)
         if not runtime.is_main:
             continue
-        val_miou = score if validate else None
+        val_miou = val_score if validate else None
         print(epoch_line(run_name, epoch + 1, train.epochs, loss, val_miou, lr), flush=True)
         log_epoch(live, record)
         # The first validation always saves: even a NaN score leaves a best.pt.
-        if validate and (score > best_score or best_score == -math.inf):
-            best_score = score
+        if validate and (val_score > best_score or best_score == -math.inf):
+            best_score = val_score
             best = checkpoint_state(
-                state.raw, recipe.model, data.classes, recipe.augment, epoch, best_score, fold
+                state.kept, recipe.model, data.classes, recipe.augment, epoch, best_score, fold
             )
-            iou = dict(zip(data.classes, iou_per_class(cm).tolist(), strict=True))
+            iou = dict(zip(data.classes, class_ious(cms, average).tolist(), strict=True))
             extra = {"iou": iou, "fingerprint": fingerprint, "recipe": recipe.name}
             save_checkpoint(paths.model_dir / "best.pt", {**best, **extra})
         save_checkpoint(paths.model_dir / "last.pt", resume_state(state, fingerprint, history, best_score))
@@ -250,7 +313,30 @@ def load_fold_data(recipe: Recipe, fold: int, paths: FoldPaths) -> FoldData:
             f"{len(train_names)} training images"
         )
     check_train_params(recipe, manifest.n_classes)
-    return FoldData(manifest.classes, train_names, val_images, manifest.presence[~held_out])
+    pseudo = None if paths.pseudo is None else load_pseudo(paths.pseudo, manifest.classes)
+    return FoldData(manifest.classes, train_names, val_images, manifest.presence[~held_out], pseudo)
+
+
+def load_pseudo(folder: Path, classes: list[str]) -> PseudoSet | None:
+    """The pseudo stage's labelled test images that carry a label (None if there are none): an image
+    whose every pixel the teacher was unsure of has nothing to teach."""
+    pseudo = read_pseudo(folder)
+    if pseudo.classes != classes:
+        raise UserError(
+            f"{folder}: pseudo-labels of classes {pseudo.classes}, the data has {classes} "
+            "(re-run the pseudo stage)"
+        )
+    keep = pseudo.labelled > 0
+    if not keep.any():
+        return None
+    return PseudoSet(
+        pseudo.masks_dir,
+        pseudo.threshold,
+        pseudo.classes,
+        [image for image, kept in zip(pseudo.images, keep, strict=True) if kept],
+        pseudo.presence[keep],
+        pseudo.labelled[keep],
+    )
 
 
 def check_train_params(recipe: Recipe, n_classes: int) -> None:
@@ -297,7 +383,7 @@ def build_loaders(
     """
     boundary = boundary_weighting(train, len(data.classes))
     train_set, sample_weights = training_set(
-        aug, paths.root, data.train_names, paths.masks, data.presence, boundary
+        aug, paths.root, data.train_names, paths.masks, data.presence, boundary, data.pseudo
     )
     pin = runtime.device.type == "cuda"
     train_loader = build_train_loader(
@@ -322,23 +408,39 @@ def training_set(
     masks_dir: Path,
     presence: np.ndarray,
     boundary: BoundaryWeighting | None = None,
-) -> tuple[SegmentationDataset, np.ndarray | None]:
-    """The training Dataset of `fit` (augmentation, rare-class-weighted elastic) and its per-image
-    oversampling weights (None unless `augment.oversample`). Benchmarks build theirs here too.
+    pseudo: PseudoSet | None = None,
+) -> tuple[SegmentationDataset | ConcatSegmentation, np.ndarray | None]:
+    """The training Dataset of `fit` (augmentation, rare-class-weighted elastic and copy-paste) and its
+    per-image oversampling weights (None unless `augment.oversample`). Benchmarks build theirs here too.
 
     presence: bool (len(file_names), C), the classes in each image's mask. With `boundary` each item also
     carries its boundary weight map, computed after augmentation (the instance maps beside the masks).
+    With `augment.copy_paste` > 0 objects of the masks stage's bank (`images.objects_path(masks_dir)`) are
+    pasted, drawn by the same rarity weights, from the images of `file_names` only: never from a held-out one.
+    With `pseudo` its images (test images, IGNORE_INDEX where the teacher was unsure) follow the fold's
+    images as more training items, augmented alike; rarity weights are counted over both.
     """
-    dataset = SegmentationDataset(
-        root,
-        file_names,
-        masks_dir,
-        augment.build_train_transform(aug),
-        augment.build_elastic(aug),
-        augment.elastic_probabilities(presence, aug),
-        boundary=boundary,
-    )
+    if pseudo is not None:
+        presence = np.vstack([presence, pseudo.presence])
     rarity = augment.rarity_weights(presence, aug.elastic_gamma)
+    elastic_p = augment.elastic_probabilities(presence, aug)
+    copy_paste = None
+    if aug.copy_paste > 0:
+        bank = objects_path(masks_dir)
+        # Sources: the fold's annotated training images only (the bank holds no pseudo-labelled image).
+        copy_paste = CopyPaste.from_bank(bank, file_names, rarity, root, masks_dir, aug)
+
+    def part(names: list[str], masks: Path, p: np.ndarray) -> SegmentationDataset:
+        transform, elastic = augment.build_train_transform(aug), augment.build_elastic(aug)
+        return SegmentationDataset(
+            root, names, masks, transform, elastic, p, boundary=boundary, copy_paste=copy_paste
+        )
+
+    n = len(file_names)
+    dataset: SegmentationDataset | ConcatSegmentation = part(file_names, masks_dir, elastic_p[:n])
+    if pseudo is not None:
+        names = [image.file_name for image in pseudo.images]
+        dataset = ConcatSegmentation([dataset, part(names, pseudo.masks_dir, elastic_p[n:])])
     return dataset, augment.sampling_weights(presence, rarity) if aug.oversample else None
 
 
@@ -362,12 +464,19 @@ def build_train_state(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_scaler)
+    ema = None
+    if train.ema is not None:
+        # use_buffers: BatchNorm's running statistics are averaged too, so the EMA model validates with
+        # statistics of its own weights' trajectory and needs no extra pass over the data.
+        ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(train.ema), use_buffers=True)
     if resume is not None:
         raw.load_state_dict(resume["model_state"])
         optimizer.load_state_dict(resume["optimizer_state"])
         scheduler.load_state_dict(resume["scheduler_state"])
         scaler.load_state_dict(resume["scaler_state"])
         restore_rng_states(resume["rng"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema_state"])
     net = torch.compile(raw) if train.compile else raw
     model = net
     if runtime.distributed:
@@ -378,7 +487,7 @@ def build_train_state(
             device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
             find_unused_parameters=bool(recipe.model.options),
         )
-    return TrainState(raw, model, net, optimizer, scheduler, scaler)
+    return TrainState(raw, model, net, optimizer, scheduler, scaler, ema)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, cosine: bool = True) -> float:
@@ -454,4 +563,5 @@ def resume_state(
         "scheduler_state": state.scheduler.state_dict(),
         "scaler_state": state.scaler.state_dict(),
         "rng": rng_states(),
+        "ema_state": None if state.ema is None else state.ema.state_dict(),
     }

@@ -50,7 +50,8 @@ def main() -> None:
             raise UserError(
                 f"{stored.path}: image '{stray}' is not in {args.manifest} (re-run its oof stage)"
             )
-    fit = fit_ensemble(members, truth, len(classes), params.ensemble.grid_step, params.ensemble.per_class)
+    average, fitting = params.metric.average, params.ensemble
+    fit = fit_ensemble(members, truth, len(classes), fitting.grid_step, fitting.per_class, average)
 
     with atomic_dir(args.labels) as staging:
 
@@ -58,14 +59,13 @@ def main() -> None:
             write_mask(staging / f"fold{folds[k]}" / mask_relpath(file_name), mask)
 
         write_ensemble_labels(members, fit.fold_weights, shapes.__getitem__, write)
-    ensemble = scores(fit.fold_confusion, folds, classes)
+    ensemble = scores(fit.cross_validated, folds, classes)
     report = {
+        "average": average,  # of every mIoU and IoU below, and the one the weights maximise
         "ensemble": ensemble,
         # Optimistic: the same folds chose and judge these weights. The CV score above is the honest one.
-        "in_sample_miou": scores(fit.in_sample_confusion, folds, classes)["oof_miou"],
-        "models": {
-            name: scores(cms, folds, classes) for name, cms in zip(names, fit.member_confusion, strict=True)
-        },
+        "in_sample_miou": scores(fit.in_sample, folds, classes)["oof_miou"],
+        "models": {name: scores(fit.members.take([m]), folds, classes) for m, name in enumerate(names)},
         "weights": named_weights(fit.weights, names, classes),
         "fold_weights": {
             str(k): named_weights(w, names, classes) for k, w in zip(folds, fit.fold_weights, strict=True)
@@ -74,7 +74,7 @@ def main() -> None:
     write_json(args.report, report)
     write_weights(args.weights, FittedWeights(names, folds, classes, np.asarray(fit.weights).tolist()))
     singles = ", ".join(f"{name} {r['oof_miou']:.4f}" for name, r in report["models"].items())
-    print(f"ensemble OOF mIoU {ensemble['oof_miou']:.4f} (cross-validated); single models: {singles}")
+    print(f"ensemble OOF mIoU {ensemble['oof_miou']:.4f} ({average} average, cross-validated); {singles}")
     print(f"weights: {report['weights']}")
 
 

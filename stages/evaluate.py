@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from pipeline.atomic import write_json
+from pipeline.config import load_params
 from pipeline.errors import UserError, run_main
 from pipeline.evaluate import (
     N_WORST,
@@ -34,15 +35,20 @@ def main() -> None:
     parser.add_argument("--confusion", type=Path, required=True, help="confusion plot CSV (actual,predicted)")
     parser.add_argument("--worst", type=Path, required=True, help="folder for the worst images' overlays")
     parser.add_argument("--n-worst", type=int, default=N_WORST, help="how many worst images to draw")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
+    average = load_params(args.params).metric.average
 
     manifest = read_manifest(args.manifest)
     report = json.loads(args.report.read_text())
+    fitted_by = report.get("average", "dataset")  # reports from before the choice existed: dataset
+    if fitted_by != average:
+        raise UserError(f"{args.report}: scored by the {fitted_by} average, params say {average} (stale?)")
     trained = [int(k) for k in report["ensemble"]["folds"]]
     folds = read_folds(args.folds, manifest.train_names(), args.manifest)
     # The labels are the ensemble's, each fold merged with weights fitted without it, at native size.
     result = evaluate_oof(args.labels, args.masks, folds, manifest.n_classes, trained, size=None)
-    summary = cv_summary(result, manifest.classes)
+    summary = cv_summary(result, manifest.classes, average)
     reported = report["ensemble"]["oof_miou"]  # NaN is written as null
     scored = summary["oof_miou"]
     agree = math.isnan(scored) if reported is None else math.isclose(scored, reported, abs_tol=1e-9)
@@ -52,7 +58,7 @@ def main() -> None:
         )
     summary["models"] = report["models"]
     summary["weights"] = report["weights"]
-    write_json(args.details, summary)
+    write_json(args.details, summary)  # with the average's name
     # Headline numbers only, so `dvc metrics show` fits a terminal: each model's OOF and the ensemble's.
     headline = {
         "oof_miou": summary["oof_miou"],
@@ -67,7 +73,7 @@ def main() -> None:
 
     singles = ", ".join(f"{name} {s['oof_miou']:.4f}" for name, s in report["models"].items())
     print(
-        f"ensemble OOF mIoU {summary['oof_miou']:.4f} over {summary['n_images']} images "
+        f"ensemble OOF mIoU {summary['oof_miou']:.4f} ({average} average) over {summary['n_images']} images "
         f"(folds {summary['fold_miou_mean']:.4f} +- {summary['fold_miou_std']:.4f}); models: {singles}"
     )
 

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
+    average = params.metric.average
 
     data = params.data
     truth = coco.load_with_training_classes(
@@ -34,21 +35,22 @@ def main() -> None:
     if not truth.has_annotations:
         # The real competition's test.json: its truth is on the leaderboard. Say so in the metrics
         # rather than fail, so a full `dvc repro` still runs; the printed line makes it visible.
+        reason = f"{args.truth} has no annotations"
         write_json(
-            args.report,
-            {"miou": None, "iou": {}, "scored": False, "reason": f"{args.truth} has no annotations"},
+            args.report, {"miou": None, "iou": {}, "average": average, "scored": False, "reason": reason}
         )
         write_json(args.out, {"miou": None})
         print(f"leaderboard: not scored, {args.truth} has no annotations (the organisers hold the truth)")
         return
+    submission = params.submission
     result = score_submission(
-        args.submission, truth, params.submission.size, params.data.overlap, order=params.submission.rle_order
+        args.submission, truth, submission.size, data.overlap, order=submission.rle_order, average=average
     )
-    write_json(args.report, result)
-    # Headline only: per-class columns would make `dvc metrics show` unreadable.
+    write_json(args.report, result)  # with the average it was scored by
+    # Headline only, numbers only: per-class columns would make `dvc metrics show` unreadable.
     write_json(args.out, {"miou": result["miou"]})
     ignored = f" ({truth.ignored} truth annotations of dropped categories ignored)" if truth.ignored else ""
-    print(f"leaderboard mIoU {result['miou']:.4f}{ignored}")
+    print(f"leaderboard mIoU {result['miou']:.4f} ({average} average){ignored}")
 
 
 if __name__ == "__main__":

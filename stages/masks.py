@@ -1,4 +1,4 @@
-"""Stage `masks`: check the COCO data and images, write the training masks, instance maps and manifest."""
+"""Stage `masks`: check the COCO data and images; write the masks, instance maps, object bank, manifest."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def main() -> None:
     parser.add_argument("--train-json", required=True)
     parser.add_argument("--test-json", required=True)
     parser.add_argument(
-        "--out", required=True, help="masks folder (instance maps in its instances/), replaced as a whole"
+        "--out",
+        required=True,
+        help="masks folder (instance maps in its instances/, object bank objects.json), replaced as a whole",
     )
     parser.add_argument("--manifest", required=True, help="manifest JSON: classes, images, class presence")
     parser.add_argument("--params", default="params.yaml")

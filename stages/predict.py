@@ -1,4 +1,5 @@
-"""Stage `predict`: every (model, fold) with its TTA, merged with the fitted weights, into a submission."""
+"""Stage `predict`: every (model, fold) with its TTA, merged with the fitted weights, into a submission
+and the test probabilities."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pipeline.infer import (
     window_overlap_of,
 )
 from pipeline.manifest import read_manifest
+from pipeline.oof import probabilities_writer
 from pipeline.submission import SubmissionWriter, validate_submission
 
 
@@ -32,6 +34,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="images are read from ROOT/file_name")
     parser.add_argument("--manifest", type=Path, required=True, help="the masks stage's manifest JSON")
     parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    parser.add_argument(
+        "--probabilities", type=Path, required=True, help="the merged test probabilities (.npz) to write"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
@@ -70,18 +75,20 @@ def main() -> None:
     )
     n_models = sum(len(m.folds.models) for m in members)
     progress = tqdm(probabilities, desc=f"predict ({n_models} models)", total=len(test), unit="image")
-    # Validate before the file takes its final name: an invalid submission never lands at --out.
-    with atomic_path(args.out) as tmp:
+    # Validate before the files take their final names: with an invalid submission neither file lands.
+    with atomic_path(args.out) as tmp, probabilities_writer(args.probabilities, manifest.classes) as store:
         with SubmissionWriter(tmp, submission.format, manifest.n_classes, submission.rle_order) as writer:
             for index, probs in progress:
                 mask = probabilities_to_mask(probs, output_shape(test[index], submission.size))
                 writer.write(test[index].file_name, mask)
+                store(test[index].file_name, probs)
         problems = validate_submission(tmp, manifest.test_set(), submission.size)
         if problems:
             raise UserError(
                 f"{args.out}: invalid submission ({len(problems)} problems), first: {problems[0]}"
             )
     print(f"wrote {args.out}: {len(test)} images, {writer.rows} rows ({submission.format})")
+    print(f"wrote {args.probabilities}: their merged probabilities (python -m pipeline teacher freezes them)")
 
 
 if __name__ == "__main__":

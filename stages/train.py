@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True, help="for best.pt and last.pt (resume)")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of the best epoch's mIoU")
     parser.add_argument("--live", type=Path, required=True, help="dvclive folder of the per-epoch curves")
+    parser.add_argument(
+        "--pseudo", type=Path, default=None, help="the pseudo stage's folder (pseudo-labelled test images)"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
@@ -40,6 +43,7 @@ def main() -> None:
         model_dir=args.model_dir,
         metrics=args.metrics,
         live=args.live,
+        pseudo=args.pseudo,
     )
 
     nproc, nnodes = params.runtime.nproc, params.runtime.nnodes
@@ -59,7 +63,7 @@ def main() -> None:
 
     runtime = setup_runtime(recipe.train, params.runtime.num_workers)
     try:
-        result = fit(recipe, params.runtime.num_workers, args.fold, paths, runtime)
+        result = fit(recipe, params.runtime.num_workers, args.fold, paths, runtime, params.metric.average)
     finally:
         teardown(runtime)
     if runtime.is_main:

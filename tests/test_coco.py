@@ -17,14 +17,18 @@ from pycocotools.coco import COCO
 from pipeline import cli, coco
 from pipeline.errors import UserError
 from pipeline.images import (
+    ObjectRecord,
     image_path,
     instance_map_path,
     mask_relpath,
+    objects_path,
     read_image,
     read_instance_map,
     read_mask,
+    read_objects,
     write_instance_map,
     write_mask,
+    write_objects,
 )
 from pipeline.submission import SubmissionWriter
 
@@ -193,6 +197,65 @@ def test_write_masks_writes_instance_maps_that_agree_with_the_masks(tmp_path: Pa
     # the mask shows one region there and only the instance map keeps the two objects apart.
     assert instances[2, 11] == 3 and instances[2, 9] == 2 and mask[2, 11] == mask[2, 9] == 3
     assert counts[3] == 35 and counts[2] == 120 - 10 - (16 if small_on_top else 0)
+
+
+@pytest.mark.parametrize("overlap", ["area_desc", "max_class"])
+def test_the_object_bank_holds_each_objects_visible_pycocotools_pixels(tmp_path: Path, overlap: str) -> None:
+    speck = ann(4, [[14, 8, 17, 8, 17, 11, 14, 11]], category_id=2)  # 9 px: under the bank's minimum
+    # 16 px inside the big square (class 3): on top of it under area_desc, hidden under max_class.
+    inner = ann(5, [[2, 2, 6, 2, 6, 6, 2, 6]], category_id=1)
+    anns = [*three_objects(), speck, inner]
+    json_path = make_json(tmp_path, anns)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "a" / "img.jpg")
+    data = coco.load_coco(json_path)
+    coco.write_masks(data, tmp_path / "masks", overlap)  # type: ignore[arg-type]
+    bank = {record.instance: record for record in read_objects(objects_path(tmp_path / "masks"))}
+    instances = read_instance_map(instance_map_path(tmp_path / "masks", "a/img.jpg"))
+
+    # The reference: pycocotools' decoded masks, painted in the rule's order (here category id = class).
+    refs = [reference_mask(json_path, a["id"]) for a in anns]
+    key = {
+        "area_desc": lambda i: (-int(refs[i].sum()), anns[i]["id"]),
+        "max_class": lambda i: (anns[i]["category_id"], anns[i]["id"]),
+    }[overlap]
+    order = sorted(range(len(anns)), key=key)
+    for position, i in enumerate(order):
+        later = np.zeros((H, W), bool)
+        for j in order[position + 1 :]:
+            later |= refs[j]
+        visible = refs[i] & ~later
+        np.testing.assert_array_equal(instances == i + 1, visible)
+        if visible.sum() < coco.MIN_OBJECT_PIXELS:
+            assert i + 1 not in bank
+            continue
+        ys, xs = np.nonzero(visible)
+        bbox = (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        label = anns[i]["category_id"]
+        assert bank[i + 1] == ObjectRecord("a/img.jpg", i + 1, label, bbox, int(visible.sum()))
+    assert sorted(bank) == ([1, 2, 3, 5] if overlap == "area_desc" else [1, 2, 3])
+
+
+def test_the_object_bank_round_trips_and_refuses_bad_files_in_one_line(tmp_path: Path) -> None:
+    records = [ObjectRecord("a/b.jpg", 1, 2, (0, 1, 5, 4), 17), ObjectRecord("c.png", 3, 1, (2, 2, 4, 4), 16)]
+    path = objects_path(tmp_path)
+    write_objects(path, records, coco.MIN_OBJECT_PIXELS)
+    assert read_objects(path) == records and path == tmp_path / "objects.json"
+    with pytest.raises(UserError, match=r"objects\.json: object bank not found \(re-run the masks stage\)"):
+        read_objects(tmp_path / "sub" / "objects.json")
+    entry = {"file_name": "x.jpg", "instance": 1, "class": 1, "bbox": [0, 0, 2, 2], "area": 4}
+    bad = {
+        "{": r"object bank is not valid JSON",
+        '{"min_pixels": 16}': r"object bank has no 'objects' list",
+        json.dumps({"objects": [{**entry, "area": 5}]}): r"objects\[0\] is malformed",  # more than its box
+        json.dumps({"objects": [{**entry, "file_name": "../x.jpg"}]}): r"objects\[0\] is malformed",
+        json.dumps({"objects": [{**entry, "class": 0}]}): r"objects\[0\] is malformed",
+    }
+    for text, message in bad.items():
+        path.write_text(text)
+        with pytest.raises(UserError, match=message) as caught:
+            read_objects(path)
+        assert "\n" not in str(caught.value) and str(path) in str(caught.value)
 
 
 def test_instance_map_round_trip_and_bad_files(tmp_path: Path) -> None:

@@ -218,3 +218,12 @@ def test_the_training_fingerprint_covers_the_code_that_shapes_the_weights() -> N
     hashed = {f"pipeline/{name}.py" for name in WEIGHT_MODULES}
     assert hashed | not_shaping == _pipeline_modules(ROOT / "stages" / "train.py")
     assert not hashed & not_shaping
+
+
+def test_only_training_reads_the_pseudo_labels() -> None:
+    # Pseudo-labelled test images may teach a model but never be scored as if they were truth: the
+    # stages that score or fit on held-out predictions must not depend on the pseudo stage's output.
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    readers = sorted(name for name, stage in stages.items() if "data/pseudo" in stage.get("deps", []))
+    assert readers == ["train"]
+    assert "data/pseudo" in stages["pseudo"]["outs"]

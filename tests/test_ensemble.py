@@ -23,10 +23,12 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
 
-from pipeline import coco
+from pipeline import coco, metrics
 from pipeline.ensemble import (
+    FoldConfusions,
+    ImageIous,
     best_candidate,
-    candidate_confusions,
+    candidate_tally,
     fit_ensemble,
     named_weights,
     scores,
@@ -96,6 +98,15 @@ def _sk_cm(pred: list[int]) -> np.ndarray:
     return sk_confusion(TRUTH.ravel(), pred, labels=[0, 1])
 
 
+def _fold_cms(
+    members: list[list[Stored]], truth: object, candidates: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """(G, K, C, C) confusion matrices of every candidate on every fold (the dataset tally)."""
+    tally = candidate_tally(members, truth, candidates, n_classes, "dataset")  # type: ignore[arg-type]
+    assert isinstance(tally, FoldConfusions)
+    return tally.confusion
+
+
 def test_simplex_grid_rows_are_every_step_multiple_summing_to_one() -> None:
     np.testing.assert_array_equal(simplex_grid(2, 0.5), [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
     for n, step in [(2, 0.1), (3, 0.1), (4, 0.25), (3, 1 / 3), (1, 0.5)]:
@@ -137,31 +148,105 @@ def test_best_candidate_breaks_ties_by_order_and_never_picks_nan() -> None:
     half = np.array([[2, 0], [2, 0]])  # class 0 IoU 1/2, class 1 IoU 0
     empty = np.zeros((2, 2), np.int64)  # no pixels: mIoU NaN
     # (G=4, K=2, C, C)
-    cms = np.stack([[half, half], [perfect, empty], [perfect, half], [empty, perfect]])
-    assert best_candidate(cms, np.array([True, True])) == 1  # 1 and 3 pool to perfect matrices: the earlier
-    assert best_candidate(cms, np.array([True, False])) == 1  # 1 and 2 tie: the earlier wins
-    assert best_candidate(cms, np.array([False, True])) == 3  # 1 is NaN there; 3 is perfect
-    nan_first = np.stack([[empty], [half]])
-    assert best_candidate(nan_first, np.array([True])) == 1  # a scored 0.25 beats a NaN
-    assert best_candidate(np.stack([[empty], [empty]]), np.array([True])) == 0  # nothing scored: the first
-    assert best_candidate(cms, np.array([False, False])) == 0  # no folds at all: the first
+    cms = FoldConfusions(np.stack([[half, half], [perfect, empty], [perfect, half], [empty, perfect]]))
+    # 1 and 3 pool to perfect matrices: the earlier
+    assert best_candidate(cms.score(np.array([True, True]))) == 1
+    assert best_candidate(cms.score(np.array([True, False]))) == 1  # 1 and 2 tie: the earlier wins
+    assert best_candidate(cms.score(np.array([False, True]))) == 3  # 1 is NaN there; 3 is perfect
+    nan_first = FoldConfusions(np.stack([[empty], [half]]))
+    assert best_candidate(nan_first.score(np.array([True]))) == 1  # a scored 0.25 beats a NaN
+    assert best_candidate(FoldConfusions(np.stack([[empty], [empty]])).score(np.array([True]))) == 0
+    assert best_candidate(cms.score(np.array([False, False]))) == 0  # no folds at all: the first
 
 
 def test_candidate_confusions_match_sklearn_on_every_fold() -> None:
     members = _members(P1)
     grid = simplex_grid(2, 0.5)
     candidates = np.repeat(grid[:, :, None], 2, axis=2)
-    cms = candidate_confusions(members, _truth, candidates, n_classes=2)
+    cms = _fold_cms(members, _truth, candidates, n_classes=2)
     assert cms.shape == (3, 3, 2, 2) and cms.dtype == np.int64
     for g, k in itertools.product(range(3), range(3)):
         np.testing.assert_array_equal(cms[g, k], _sk_cm(BY_HAND[k][grid[g, 0]]), err_msg=f"{g=} {k=}")
+
+
+def _sk_image_iou(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> tuple[float, np.ndarray]:
+    """(mIoU, per-class IoU with NaN for absent classes) of one image, by sklearn over present classes."""
+    present = sorted(set(truth.ravel().tolist()) | set(np.ravel(pred).tolist()))
+    iou = np.full(n_classes, np.nan)
+    iou[present] = jaccard_score(truth.ravel(), np.ravel(pred), labels=present, average=None)
+    return float(np.nanmean(iou)), iou
+
+
+def test_image_tally_matches_sklearn_image_by_image() -> None:
+    grid = simplex_grid(2, 0.5)
+    tally = candidate_tally(_members(P1), _truth, np.repeat(grid[:, :, None], 2, axis=2), 2, "image")
+    assert isinstance(tally, ImageIous)
+    np.testing.assert_array_equal(tally.fold, [0, 1, 2])  # one image per fold, in fold order
+    assert tally.miou.shape == (3, 3) and tally.iou.shape == (3, 3, 2) and tally.iou.dtype == np.float32
+    for g, k in itertools.product(range(3), range(3)):
+        miou, iou = _sk_image_iou(TRUTH, BY_HAND[k][grid[g, 0]], 2)
+        assert tally.miou[g, k] == pytest.approx(miou), f"{g=} {k=}"
+        np.testing.assert_allclose(tally.iou[g, k], iou, rtol=1e-6, err_msg=f"{g=} {k=}")
+    # Scores over chosen folds: the mean of the image mIoUs; a fold selection without images is NaN.
+    assert tally.score(np.array([True, False, True])) == pytest.approx(
+        [(1 + 1) / 2, (1 + 1 / 4) / 2, (0 + 1 / 4) / 2]
+    )
+    assert np.isnan(
+        ImageIous(tally.fold[:1], tally.miou[:, :1], tally.iou[:, :1]).score(np.array([0, 1, 1]) > 0)
+    ).all()
+
+
+def test_the_fit_maximises_the_chosen_average() -> None:
+    # Two images per fold (two identical folds): a big one, x (1 x 10), and a small one, y (1 x 2).
+    # a is perfect on x and misses y's object; b misses two of x's object pixels and is perfect on y.
+    truth = {"x": [0, 0] + [1] * 8, "y": [0, 1]}
+    p1 = {
+        "a": {"x": [0.1, 0.1] + [0.9] * 8, "y": [0.1, 0.1]},
+        "b": {"x": [0.1] * 4 + [0.9] * 6, "y": [0.1, 0.9]},
+    }
+    members = [
+        [
+            Stored(Path(f"{m}/fold{k}.npz"), [f"{k}/x", f"{k}/y"], [_two_class(p[n]) for n in "xy"])
+            for k in range(2)
+        ]
+        for m, p in p1.items()
+    ]
+
+    def truth_of(name: str) -> np.ndarray:
+        return np.array([truth[name[-1]]], np.uint8)
+
+    # dataset, summed over x and y: a [[3, 0], [1, 8]] -> (3/4 + 8/9) / 2 = 0.819; b [[3, 0], [2, 7]] ->
+    #   (3/5 + 7/9) / 2 = 0.689: a.
+    # image: a: x 1, y (1/2 + 0) / 2 = 1/4 -> 0.625; b: x [[2, 0], [2, 6]] -> (2/4 + 6/8) / 2 = 0.625,
+    #   y 1 -> 0.8125: b.
+    fits = {
+        average: fit_ensemble(members, truth_of, 2, grid_step=1.0, per_class=False, average=average)
+        for average in metrics.AVERAGES
+    }
+    a_alone, b_alone = [[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]
+    np.testing.assert_array_equal(fits["dataset"].weights, a_alone)
+    np.testing.assert_array_equal(fits["dataset"].fold_weights, [a_alone, a_alone])
+    np.testing.assert_array_equal(fits["image"].weights, b_alone)
+    np.testing.assert_array_equal(fits["image"].fold_weights, [b_alone, b_alone])
+
+    report = scores(fits["image"].cross_validated, [0, 1], ["bg", "obj"])
+    preds = {"x": [0] * 4 + [1] * 6, "y": [0, 1]}  # b's labels
+    cms = np.stack([sk_confusion(truth[n], preds[n], labels=[0, 1]) for _ in range(2) for n in "xy"])
+    assert report["oof_miou"] == pytest.approx(metrics.score(cms, "image")) == pytest.approx(0.8125)
+    assert report["folds"] == pytest.approx({"0": 0.8125, "1": 0.8125})
+    assert report["iou"] == pytest.approx(
+        dict(zip(["bg", "obj"], metrics.class_ious(cms, "image"), strict=True))
+    )
+    assert scores(fits["image"].members.take([0]), [0, 1], ["bg", "obj"])["oof_miou"] == pytest.approx(0.625)
+    dataset = scores(fits["dataset"].cross_validated, [0, 1], ["bg", "obj"])
+    assert dataset["oof_miou"] == pytest.approx((3 / 4 + 8 / 9) / 2)
 
 
 def test_candidate_confusions_refuse_members_that_hold_other_images() -> None:
     members = _members(P1)
     members[1][2] = Stored(Path("b/fold2.npz"), ["other.png"], [_two_class([0.5] * 4)])
     with pytest.raises(UserError, match=r"b/fold2\.npz: holds other images than a/fold2\.npz"):
-        candidate_confusions(members, _truth, np.ones((1, 2, 2)) / 2, n_classes=2)
+        _fold_cms(members, _truth, np.ones((1, 2, 2)) / 2, n_classes=2)
 
 
 def test_fit_ensemble_cross_validates_weights_by_leaving_each_fold_out() -> None:
@@ -176,16 +261,19 @@ def test_fit_ensemble_cross_validates_weights_by_leaving_each_fold_out() -> None
     np.testing.assert_array_equal(fit.weights, mix)
     # Fold k scored with the weights fitted without it.
     chosen = {0: 0.5, 1: 1.0, 2: 0.5}
+    assert isinstance(fit.cross_validated, FoldConfusions) and isinstance(fit.in_sample, FoldConfusions)
+    cross_validated = fit.cross_validated.confusion[0]
     for k in range(3):
-        np.testing.assert_array_equal(fit.fold_confusion[k], _sk_cm(BY_HAND[k][chosen[k]]))
-    np.testing.assert_array_equal(fit.fold_confusion.sum(axis=0), [[4, 2], [4, 2]])
-    assert mean_iou(fit.fold_confusion.sum(axis=0)) == pytest.approx((4 / 10 + 2 / 8) / 2)
-    assert mean_iou(fit.in_sample_confusion.sum(axis=0)) == pytest.approx((6 / 8 + 4 / 6) / 2)
+        np.testing.assert_array_equal(cross_validated[k], _sk_cm(BY_HAND[k][chosen[k]]))
+    np.testing.assert_array_equal(cross_validated.sum(axis=0), [[4, 2], [4, 2]])
+    assert mean_iou(cross_validated.sum(axis=0)) == pytest.approx((4 / 10 + 2 / 8) / 2)
+    assert mean_iou(fit.in_sample.confusion[0].sum(axis=0)) == pytest.approx((6 / 8 + 4 / 6) / 2)
     # Each member alone, fold by fold.
-    assert fit.member_confusion.shape == (2, 3, 2, 2)
+    assert isinstance(fit.members, FoldConfusions)
+    assert fit.members.confusion.shape == (2, 3, 2, 2)
     for m, alone in enumerate((1.0, 0.0)):
         for k in range(3):
-            np.testing.assert_array_equal(fit.member_confusion[m, k], _sk_cm(BY_HAND[k][alone]))
+            np.testing.assert_array_equal(fit.members.confusion[m, k], _sk_cm(BY_HAND[k][alone]))
 
 
 def test_a_member_that_is_always_worse_gets_weight_zero() -> None:
@@ -196,8 +284,9 @@ def test_a_member_that_is_always_worse_gets_weight_zero() -> None:
     b_zero = [[0.0, 0.0], [1.0, 1.0]]
     np.testing.assert_array_equal(fit.weights, b_zero)
     np.testing.assert_array_equal(fit.fold_weights, [b_zero, b_zero])
-    np.testing.assert_array_equal(fit.fold_confusion, [[[2, 0], [0, 2]]] * 2)
-    np.testing.assert_array_equal(fit.member_confusion[0], [[[0, 2], [2, 0]]] * 2)  # b alone: all wrong
+    assert isinstance(fit.cross_validated, FoldConfusions) and isinstance(fit.members, FoldConfusions)
+    np.testing.assert_array_equal(fit.cross_validated.confusion[0], [[[2, 0], [0, 2]]] * 2)
+    np.testing.assert_array_equal(fit.members.confusion[0], [[[0, 2], [2, 0]]] * 2)  # b alone: all wrong
 
 
 # Three classes. a is right on classes 0 and 1 but calls the class-2 pixel class 0 (0.5 > 0.4); b is
@@ -223,7 +312,7 @@ def test_per_class_weights_fix_what_one_weight_per_model_cannot() -> None:
     }
     np.testing.assert_array_equal(fits[False].weights, [[1, 1, 1], [0, 0, 0]])
     np.testing.assert_array_equal(fits[True].weights, [[0, 1, 1], [1, 0, 0]])
-    in_sample = {key: mean_iou(fit.in_sample_confusion.sum(axis=0)) for key, fit in fits.items()}
+    in_sample = {key: float(fit.in_sample.score(np.ones(2, bool))[0]) for key, fit in fits.items()}
     assert in_sample[False] == pytest.approx((2 / 4 + 1 + 0) / 3)  # the class-2 pixels go to class 0
     assert in_sample[True] == 1.0
     assert named_weights(fits[True].weights, ["a", "b"], ["bg", "x", "y"]) == {
@@ -232,7 +321,8 @@ def test_per_class_weights_fix_what_one_weight_per_model_cannot() -> None:
     }
 
 
-def test_per_class_weights_never_lower_the_score_they_are_fitted_on() -> None:
+@pytest.mark.parametrize("average", metrics.AVERAGES)
+def test_per_class_weights_never_lower_the_score_they_are_fitted_on(average: metrics.Average) -> None:
     rng = np.random.default_rng(0)
     names = [[f"f{k}_{i}.png" for i in range(2)] for k in range(3)]
     truth = {name: rng.integers(0, 3, (3, 4), dtype=np.uint8) for fold in names for name in fold}
@@ -245,20 +335,25 @@ def test_per_class_weights_never_lower_the_score_they_are_fitted_on() -> None:
             arrays.append(torch.from_numpy(rng.dirichlet([1.0] * 3, (2, 2)).transpose(2, 0, 1)).float())
             folds.append(Stored(Path(f"m{m}/fold{k}.npz"), fold, arrays))
         members.append(folds)
-    fits = {pc: fit_ensemble(members, truth.__getitem__, 3, 0.5, per_class=pc) for pc in (False, True)}
+    fits = {pc: fit_ensemble(members, truth.__getitem__, 3, 0.5, pc, average) for pc in (False, True)}
     assert fits[True].weights.shape == (3, 3)
     np.testing.assert_allclose(fits[True].weights.sum(axis=0), 1.0)  # each class's weights on the grid
-    before = mean_iou(fits[False].in_sample_confusion.sum(axis=0))
-    after = mean_iou(fits[True].in_sample_confusion.sum(axis=0))
+    before = float(fits[False].in_sample.score(np.ones(3, bool))[0])
+    after = float(fits[True].in_sample.score(np.ones(3, bool))[0])
     assert after >= before
     # The same holds for each fold's fit, on the folds it was fitted on.
     for k in range(3):
-        others = [j for j in range(3) if j != k]
-        grid_cms = {}
+        others = np.arange(3) != k
+        fitted_on = {}
         for pc, fit in fits.items():
             weights = np.asarray(fit.fold_weights[k])[None]
-            grid_cms[pc] = candidate_confusions(members, truth.__getitem__, weights, 3)[0, others].sum(axis=0)
-        assert mean_iou(grid_cms[True]) >= mean_iou(grid_cms[False])
+            fitted_on[pc] = candidate_tally(members, truth.__getitem__, weights, 3, average).score(others)[0]
+        assert fitted_on[True] >= fitted_on[False]
+    # The cross-validated tally is fold k scored with fold k's weights.
+    for k in range(3):
+        weights = np.asarray(fits[True].fold_weights[k])[None]
+        alone = candidate_tally(members, truth.__getitem__, weights, 3, average).score(np.arange(3) == k)
+        assert fits[True].cross_validated.score(np.arange(3) == k) == pytest.approx(alone)
 
 
 def test_write_ensemble_labels_merges_each_fold_with_its_weights_at_native_size() -> None:
@@ -285,7 +380,7 @@ def test_write_ensemble_labels_merges_each_fold_with_its_weights_at_native_size(
 
 def test_scores_pool_the_folds_and_summarise_each() -> None:
     cms = np.array([[[3, 1], [0, 2]], [[2, 0], [1, 1]]])
-    report = scores(cms, [3, 5], ["bg", "can"])
+    report = scores(FoldConfusions(cms[None]), [3, 5], ["bg", "can"])
     # pooled [[5, 1], [1, 3]]: IoU 5/7 and 3/5; fold 3: 3/4, 2/3 (17/24); fold 5: 2/3, 1/2 (7/12)
     assert report["oof_miou"] == pytest.approx((5 / 7 + 3 / 5) / 2)
     assert report["iou"] == pytest.approx({"bg": 5 / 7, "can": 3 / 5})
@@ -320,9 +415,16 @@ def _run_stage(script: str, args: list[str], cwd: Path, monkeypatch: pytest.Monk
     runpy.run_path(str(ROOT / "stages" / script), run_name="__main__")
 
 
-def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+ENSEMBLE_ARGS = ["--oof", "oof", "--manifest", "manifest.json", "--masks", "masks", "--weights", "w.json"]
+ENSEMBLE_ARGS += ["--report", "report.json", "--labels", "labels"]
+EVALUATE_ARGS = ["--labels", "labels", "--report", "report.json", "--manifest", "manifest.json"]
+EVALUATE_ARGS += ["--masks", "masks", "--folds", "folds.csv", "--root", "data", "--metrics", "cv.json"]
+EVALUATE_ARGS += ["--details", "details.json", "--confusion", "confusion.csv", "--worst", "worst"]
+EVALUATE_ARGS += ["--n-worst", "2"]
+
+
+def _stage_project(tmp_path: Path, metric: dict[str, str] | None = None) -> list[str]:
+    """The P1 scenario on disk as the ensemble stage reads it (one 1 x 4 image per fold); -> classes."""
     classes = ["background", "can"]
     names = [f"img/f{k}.png" for k in range(3)]
     for k, name in enumerate(names):
@@ -338,16 +440,22 @@ def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
     presence = np.ones((3, 2), dtype=bool)
     write_manifest(tmp_path / "manifest.json", Manifest(classes, [1], records, presence, [], {}))
     pd.DataFrame({"image_id": names, "fold": [0, 1, 2]}).to_csv(tmp_path / "folds.csv", index=False)
-    params = {
+    params: dict = {
         "split": {"n_splits": 3},
         "models": {"a": {}, "b": {}},
         "ensemble": {"folds": [0, 1, 2], "grid_step": 0.5},
     }
+    if metric is not None:
+        params["metric"] = metric
     (tmp_path / "params.yaml").write_text(json.dumps(params))
+    return classes
 
-    args = ["--oof", "oof", "--manifest", "manifest.json", "--masks", "masks", "--weights", "w.json"]
-    args += ["--report", "report.json", "--labels", "labels"]
-    _run_stage("ensemble.py", args, tmp_path, monkeypatch)
+
+def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classes = _stage_project(tmp_path)
+    _run_stage("ensemble.py", ENSEMBLE_ARGS, tmp_path, monkeypatch)
 
     fitted = json.loads((tmp_path / "w.json").read_text())
     assert fitted == {
@@ -375,19 +483,48 @@ def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
     assert report["models"]["a"]["oof_miou"] == pytest.approx(0.5)  # a alone beats the honest ensemble here
     assert report["in_sample_miou"] == pytest.approx((6 / 8 + 4 / 6) / 2)
 
-    args = ["--labels", "labels", "--report", "report.json", "--manifest", "manifest.json"]
-    args += ["--masks", "masks", "--folds", "folds.csv", "--root", "data", "--metrics", "cv.json"]
-    args += [
-        "--details",
-        "details.json",
-        "--confusion",
-        "confusion.csv",
-        "--worst",
-        "worst",
-        "--n-worst",
-        "2",
-    ]
-    _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+    _run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
     cv = json.loads((tmp_path / "cv.json").read_text())
     assert cv["oof_miou"] == pytest.approx(sk_miou)
     assert cv["weights"] == {"a": 0.5, "b": 0.5}
+    assert report["average"] == "dataset" == json.loads((tmp_path / "details.json").read_text())["average"]
+
+
+def test_ensemble_and_evaluate_stages_by_the_image_average(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _stage_project(tmp_path, {"average": "image"})
+    _run_stage("ensemble.py", ENSEMBLE_ARGS, tmp_path, monkeypatch)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["average"] == "image"
+    # Image mIoUs by hand (one image per fold) of a alone / the mix / b alone:
+    #   fold 0: 1, 1, 0;  fold 1: 0, 1, 1;  fold 2: 1, 1/4, 1/4  (all class 0: IoU 2/4 and 0)
+    # without fold 0: 1/2, 5/8, 5/8 -> the mix; without 1: 1, 5/8, 1/8 -> a; without 2: 1/2, 1, 1/2 -> mix;
+    # all folds: 2/3, 3/4, 5/12 -> the mix: the same weights as the dataset average, here.
+    assert report["fold_weights"] == {
+        "0": {"a": 0.5, "b": 0.5},
+        "1": {"a": 1.0, "b": 0.0},
+        "2": {"a": 0.5, "b": 0.5},
+    }
+    labels = [read_mask(tmp_path / f"labels/fold{k}/img/f{k}.png") for k in range(3)]
+    cms = np.stack([_sk_cm(label.ravel()) for label in labels])
+    assert report["ensemble"]["oof_miou"] == pytest.approx(metrics.score(cms, "image"))
+    assert report["ensemble"]["oof_miou"] == pytest.approx((1 + 0 + 1 / 4) / 3)
+    assert report["ensemble"]["folds"] == pytest.approx({"0": 1.0, "1": 0.0, "2": 0.25})
+    iou = metrics.class_ious(cms, "image")
+    assert report["ensemble"]["iou"] == pytest.approx({"background": iou[0], "can": iou[1]})
+    assert report["models"]["a"]["oof_miou"] == pytest.approx(2 / 3)
+    assert report["in_sample_miou"] == pytest.approx(3 / 4)
+
+    _run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert details["average"] == "image"
+    assert details["oof_miou"] == pytest.approx(report["ensemble"]["oof_miou"])
+    assert "average" not in json.loads((tmp_path / "cv.json").read_text())  # numbers only
+
+    # A report fitted by one average, judged by the other: stale, and said so.
+    params = json.loads((tmp_path / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(json.dumps({**params, "metric": {"average": "dataset"}}))
+    with pytest.raises(SystemExit):
+        _run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
+    assert "report.json: scored by the image average, params say dataset" in capsys.readouterr().err

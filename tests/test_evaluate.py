@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
 
-from pipeline import coco
+from pipeline import coco, metrics
 from pipeline.errors import UserError
 from pipeline.evaluate import (
     PALETTE,
@@ -68,7 +68,8 @@ def _sk_miou(truth: np.ndarray, pred: np.ndarray) -> float:
 def test_oof_metrics_match_sklearn(tmp_path: Path) -> None:
     pairs = _truth_and_oof(tmp_path)
     result = evaluate_oof(tmp_path / "oof", tmp_path / "masks", FOLDS, 3, trained_folds=[0, 1], size=SIZE)
-    summary = cv_summary(result, CLASSES)
+    summary = cv_summary(result, CLASSES, "dataset")
+    assert summary["average"] == "dataset"
 
     # cv2's nearest downscale by 2 samples every other pixel starting at 0
     small = {k: (truth[::2, ::2], pred) for k, (truth, pred) in pairs.items() if FOLDS[k] != 2}
@@ -92,6 +93,30 @@ def test_oof_metrics_match_sklearn(tmp_path: Path) -> None:
     assert {s.image_id: s.miou for s in result.scores} == pytest.approx(
         {k: _sk_miou(t, p) for k, (t, p) in small.items()}
     )
+
+
+def test_oof_metrics_by_the_image_average_match_sklearn_image_by_image(tmp_path: Path) -> None:
+    pairs = _truth_and_oof(tmp_path, seed=3)
+    result = evaluate_oof(tmp_path / "oof", tmp_path / "masks", FOLDS, 3, trained_folds=[0, 1], size=SIZE)
+    summary = cv_summary(result, CLASSES, "image")
+    assert result.image_confusion.shape == (4, 3, 3) and result.image_confusion.dtype == np.int64
+    small = {k: (truth[::2, ::2], pred) for k, (truth, pred) in pairs.items() if FOLDS[k] != 2}
+    for cm, (truth, pred) in zip(result.image_confusion, small.values(), strict=True):
+        np.testing.assert_array_equal(cm, sk_confusion(truth.ravel(), pred.ravel(), labels=[0, 1, 2]))
+    per_image = {k: _sk_miou(t, p) for k, (t, p) in small.items()}
+    assert summary["average"] == "image"
+    assert summary["oof_miou"] == pytest.approx(np.mean(list(per_image.values())))
+    assert summary["oof_miou"] == pytest.approx(metrics.score(result.image_confusion, "image"))
+    folds = {str(f): np.mean([v for k, v in per_image.items() if FOLDS[k] == f]) for f in (0, 1)}
+    assert summary["folds"] == pytest.approx(folds)
+    # Each class averaged over the images whose truth or prediction holds it.
+    for c, name in enumerate(CLASSES):
+        held = [(t, p) for t, p in small.values() if c in t or c in p]
+        expected = np.mean(
+            [jaccard_score(t.ravel(), p.ravel(), labels=[c], average=None)[0] for t, p in held]
+        )
+        assert summary["iou"][name] == pytest.approx(expected)
+    assert summary["oof_miou"] != pytest.approx(cv_summary(result, CLASSES, "dataset")["oof_miou"])
 
 
 def test_native_size_predictions(tmp_path: Path) -> None:
@@ -229,6 +254,7 @@ def _evaluate_project(tmp_path: Path) -> tuple[dict[str, Any], list[str]]:
     presence = np.ones((len(records), 3), dtype=bool)
     write_manifest(tmp_path / "manifest.json", Manifest(CLASSES, [1, 2], records, presence, [], {"used": 0}))
     _write_folds(tmp_path / "folds.csv", FOLDS)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"metric": {"average": "dataset"}}))
     scored = [k for k in FOLDS if FOLDS[k] != 2]  # fold 2 is not in the ensemble's folds
     truth = np.concatenate([pairs[k][0].ravel() for k in scored])
     pred = np.concatenate([pairs[k][1].ravel() for k in scored])
@@ -318,7 +344,32 @@ def test_leaderboard_stage_scores_a_perfect_submission(
     _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "lb.json").read_text()) == {"miou": 1.0}  # the headline only
     board = json.loads((tmp_path / "r.json").read_text())
-    assert board == {"miou": 1.0, "iou": {"background": 1.0, "can": 1.0, "bottle": 1.0}}
+    assert board == {"miou": 1.0, "iou": {"background": 1.0, "can": 1.0, "bottle": 1.0}, "average": "dataset"}
+
+
+def test_leaderboard_stage_scores_by_the_params_average(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # t/0.jpg: a can found, a bottle missed (called background); t/1.jpg: background only, predicted so.
+    squares = {"t/0.jpg": [(1, 0, 0, 8), (2, 8, 8, 8)]}
+    _write_coco(tmp_path / "truth.json", [("t/0.jpg", 16, 16), ("t/1.jpg", 16, 16)], squares)
+    truth = coco.load_coco(tmp_path / "truth.json")
+    with SubmissionWriter(tmp_path / "sub.csv", "rle", 3, "column") as writer:
+        for image in truth.images:
+            mask = coco.rasterize(truth, image)
+            writer.write(image.file_name, np.where(mask == 2, 0, mask).astype(np.uint8))
+    params = {"submission": {"size": None}, "metric": {"average": "image"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = ["--submission", "sub.csv", "--truth", "truth.json", "--out", "lb.json", "--report", "r.json"]
+    _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
+    # t/0.jpg (64 can, 64 bottle, 128 background pixels): background 128 / 192, can 1, bottle 0
+    # -> (2/3 + 1 + 0) / 3; t/1.jpg: background only, 1. (The dataset average: (384/448 + 1 + 0) / 3.)
+    expected = ((2 / 3 + 1 + 0) / 3 + 1) / 2
+    assert json.loads((tmp_path / "lb.json").read_text()) == {"miou": pytest.approx(expected)}
+    board = json.loads((tmp_path / "r.json").read_text())
+    assert board["average"] == "image" and board["miou"] == pytest.approx(expected)
+    assert "(image average)" in capsys.readouterr().out
+    assert board["miou"] != pytest.approx((384 / 448 + 1 + 0) / 3)
 
 
 @pytest.mark.parametrize("annotations", ["absent", "empty"])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
+from pipeline.images import IGNORE_INDEX
 from pipeline.losses import (
     LOSSES,
     MS_SSIM_MIN_SIDE,
@@ -176,3 +177,59 @@ def test_training_objective_sums_side_outputs_and_the_presence_term() -> None:
     torch.testing.assert_close(equal, loss(logits, target) + loss(side[0], target) + loss(side[1], target))
     with pytest.raises(UserError, match=r"train.side_weights has 1 weights, but the model gives 2 side"):
         TrainingObjective(loss, side_weights=[1.0])({"logits": logits, "side": side}, target)
+
+
+def _with_ignored(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (2, 4, 16, 16), targets with about a third of the pixels at IGNORE_INDEX, and that mask."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 4, 16, 16, generator=generator)
+    target = torch.randint(0, 4, (2, 16, 16), generator=generator)
+    ignored = torch.rand(2, 16, 16, generator=generator) < 0.33
+    return logits, target.masked_fill(ignored, IGNORE_INDEX), ignored
+
+
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"ms_ssim"}))
+def test_ignored_pixels_count_nowhere_in_a_loss(name: str) -> None:
+    logits, target, ignored = _with_ignored()
+    loss = build_loss({name: 1.0})
+    logits.requires_grad_(True)
+    value = loss(logits, target)
+    value.backward()
+    assert torch.isfinite(value)
+    # No gradient reaches an ignored pixel's logits, and other logits there leave the loss as it was.
+    assert torch.all(logits.grad.permute(0, 2, 3, 1)[ignored] == 0)
+    changed = logits.detach().clone()
+    changed.permute(0, 2, 3, 1)[ignored] = torch.randn(int(ignored.sum()), 4) * 5
+    torch.testing.assert_close(loss(changed, target), value.detach())
+
+
+def test_cross_entropy_with_ignored_pixels_is_the_mean_over_the_others() -> None:
+    logits, target, ignored = _with_ignored(1)
+    kept = ~ignored
+    per_pixel = F.cross_entropy(logits, target.clamp(max=3), reduction="none")
+    expected = per_pixel[kept].mean()
+    torch.testing.assert_close(build_loss({"ce": 1.0})(logits, target), expected)
+    # The per-pixel weighted path normalises over the kept pixels too: a map of ones is the plain loss.
+    torch.testing.assert_close(build_loss({"ce": 1.0})(logits, target, torch.ones(2, 16, 16)), expected)
+
+
+def test_presence_target_leaves_ignored_pixels_out() -> None:
+    _, target, _ = _with_ignored(2)
+    target[0] = IGNORE_INDEX
+    target[0, 0, 0] = 2  # image 0: class 2 and ignored pixels only
+    objective = TrainingObjective(build_loss({"ce": 1.0}))
+    presence = torch.zeros(2, 4, requires_grad=True)
+    output = {"logits": torch.randn(2, 4, 16, 16), "presence": presence}
+    objective(output, target).backward()
+    # BCE's gradient is sigmoid(0) - truth: negative only for the classes each image holds.
+    holds = presence.grad < 0
+    assert holds[0].tolist() == [False, False, True, False]
+    assert holds[1].tolist() == [bool((target[1] == c).any()) for c in range(4)]
+
+
+def test_ms_ssim_refuses_ignored_pixels() -> None:
+    logits = torch.randn(1, 2, 128, 128)
+    target = torch.zeros(1, 128, 128, dtype=torch.long)
+    target[0, 0, 0] = IGNORE_INDEX
+    with pytest.raises(UserError, match="ms_ssim loss cannot skip ignored pixels"):
+        build_loss({"ms_ssim": 1.0})(logits, target)

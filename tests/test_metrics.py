@@ -149,3 +149,80 @@ def test_torch_path_rejects() -> None:
         metrics.confusion_matrix_torch(torch.tensor([0, 1]), torch.tensor([0, 4]), 4)
     with pytest.raises(ValueError, match="integer class indexes"):
         metrics.confusion_matrix_torch(torch.tensor([0.0]), torch.tensor([0]), 4)
+
+
+# --- the two averages -------------------------------------------------------------------------------------
+
+# Three 2x2 images of classes 0..2, by hand:
+#   1: perfect, classes 0 and 1                                           -> mIoU 1
+#   2: half wrong: class 0 TP 1, FP 1, FN 1 -> 1/3; class 1 the same      -> mIoU 1/3
+#   3: truth all 0, one pixel predicted 2 (a false-positive class):
+#      class 0 TP 3, FN 1 -> 3/4; class 2 TP 0, FP 1 -> 0                  -> mIoU 3/8
+# image average: (1 + 1/3 + 3/8) / 3 = 41/72.
+# dataset (summed): class 0 TP 6, FP 1, FN 2 -> 6/9; class 1 TP 3, FP 1, FN 1 -> 3/5; class 2 -> 0:
+#   (2/3 + 3/5 + 0) / 3 = 19/45.
+HAND_TRUTH = np.array([[[0, 0], [1, 1]], [[0, 0], [1, 1]], [[0, 0], [0, 0]]])
+HAND_PRED = np.array([[[0, 0], [1, 1]], [[0, 1], [1, 0]], [[0, 0], [0, 2]]])
+
+
+def _hand_cms() -> np.ndarray:
+    return np.stack([metrics.confusion_matrix(t, p, 3) for t, p in zip(HAND_TRUTH, HAND_PRED, strict=True)])
+
+
+def test_image_average_by_hand_differs_from_the_dataset_average() -> None:
+    cms = _hand_cms()
+    assert metrics.image_mious(cms) == pytest.approx([1, 1 / 3, 3 / 8])
+    assert metrics.score(cms, "image") == pytest.approx(41 / 72)
+    assert metrics.score(cms, "dataset") == pytest.approx(19 / 45)
+    assert metrics.score(cms, "dataset") == pytest.approx(metrics.mean_iou(cms.sum(axis=0)))
+    # Per class, by image: class 0 in all three (1, 1/3, 3/4), class 1 in images 1 and 2, class 2 in 3.
+    assert metrics.class_ious(cms, "image") == pytest.approx([25 / 36, 2 / 3, 0.0])
+    assert metrics.class_ious(cms, "dataset") == pytest.approx([2 / 3, 3 / 5, 0.0])
+    iou = metrics.image_ious(cms)
+    assert np.isnan(iou[0, 2]) and np.isnan(iou[1, 2]) and np.isnan(iou[2, 1])  # neither truth nor pred
+    assert iou[2, [0, 2]] == pytest.approx([3 / 4, 0.0])
+
+
+def _random_images(seed: int, n_images: int = 6, n_classes: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(truth, pred) pairs of varied sizes, each image drawing from its own few classes (so many absent)."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n_images):
+        shape = tuple(rng.integers(3, 12, size=2))
+        classes = rng.choice(n_classes, size=rng.integers(1, 4), replace=False)
+        truth = rng.choice(classes, size=shape)
+        wrong = rng.choice(n_classes, size=shape)
+        pairs.append((truth, np.where(rng.random(shape) < 0.7, truth, wrong)))
+    return pairs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_averages_match_sklearn_jaccard(seed: int) -> None:
+    pairs = _random_images(seed)
+    cms = np.stack([metrics.confusion_matrix(t, p, 5) for t, p in pairs])
+    # dataset: one jaccard over every pixel, classes present anywhere.
+    truth = np.concatenate([t.ravel() for t, _ in pairs])
+    pred = np.concatenate([p.ravel() for _, p in pairs])
+    present = np.union1d(truth, pred)
+    dataset = sklearn.metrics.jaccard_score(truth, pred, labels=present, average=None)
+    assert metrics.score(cms, "dataset") == pytest.approx(dataset.mean())
+    assert metrics.class_ious(cms, "dataset")[present] == pytest.approx(dataset)
+    # image: one jaccard per image over the classes in its truth or prediction, then the mean.
+    per_image, per_class = [], [[] for _ in range(5)]
+    for t, p in pairs:
+        labels = np.union1d(t, p)
+        iou = sklearn.metrics.jaccard_score(t.ravel(), p.ravel(), labels=labels, average=None)
+        per_image.append(iou.mean())
+        for label, value in zip(labels, iou, strict=True):
+            per_class[label].append(value)
+    assert metrics.image_mious(cms) == pytest.approx(per_image)
+    assert metrics.score(cms, "image") == pytest.approx(np.mean(per_image))
+    expected = [np.mean(values) if values else np.nan for values in per_class]
+    assert metrics.class_ious(cms, "image") == pytest.approx(expected, nan_ok=True)
+
+
+def test_score_rejects_an_unknown_average_and_scores_no_images_nan() -> None:
+    with pytest.raises(ValueError, match="unknown average 'pixel'"):
+        metrics.score(_hand_cms(), "pixel")  # type: ignore[arg-type]
+    empty = np.zeros((0, 3, 3), np.int64)
+    assert math.isnan(metrics.score(empty, "image")) and math.isnan(metrics.score(empty, "dataset"))

@@ -1,7 +1,11 @@
-"""Tests for pipeline.oof: quantised held-out probabilities, written from a real checkpoint and read back."""
+"""Tests for pipeline.oof: quantised probabilities, written from a real checkpoint or the predict stage and
+read back."""
 
 from __future__ import annotations
 
+import json
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +18,28 @@ from pipeline.config import AugmentParams, ModelParams, PredictParams
 from pipeline.dataset import ImageDataset
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry
-from pipeline.infer import predict_probabilities
+from pipeline.infer import (
+    Member,
+    load_ensemble,
+    predict_members,
+    predict_probabilities,
+    probabilities_to_mask,
+)
+from pipeline.manifest import ImageSet, Manifest, write_manifest
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
-from pipeline.oof import dequantise, held_out, quantise, read_oof, write_oof
+from pipeline.oof import (
+    dequantise,
+    held_out,
+    probabilities_writer,
+    quantise,
+    read_oof,
+    write_oof,
+    write_probabilities,
+)
+from pipeline.submission import iter_submission
 
 CPU = torch.device("cpu")
+STAGES = Path(__file__).resolve().parents[1] / "stages"
 CLASSES = ["background", "can", "bottle"]
 TINY_MODEL = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
 SIZES = [(40, 72), (64, 64), (50, 30)]  # native (height, width), three aspect ratios
@@ -174,3 +195,122 @@ def test_read_oof_of_a_missing_file_names_it(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="not found"):
         read_oof(tmp_path)  # a folder is not the file either
+
+
+def _softmax(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).softmax(0)
+
+
+def test_write_probabilities_round_trips_names_classes_and_each_image_s_shape(tmp_path: Path) -> None:
+    items = [
+        ("b/1.jpg", _softmax(3, 5, 7)),
+        ("a.jpg", _softmax(3, 2, 2, seed=1)),
+        ("c.png", _softmax(3, 9, 4)),
+    ]
+    out = tmp_path / "predictions/test.npz"
+    assert write_probabilities(out, CLASSES, iter(items)) == 3
+    stored = read_oof(out)
+    assert (stored.file_names, stored.classes, len(stored)) == (["b/1.jpg", "a.jpg", "c.png"], CLASSES, 3)
+    for (name, probs), (stored_name, back) in zip(items, stored, strict=True):
+        assert stored_name == name and back.shape == probs.shape
+        assert (back - probs).abs().max() <= 1 / 510 + 1e-7
+    # What numpy itself reads: the documented arrays, nothing else.
+    with np.load(out) as raw:
+        assert sorted(raw.files) == ["classes", "file_names", "p0", "p1", "p2"]
+        np.testing.assert_array_equal(raw["p1"], quantise(items[1][1]))
+    assert [p.name for p in tmp_path.joinpath("predictions").iterdir()] == ["test.npz"]  # no temporary left
+
+
+def test_write_probabilities_of_no_images_reads_back_empty(tmp_path: Path) -> None:
+    write_probabilities(tmp_path / "e.npz", CLASSES, [])
+    stored = read_oof(tmp_path / "e.npz")
+    assert (stored.file_names, stored.classes, list(stored)) == ([], CLASSES, [])
+
+
+def test_probabilities_writer_leaves_the_old_file_when_the_block_fails(tmp_path: Path) -> None:
+    out = tmp_path / "test.npz"
+    write_probabilities(out, CLASSES, [("old.jpg", _softmax(3, 2, 2))])
+    with pytest.raises(RuntimeError, match="stop"), probabilities_writer(out, CLASSES) as write:
+        write("new.jpg", _softmax(3, 4, 4))
+        raise RuntimeError("stop")
+    assert read_oof(out).file_names == ["old.jpg"]
+    assert [p.name for p in tmp_path.iterdir()] == ["test.npz"]
+    with pytest.raises(ValueError, match=r"x\.jpg: probabilities must be \(3, h, w\)"):
+        write_probabilities(out, CLASSES, [("x.jpg", _softmax(2, 4, 4))])
+    assert read_oof(out).file_names == ["old.jpg"]
+
+
+def test_read_oof_names_what_the_file_should_hold_and_the_remedy(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"^\S*test\.npz: test probabilities not found \(run dvc repro\)$"):
+        read_oof(tmp_path / "test.npz", "test probabilities", "run dvc repro")
+    (tmp_path / "test.npz").write_text("no zip")
+    with pytest.raises(UserError, match=r"test\.npz: not test probabilities \(.*\); run dvc repro$"):
+        read_oof(tmp_path / "test.npz", "test probabilities", "run dvc repro")
+
+
+@pytest.mark.parametrize(
+    "p0", [np.zeros((2, 4, 4), np.uint8), np.zeros((3, 4, 4), np.float32), np.zeros((3, 4), np.uint8)]
+)
+def test_a_misshapen_image_array_is_a_one_line_user_error_naming_the_image(tmp_path: Path, p0) -> None:
+    path = tmp_path / "f.npz"
+    np.savez_compressed(path, file_names=np.array(["a.png"]), classes=np.array(CLASSES), p0=p0)
+    stored = read_oof(path, remedy="do it again")
+    with pytest.raises(UserError, match=r"f\.npz: probabilities of 'a\.png' are .* not uint8 \(3, h, w\)"):
+        stored.probabilities(0)
+    np.savez_compressed(path, file_names=np.array(["a.png", "b.png"]), classes=np.array(CLASSES), p0=p0)
+    with pytest.raises(UserError, match=r"probabilities of 'b\.png' unreadable \(.*\); do it again$"):
+        read_oof(path, remedy="do it again").probabilities(1)
+
+
+PREDICT_MEMBERS = {  # one squashes, one crops: on wide and tall images their inference shapes differ
+    "unet": AugmentParams(size=32, hflip=0.5),
+    "crop": AugmentParams(size=32, hflip=0.5, resize="crop"),
+}
+
+
+def test_predict_stage_stores_the_merged_test_probabilities_at_the_largest_member_s_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _images(tmp_path / "data")
+    for name, augment in PREDICT_MEMBERS.items():
+        for fold in (0, 1):
+            _checkpoint(tmp_path / f"models/{name}/fold{fold}/best.pt", augment)
+    weights = [[0.25, 0.5, 0.5], [0.75, 0.5, 0.5]]
+    fitted = {"members": list(PREDICT_MEMBERS), "folds": [0, 1], "classes": CLASSES, "weights": weights}
+    (tmp_path / "weights.json").write_text(json.dumps(fitted))
+    manifest = Manifest(CLASSES, [1, 2], [], np.zeros((0, 3), dtype=bool), images, {"used": 0})
+    write_manifest(tmp_path / "data/manifest.json", manifest)
+    config = {"predict": {"tta": "auto", "batch_size": 2}, "submission": {"format": "rle", "size": None}}
+    (tmp_path / "params.yaml").write_text(json.dumps(config))  # JSON is YAML
+    args = ["--models", "models", "--weights", "weights.json", "--root", "data"]
+    args += [
+        "--manifest",
+        "data/manifest.json",
+        "--out",
+        "sub.csv",
+        "--probabilities",
+        "predictions/test.npz",
+    ]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["predict.py", *args])
+    runpy.run_path(str(STAGES / "predict.py"), run_name="__main__")
+
+    stored = read_oof(tmp_path / "predictions/test.npz")
+    assert (stored.file_names, stored.classes) == ([im.file_name for im in images], CLASSES)
+    members = []
+    for name in PREDICT_MEMBERS:
+        folds = load_ensemble([tmp_path / f"models/{name}/fold{k}/best.pt" for k in (0, 1)])
+        members.append(Member(name, folds, "hflip"))
+    direct = dict(
+        predict_members(members, torch.tensor(weights), tmp_path / "data", images, [1.0], 2, 0, CPU)
+    )
+    written = dict(iter_submission(tmp_path / "sub.csv", ImageSet(images, 3), None))
+    crop = Geometry("crop", 32, 32)
+    for index, image in enumerate(images):
+        probs = stored.probabilities(index)
+        shapes = [(32, 32), crop.inference_shape(image.height, image.width)]
+        assert tuple(probs.shape[1:]) == max(shapes, key=lambda s: s[0] * s[1])
+        assert (probs - direct[index]).abs().max() <= 1 / 510 + 1e-5
+        # The submission still comes from the unquantised probabilities.
+        expected = probabilities_to_mask(direct[index], (image.height, image.width))
+        np.testing.assert_array_equal(written[image.file_name], expected)

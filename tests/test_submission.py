@@ -14,7 +14,7 @@ import pytest
 import sklearn.metrics
 import yaml
 
-from pipeline import cli, coco, rle
+from pipeline import cli, coco, metrics, rle
 from pipeline.coco import CocoSet
 from pipeline.errors import UserError
 from pipeline.submission import (
@@ -476,13 +476,105 @@ def test_cli_score_of_the_truth_is_one(tmp_path: Path, files: dict[str, Path], t
     args = ["score", str(submission), "--truth", str(files["truth"]), "--size", "native", "--json", str(out)]
     done = _run_cli(args, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "mIoU 1.0000 over 4 classes (0 absent)"
+    assert done.stdout.splitlines()[0] == "mIoU 1.0000 (dataset average) over 4 classes (0 absent)"
     assert "glass       1.0000" in done.stdout
     assert json.loads(out.read_text()) == {
         "size": None,
         "miou": 1.0,
         "iou": {"background": 1.0, "paper": 1.0, "can": 1.0, "glass": 1.0},
+        "average": "dataset",
     }
+
+
+# A tiny truth whose masks are counted by hand: two 4x4 images, a 2x2 square of paper (1) in A's top-left
+# corner, of can (2) in B's. The submission is right on A; on B it finds only the can's top row and
+# calls one background pixel paper (a class B does not hold).
+#   A: mIoU 1.
+#   B: background TP 11 of truth 12, predicted 13 -> 11/14; can TP 2 of 4, predicted 2 -> 1/2;
+#      paper TP 0, predicted 1 -> 0.  mIoU (11/14 + 1/2 + 0) / 3 = 3/7.
+#   image average: (1 + 3/7) / 2 = 5/7.
+#   dataset average: background 23 / (24 + 25 - 23) = 23/26, paper 4/5, can 2/4 -> (23/26 + 4/5 + 1/2) / 3.
+HAND_IMAGE_MIOU = 5 / 7
+HAND_DATASET_MIOU = (23 / 26 + 4 / 5 + 1 / 2) / 3
+
+
+def _hand_truth(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """truth.json of the two hand-counted images, and the submission's masks."""
+    square = [0, 0, 2, 0, 2, 2, 0, 2]
+    data = {
+        "images": [
+            {"id": 1, "file_name": "A.jpg", "height": 4, "width": 4},
+            {"id": 2, "file_name": "B.jpg", "height": 4, "width": 4},
+        ],
+        "categories": [{"id": 1, "name": "paper"}, {"id": 2, "name": "can"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [square]},
+            {"id": 2, "image_id": 2, "category_id": 2, "segmentation": [square]},
+        ],
+    }
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps(data))
+    a = np.zeros((4, 4), np.uint8)
+    a[:2, :2] = 1
+    b = np.zeros((4, 4), np.uint8)
+    b[0, :2] = 2  # the can's top row only
+    b[3, 3] = 1  # paper where there is none
+    return path, {"A.jpg": a, "B.jpg": b}
+
+
+def test_hand_truth_rasterizes_as_counted(tmp_path: Path) -> None:
+    path, _ = _hand_truth(tmp_path)
+    masks = _truth_masks(coco.load_coco(path))
+    square = np.zeros((4, 4), np.uint8)
+    square[:2, :2] = 1
+    np.testing.assert_array_equal(masks["A.jpg"], square)
+    np.testing.assert_array_equal(masks["B.jpg"], square * 2)
+
+
+@pytest.mark.parametrize("average", ["dataset", "image"])
+def test_score_submission_by_either_average_matches_the_hand_count(
+    tmp_path: Path, average: metrics.Average
+) -> None:
+    path, masks = _hand_truth(tmp_path)
+    submission = _write(tmp_path / "s.csv", "rle", masks, n_classes=3)
+    result = score_submission(submission, coco.load_coco(path), None, "area_desc", average=average)
+    assert result["average"] == average
+    expected = {"dataset": HAND_DATASET_MIOU, "image": HAND_IMAGE_MIOU}[average]
+    assert result["miou"] == pytest.approx(expected)
+    if average == "image":  # each class over the images holding it: paper in A (1) and B (0), can in B
+        assert result["iou"] == pytest.approx({"background": (1 + 11 / 14) / 2, "paper": 1 / 2, "can": 1 / 2})
+
+
+@pytest.mark.parametrize("fmt", ["rle", "dense"])
+def test_cli_score_by_the_image_average(tmp_path: Path, fmt: str) -> None:
+    path, masks = _hand_truth(tmp_path)
+    submission = _write(tmp_path / "s.csv", fmt, masks, n_classes=3)
+    out = tmp_path / "score.json"
+    args = ["score", str(submission), "--truth", str(path), "--size", "native", "--json", str(out)]
+    done = _run_cli([*args, "--average", "image"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.splitlines()[0] == f"mIoU {HAND_IMAGE_MIOU:.4f} (image average) over 3 classes (0 absent)"
+    )
+    scored = json.loads(out.read_text())
+    assert scored["average"] == "image"
+    assert scored["miou"] == pytest.approx(HAND_IMAGE_MIOU)
+
+
+def test_cli_average_defaults_to_the_params_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path, masks = _hand_truth(tmp_path)
+    submission = _write(tmp_path / "s.csv", "dense", masks, n_classes=3)
+    args = ["score", str(submission), "--truth", str(path), "--size", "native"]
+    # No params.yaml: the built-in default, dataset.
+    assert _cli(args, capsys)[1].startswith(f"mIoU {HAND_DATASET_MIOU:.4f} (dataset average)")
+    Path("params.yaml").write_text(yaml.safe_dump({"metric": {"average": "image"}}))
+    assert _cli(args, capsys)[1].startswith(f"mIoU {HAND_IMAGE_MIOU:.4f} (image average)")
+    assert _cli([*args, "--average", "dataset"], capsys)[1].startswith(
+        f"mIoU {HAND_DATASET_MIOU:.4f} (dataset"
+    )
 
 
 def test_cli_score_of_a_malformed_file_fails_in_one_line(tmp_path: Path, files: dict[str, Path]) -> None:

@@ -40,7 +40,7 @@ from pipeline.dataset import ImageDataset, InferenceBatch, build_inference_loade
 from pipeline.demo import generate_demo
 from pipeline.errors import UserError
 from pipeline.geometry import Geometry, resize_argmax
-from pipeline.images import read_mask, write_mask
+from pipeline.images import IGNORE_INDEX, mask_relpath, read_mask, write_mask
 from pipeline.losses import TrainingObjective, build_loss
 from pipeline.manifest import manifest_of, read_manifest, write_manifest
 from pipeline.metrics import confusion_matrix, mean_iou
@@ -50,9 +50,11 @@ from pipeline.resume import run_fingerprint
 from pipeline.runtime import NodeSpec, Runtime, resolve_nodes, seed_everything, setup_runtime
 from pipeline.train import (
     FoldPaths,
+    build_loaders,
     build_train_state,
     evaluate,
     fit,
+    load_fold_data,
     lr_factor,
     train_one_epoch,
 )
@@ -380,6 +382,49 @@ def test_compiled_model_trains_evaluates_and_checkpoints_plain_weights() -> None
     assert cm.sum() == masks.numel()
 
 
+def test_ema_follows_every_optimizer_step_of_the_raw_weights() -> None:
+    # torch's EMA: the first update copies the weights, each later one is d * ema + (1 - d) * weights.
+    decay = 0.75
+    recipe = _recipe(ema=decay, lr=0.05, warmup_epochs=0.0, grad_clip=None)
+    runtime = _cpu(recipe)
+    seed_everything(0)
+    state = build_train_state(recipe, 3, runtime, total_steps=4, resume=None)
+    loss_fn = TrainingObjective(build_loss({"ce": 1.0}))
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    snapshots = []
+    for step in range(3):
+        train_one_epoch(state, [(images, masks)], loss_fn, runtime, recipe.train, f"step {step}")
+        snapshots.append({k: v.detach().clone() for k, v in state.raw.state_dict().items()})
+    name = next(k for k, v in snapshots[0].items() if v.is_floating_point() and "weight" in k)
+    expected = snapshots[0][name]
+    for snapshot in snapshots[1:]:
+        expected = decay * expected + (1 - decay) * snapshot[name]
+    assert not torch.equal(snapshots[1][name], snapshots[2][name])  # the raw weights moved
+    torch.testing.assert_close(state.ema.module.state_dict()[name], expected)
+    assert state.evaluated is state.ema.module and state.kept is state.ema.module
+
+
+def test_best_checkpoint_holds_the_ema_weights_when_ema_is_on(dataset: Path, tmp_path: Path) -> None:
+    recipe = _recipe(ema=0.5)
+    paths = _paths(dataset, tmp_path)
+    fit(recipe, 0, 0, paths, _cpu(recipe))  # 1 epoch: best.pt is the last epoch's
+    best, last = load_checkpoint(paths.model_dir / "best.pt"), load_checkpoint(paths.model_dir / "last.pt")
+    averaged = {k.removeprefix("module."): v for k, v in last["ema_state"].items() if k.startswith("module.")}
+    assert set(averaged) == set(best["model_state"])
+    for key, value in best["model_state"].items():
+        torch.testing.assert_close(value, averaged[key], rtol=0, atol=0, msg=key)
+    assert any(
+        not torch.equal(value, last["model_state"][key])
+        for key, value in best["model_state"].items()
+        if value.is_floating_point()
+    )  # not the raw weights
+    # Validation scored the EMA weights: rescoring best.pt on the held-out fold gives its score.
+    images = _held_out(dataset)
+    val = ImageDataset(paths.root, images, Geometry.from_dict(best["geometry"]), masks_dir=paths.masks)
+    cms = evaluate(model_from_checkpoint(best), build_inference_loader(val, 4, 0), 11, _cpu(recipe))
+    assert mean_iou(cms.sum(axis=0)) == pytest.approx(best["score"])
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
     factors = [lr_factor(step, warmup_steps=4, total_steps=20) for step in range(21)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -434,7 +479,8 @@ def test_bad_class_weights_and_folds_are_user_errors(dataset: Path, tmp_path: Pa
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
-    params = _params(epochs=4)
+    # With EMA on: its average must survive the kill too (last.pt's "ema_state").
+    params = _params(epochs=4, ema=0.9)
     params_file = _write_params(tmp_path / "params.yaml", params)
     killed = tmp_path / "killed"
     last = _paths(dataset, killed).model_dir / "last.pt"
@@ -461,7 +507,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path:
     assert done < 3, "the run got to its end before the kill"
 
     # The resumed run may use other loader workers: runtime settings are not part of the resume state.
-    resume_params = _params(runtime={"num_workers": 1}, epochs=4)
+    resume_params = _params(runtime={"num_workers": 1}, epochs=4, ema=0.9)
     resume_file = _write_params(tmp_path / "resume.yaml", resume_params)
     rerun = subprocess.run(
         [sys.executable, *_stage_args(dataset, killed, resume_file)],
@@ -483,6 +529,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path:
             assert a.get(key) == b.get(key), (name, key)
         for key in a["model_state"]:  # bit for bit on CPU
             torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=0, atol=0, msg=key)
+        if name == "last.pt":
+            for key in a["ema_state"]:
+                torch.testing.assert_close(a["ema_state"][key], b["ema_state"][key], rtol=0, atol=0, msg=key)
     curve = pd.read_csv(_paths(dataset, killed).live / "plots/metrics/val_miou.tsv", sep="\t")
     assert curve["step"].tolist() == [0, 1, 2, 3]
 
@@ -518,7 +567,7 @@ def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> 
     cm = evaluate(model_from_checkpoint(best), build_inference_loader(val, 2, 0), 11, PRECISIONS["float32"])
     assert cm.sum() == len(images) * 64 * 64
     # Every rank validates with rank 0's BatchNorm statistics, the ones best.pt stores.
-    assert mean_iou(cm) == pytest.approx(metrics["miou"])
+    assert mean_iou(cm.sum(axis=0)) == pytest.approx(metrics["miou"])
 
 
 def _free_port() -> int:
@@ -785,3 +834,67 @@ def test_boundary_weights_without_a_pixel_loss_and_wrong_side_weights_are_refuse
     with pytest.raises(UserError, match=r"train.side_weights has 2 weights, but UNet3Plus .* gives 4 side"):
         fit(recipe, 0, 0, _paths(dataset, tmp_path), runtime)
     assert not (tmp_path / "models").exists()  # refused before anything was written
+
+
+def _pseudo_folder(dataset: Path, out: Path) -> Path:
+    """The pseudo stage's output for the dataset's test images: each mask the truth's class 0/1 split
+    with a band of ignored pixels (what `pipeline.pseudo.write_pseudo` leaves)."""
+    manifest = read_manifest(dataset / "manifest.json")
+    entries = []
+    for image in manifest.test:
+        mask = np.zeros((image.height, image.width), np.uint8)
+        mask[:, : image.width // 2] = 1
+        mask[:, image.width // 2 : image.width // 2 + 8] = IGNORE_INDEX
+        write_mask(out / "masks" / mask_relpath(image.file_name), mask)
+        presence = [c in (0, 1) for c in range(manifest.n_classes)]
+        entries.append(
+            {"file_name": image.file_name, "id": image.id, "height": image.height, "width": image.width,
+             "presence": presence, "labelled": float((mask != IGNORE_INDEX).mean())}
+        )  # fmt: skip
+    (out / "pseudo.json").write_text(
+        json.dumps({"threshold": 0.9, "classes": manifest.classes, "images": entries})
+    )
+    return out
+
+
+def test_pseudo_labelled_images_train_but_never_validate(dataset: Path, tmp_path: Path) -> None:
+    recipe = _recipe()
+    pseudo = _pseudo_folder(dataset, tmp_path / "pseudo")
+    paths = dataclasses.replace(_paths(dataset, tmp_path / "run"), pseudo=pseudo)
+    data = load_fold_data(recipe, 0, paths)
+    test_names = {image.file_name for image in read_manifest(dataset / "manifest.json").test}
+    runtime = _cpu(recipe)
+    train_loader, val_loader = build_loaders(recipe.augment, recipe.train, 0, data, paths, runtime)
+    val_names = {image.file_name for image in val_loader.dataset.images}
+    train_names = set(train_loader.dataset.parts[0].file_names) | set(
+        train_loader.dataset.parts[1].file_names
+    )
+    assert test_names <= train_names and not test_names & val_names
+    assert len(val_names) == N_TRAIN // 3  # exactly the held-out fold
+    # The pseudo masks' ignored pixels reach the loss as IGNORE_INDEX; every other value is a class.
+    seen = torch.cat([batch[1].flatten() for batch in train_loader])
+    assert (seen == IGNORE_INDEX).any() and seen[seen != IGNORE_INDEX].max() < 11
+
+    result = fit(recipe, 0, 0, paths, runtime)
+    plain = fit(recipe, 0, 0, _paths(dataset, tmp_path / "plain"), runtime)
+    best = load_checkpoint(paths.model_dir / "best.pt")
+    assert (
+        best["fingerprint"]
+        != load_checkpoint(tmp_path / f"plain/models/{MODEL}/fold0/best.pt")["fingerprint"]
+    )
+    assert math.isfinite(result["miou"]) and math.isfinite(plain["miou"])
+
+
+def test_an_empty_pseudo_set_trains_exactly_as_without_one(dataset: Path, tmp_path: Path) -> None:
+    # pseudo.enabled false: the stage writes no images, and training must be what it was without pseudo.
+    manifest = read_manifest(dataset / "manifest.json")
+    empty = tmp_path / "pseudo"
+    empty.mkdir()
+    (empty / "pseudo.json").write_text(
+        json.dumps({"threshold": None, "classes": manifest.classes, "images": []})
+    )
+    recipe = _recipe()
+    data = load_fold_data(recipe, 0, dataclasses.replace(_paths(dataset, tmp_path), pseudo=empty))
+    without = load_fold_data(recipe, 0, _paths(dataset, tmp_path))
+    assert data.pseudo is None and data.train_names == without.train_names
+    assert np.array_equal(data.all_presence, without.presence)
