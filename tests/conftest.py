@@ -34,7 +34,7 @@ def run() -> Run:
 
 @pytest.fixture
 def dvc_project(tmp_path: Path) -> Path:
-    """tmp_path/project: this repository's dvc.yaml, pipeline/ and stages/, `dvc init --no-scm` done.
+    """tmp_path/project: this repository's dvc.yaml, pipeline/, stages/ and teacher/, DVC initialised.
 
     The test writes params.yaml and the data.
     """
@@ -42,9 +42,10 @@ def dvc_project(tmp_path: Path) -> Path:
 
 
 def make_dvc_project(work: Path) -> Path:
-    """`work` made a DVC project (no git) holding this repository's dvc.yaml, pipeline/ and stages/."""
+    """`work` made a DVC project (no git) holding this repository's dvc.yaml, pipeline/, stages/ and
+    teacher/ (the pseudo stage's dependency: its README, no frozen teacher)."""
     work.mkdir(parents=True)
-    for name in ["dvc.yaml", "pipeline", "stages"]:
+    for name in ["dvc.yaml", "pipeline", "stages", "teacher"]:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))

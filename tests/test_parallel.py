@@ -282,7 +282,7 @@ def test_plan_of_the_real_dvc_yaml() -> None:
     from pipeline.parallel import read_graph
 
     plan = plan_stages(read_graph(ROOT))
-    assert plan.before == ["demo", "masks", "split"]
+    assert plan.before == ["demo", "masks", "split", "pseudo"]
     models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
     folds = yaml.safe_load((ROOT / "params.yaml").read_text())["ensemble"]["folds"]
     expected = {f"{kind}@{m}-{k}" for kind in ("train", "oof") for m in models for k in folds}
