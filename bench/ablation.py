@@ -45,7 +45,8 @@ recipe: weight 1), predicts the test set and scores it at each image's own size 
 null). --jobs variants run at once. A variant that changes only predict.*, ensemble.grid_step or
 ensemble.per_class starts from a copy of the baseline's finished workspace: DVC re-runs its oof,
 ensemble, predict and leaderboard stages and skips every train stage, so it costs a prediction, not a
-training run.
+training run. A variant with pseudo.enabled=true waits for the baseline and freezes the baseline's test
+probabilities as its teacher (`python -m pipeline teacher`): a second round on the baseline's labels.
 
   python bench/ablation.py /work/shared/data/medical-waste --params configs/real-cpu.yaml --epochs 12 \\
       --variant crop augment.resize=crop --variant ce-only 'train.losses={ce: 1.0}' \\

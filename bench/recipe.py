@@ -39,9 +39,10 @@ from pipeline.images import image_path, mask_relpath, read_image, read_mask
 from pipeline.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+# What a workspace needs to run the stages, as tests/conftest.py's make_dvc_project copies.
 COPIED = ["dvc.yaml", "pipeline", "stages", "teacher"]
 # The stages every train stage needs, run once with `dvc repro -s` before a train stage alone is.
-DATA_STAGES = ("masks", "split", "pseudo")  # what a workspace needs to run the stages, as tests/test_e2e.py
+DATA_STAGES = ("masks", "split", "pseudo")
 PLAIN_SIZE = 128
 PLAIN_BATCH = 8
 PLAIN_LR = 1e-3

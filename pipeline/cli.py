@@ -18,6 +18,7 @@ from pipeline.config import Params, load_params
 from pipeline.errors import UserError
 from pipeline.metrics import AVERAGES
 from pipeline.parallel import parse_devices, plan_stages, read_graph, run_parallel, stale_stages
+from pipeline.probstore import read_probabilities
 from pipeline.pseudo import TEACHER_FILE
 from pipeline.runtime import cpu_cores, node_rank
 from pipeline.slurm import SlurmOptions, run_on_node, submit_script
@@ -216,10 +217,7 @@ def node(args: argparse.Namespace) -> None:
 
 def teacher(args: argparse.Namespace) -> None:
     """Copy --predictions to --out (atomically) once every image's probabilities read back."""
-    # Imported here: the inference stack costs every other subcommand 1.5 s of start-up.
-    from pipeline.oof import read_oof
-
-    stored = read_oof(args.predictions, "test probabilities", "run dvc repro first")
+    stored = read_probabilities(args.predictions, "test probabilities", "run dvc repro first")
     for index in range(len(stored)):
         stored.probabilities(index)  # a UserError naming the file if one is corrupt: never freeze it
     with atomic_path(args.out) as tmp:

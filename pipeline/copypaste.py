@@ -205,12 +205,7 @@ def load_cut(root: Path, masks_dir: Path, record: ObjectRecord) -> Cut:
     """
     image = read_image(image_path(root, record.file_name))
     path = instance_map_path(masks_dir, record.file_name)
-    instances = read_instance_map(path)
-    if instances.shape != image.shape[:2]:
-        raise UserError(
-            f"{path}: instance map is {instances.shape[0]}x{instances.shape[1]} but its image is "
-            f"{image.shape[0]}x{image.shape[1]} (re-run the masks stage)"
-        )
+    instances = read_instance_map(path, image.shape[:2])
     x, y, w, h = record.bbox
     inside = instances[y : y + h, x : x + w] == record.instance
     if int(np.count_nonzero(inside)) != record.area or inside.shape != (h, w):

@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pipeline import coco
 from pipeline.augment import build_resize
-from pipeline.errors import UserError
 from pipeline.geometry import Geometry, pad_to_multiple, padded_shape
 from pipeline.images import (
     image_path,
@@ -122,16 +121,10 @@ class SegmentationDataset(Dataset):
             index, streams = key, self._streams
         file_name = self.file_names[index]
         image = read_image(image_path(self.root, file_name))
-        mask_path = self.masks_dir / mask_relpath(file_name)
-        mask = read_mask(mask_path)
-        if mask.shape != image.shape[:2]:
-            raise UserError(
-                f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                f"{image.shape[0]}x{image.shape[1]} (re-run the masks stage)"
-            )
+        mask = read_mask(self.masks_dir / mask_relpath(file_name), image.shape[:2])
         instances = None
         if self.boundary is not None and self.boundary.needs_instances:
-            instances = self._read_instances(file_name, mask.shape)
+            instances = read_instance_map(instance_map_path(self.masks_dir, file_name), mask.shape, "mask")
         if self.copy_paste is not None:
             image, mask, instances = self.copy_paste(image, mask, instances, streams.copy_paste)
         # The instance map rides along as albumentations' `masks`: mask interpolation and fills, no draws
@@ -152,16 +145,6 @@ class SegmentationDataset(Dataset):
             return image_t, mask_t
         instances = out["masks"][0] if extra else None
         return image_t, mask_t, torch.from_numpy(self.boundary.weights(instances, out["mask"]))
-
-    def _read_instances(self, file_name: str, shape: tuple[int, ...]) -> np.ndarray:
-        path = instance_map_path(self.masks_dir, file_name)
-        instances = read_instance_map(path)
-        if instances.shape != shape:
-            raise UserError(
-                f"{path}: instance map is {instances.shape[0]}x{instances.shape[1]} but its mask is "
-                f"{shape[0]}x{shape[1]} (re-run the masks stage)"
-            )
-        return instances
 
 
 class ConcatSegmentation(Dataset):
@@ -260,13 +243,7 @@ class ImageDataset(Dataset):
         mask = None
         if self.masks_dir is not None:
             mask_path = self.masks_dir / mask_relpath(record.file_name)
-            mask = read_mask(mask_path)
-            if mask.shape != (record.height, record.width):
-                raise UserError(
-                    f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                    f"{record.height}x{record.width} (re-run the masks stage)"
-                )
-            mask = torch.from_numpy(mask)
+            mask = torch.from_numpy(read_mask(mask_path, (record.height, record.width)))
         return normalize(image), index, shape, mask
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +29,16 @@ from pipeline.errors import UserError
 from pipeline.geometry import resize_argmax
 from pipeline.infer import merge_probabilities
 from pipeline.metrics import (
-    AVERAGES,
     Average,
+    checked_average,
     confusion_matrix_torch,
     image_ious,
     image_mious,
     iou_per_class,
     mean_iou,
+    nanmean,
 )
-from pipeline.oof import OofProbabilities
+from pipeline.probstore import StoredProbabilities
 
 
 def simplex_grid(n_members: int, step: float) -> np.ndarray:
@@ -123,11 +123,11 @@ class ImageIous:
     def score(self, folds: np.ndarray) -> np.ndarray:
         """float64 (G,): each predictor's mean image mIoU over the images of the folds where `folds` (bool
         (K,)) is True; NaN where there are none."""
-        return _nanmean(self.miou[:, np.asarray(folds)[self.fold]], axis=1)
+        return nanmean(self.miou[:, np.asarray(folds)[self.fold]], axis=1)
 
     def class_iou(self) -> np.ndarray:
         """float64 (G, C): each class's IoU averaged over the images whose truth or prediction holds it."""
-        return _nanmean(self.iou, axis=1)
+        return nanmean(self.iou, axis=1)
 
 
 # What scoring needs of G predictors' out-of-fold labels, by average: see `candidate_tally`.
@@ -135,7 +135,7 @@ OofTally = FoldConfusions | ImageIous
 
 
 def candidate_tally(
-    members: Sequence[Sequence[OofProbabilities]],
+    members: Sequence[Sequence[StoredProbabilities]],
     truth: Callable[[str], np.ndarray],
     candidates: np.ndarray,
     n_classes: int,
@@ -148,8 +148,7 @@ def candidate_tally(
     truth(file_name): uint8 (H, W) truth at the image's own size. candidates: (G, M, C) weights.
     "dataset": `FoldConfusions`, (G, K, C, C) counts; "image": `ImageIous` of the images in fold order.
     """
-    if average not in AVERAGES:
-        raise ValueError(f"unknown average {average!r} (valid: {', '.join(AVERAGES)})")
+    checked_average(average)
     n_folds, n_candidates = len(members[0]), len(candidates)
     fold_cms = torch.zeros((n_candidates, n_folds, n_classes, n_classes), dtype=torch.int64)
     image_fold: list[int] = []
@@ -220,7 +219,7 @@ class EnsembleFit:
 
 
 def fit_ensemble(
-    members: Sequence[Sequence[OofProbabilities]],
+    members: Sequence[Sequence[StoredProbabilities]],
     truth: Callable[[str], np.ndarray],
     n_classes: int,
     grid_step: float,
@@ -275,7 +274,7 @@ def _with_column(weights: np.ndarray, column: int, values: np.ndarray) -> np.nda
 
 
 def write_ensemble_labels(
-    members: Sequence[Sequence[OofProbabilities]],
+    members: Sequence[Sequence[StoredProbabilities]],
     fold_weights: np.ndarray,
     shape_of: Callable[[str], tuple[int, int]],
     write: Callable[[int, str, np.ndarray], None],
@@ -350,10 +349,3 @@ def read_weights(path: str | Path, classes: Sequence[str]) -> FittedWeights:
             f"{path}: fitted for other classes or members than the data's (re-run the ensemble stage)"
         )
     return fitted
-
-
-def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
-    """float64 mean over `axis` skipping NaNs; NaN (silently) where there is nothing to average."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(values, axis=axis, dtype=np.float64)

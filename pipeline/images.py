@@ -157,9 +157,12 @@ def write_mask(path: str | Path, mask: np.ndarray) -> None:
     _write_png(path, mask, np.uint8, "mask")
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask written by `write_mask` (uint8 HxW of class indexes)."""
-    return _read_png(path, np.uint8, ("L",), "mask", "is the masks stage up to date?")
+def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask written by `write_mask` (uint8 HxW of class indexes); with `expected_hw`, the size of
+    its image, a mask of another size is a UserError (a stale masks folder)."""
+    mask = _read_png(path, np.uint8, ("L",), "mask", "is the masks stage up to date?")
+    _check_size(path, mask, "mask", expected_hw, "image")
+    return mask
 
 
 def write_instance_map(path: str | Path, instances: np.ndarray) -> None:
@@ -167,9 +170,25 @@ def write_instance_map(path: str | Path, instances: np.ndarray) -> None:
     _write_png(path, instances, np.uint16, "instance map")
 
 
-def read_instance_map(path: str | Path) -> np.ndarray:
-    """Read an instance map written by `write_instance_map` (uint16 HxW)."""
-    return _read_png(path, np.uint16, ("I;16", "I;16B", "I;16L"), "instance map", "re-run the masks stage")
+def read_instance_map(
+    path: str | Path, expected_hw: tuple[int, ...] | None = None, against: str = "image"
+) -> np.ndarray:
+    """Read an instance map written by `write_instance_map` (uint16 HxW); with `expected_hw`, the size of
+    its `against` (image or mask), a map of another size is a UserError (a stale masks folder)."""
+    modes = ("I;16", "I;16B", "I;16L")
+    instances = _read_png(path, np.uint16, modes, "instance map", "re-run the masks stage")
+    _check_size(path, instances, "instance map", expected_hw, against)
+    return instances
+
+
+def _check_size(
+    path: str | Path, array: np.ndarray, what: str, expected_hw: tuple[int, ...] | None, against: str
+) -> None:
+    if expected_hw is not None and array.shape != tuple(expected_hw):
+        raise UserError(
+            f"{path}: {what} is {array.shape[0]}x{array.shape[1]} but its {against} is "
+            f"{expected_hw[0]}x{expected_hw[1]} (re-run the masks stage)"
+        )
 
 
 def _write_png(path: str | Path, array: np.ndarray, dtype: type, what: str) -> None:

@@ -82,35 +82,25 @@ def iou_per_class(cm: np.ndarray) -> np.ndarray:
     cm = np.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"confusion matrix must be square (C, C), got shape {cm.shape}")
-    cm = cm.astype(np.float64)
-    tp = np.diag(cm)
-    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
-    iou = np.full(tp.shape, np.nan)
-    np.divide(tp, union, out=iou, where=union > 0)
-    return iou
+    return image_ious(cm[None])[0]
 
 
 def mean_iou(cm: np.ndarray) -> float:
     """Mean of `iou_per_class` over classes present in truth or prediction; NaN if none are."""
-    iou = iou_per_class(cm)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slice: an empty matrix, NaN is the answer
-        return float(np.nanmean(iou))
+    return float(nanmean(iou_per_class(cm)))
 
 
 def image_mious(cms: np.ndarray) -> np.ndarray:
     """Per-image mIoU from per-image confusion matrices (N, C, C) -> float64 (N,): for each image the mean
     IoU over the classes in its truth or its prediction (NaN for an image with no counted pixel)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(image_ious(cms), axis=1)
+    return nanmean(image_ious(cms), axis=1)
 
 
 def image_ious(cms: np.ndarray) -> np.ndarray:
-    """Per-image, per-class IoU from per-image confusion matrices (N, C, C) -> float64 (N, C): `iou_per_class`
-    of each image, NaN for a class in neither that image's truth nor its prediction."""
-    cms = _stack(cms)
-    tp = np.diagonal(cms, axis1=1, axis2=2).astype(np.float64)
+    """Per-image, per-class IoU = TP / (TP + FP + FN) from per-image confusion matrices (N, C, C) ->
+    float64 (N, C), NaN for a class in neither that image's truth nor its prediction."""
+    cms = _stack(cms).astype(np.float64)
+    tp = np.diagonal(cms, axis1=1, axis2=2)
     union = cms.sum(axis=1) + cms.sum(axis=2) - tp
     iou = np.full(tp.shape, np.nan)
     np.divide(tp, union, out=iou, where=union > 0)
@@ -122,28 +112,33 @@ def score(cms: np.ndarray, average: Average) -> float:
     "dataset": `mean_iou` of their sum; "image": the mean of `image_mious` (images with no counted pixel,
     e.g. all ignored, are skipped). NaN for no images."""
     cms = _stack(cms)
-    if average == "dataset":
+    if checked_average(average) == "dataset":
         return mean_iou(cms.sum(axis=0))
-    if average == "image":
-        per_image = image_mious(cms)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return float(np.nanmean(per_image)) if per_image.size else float("nan")
-    raise ValueError(f"unknown average {average!r} (valid: {', '.join(AVERAGES)})")
+    return float(nanmean(image_mious(cms)))
 
 
 def class_ious(cms: np.ndarray, average: Average) -> np.ndarray:
     """Per-class IoU (C,) by `average`: "dataset": `iou_per_class` of the summed matrix; "image": each
     class's IoU averaged over the images whose truth or prediction holds it (NaN where none does)."""
     cms = _stack(cms)
-    if average == "dataset":
+    if checked_average(average) == "dataset":
         return iou_per_class(cms.sum(axis=0))
-    if average == "image":
-        iou = image_ious(cms)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(iou, axis=0) if len(iou) else np.full(cms.shape[1], np.nan)
-    raise ValueError(f"unknown average {average!r} (valid: {', '.join(AVERAGES)})")
+    return nanmean(image_ious(cms), axis=0)
+
+
+def nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """float64 mean over `axis` skipping NaNs; NaN, without numpy's warning, where nothing is left (no
+    class present, no image): there "no evidence" is the answer, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis, dtype=np.float64)
+
+
+def checked_average(average: str) -> str:
+    """`average` if it names one of AVERAGES, else a ValueError listing them."""
+    if average not in AVERAGES:
+        raise ValueError(f"unknown average {average!r} (valid: {', '.join(AVERAGES)})")
+    return average
 
 
 def _stack(cms: np.ndarray) -> np.ndarray:

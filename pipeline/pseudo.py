@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from pipeline.coco import ImageRecord
 from pipeline.errors import UserError
 from pipeline.geometry import confident_argmax
 from pipeline.images import IGNORE_INDEX, mask_relpath, write_mask
+from pipeline.probstore import StoredProbabilities
 
 # The teacher folder's file (`python -m pipeline teacher` writes it) and the pseudo-label folder's layout.
 TEACHER_FILE = "test.npz"
@@ -23,19 +24,6 @@ PSEUDO_JSON = "pseudo.json"
 MASKS_DIR = "masks"
 # What to do about a missing, foreign or mismatched teacher.
 REFREEZE = "run dvc repro, then python -m pipeline teacher"
-
-
-class TeacherProbabilities(Protocol):
-    """What pseudo-labelling reads of the teacher file: what `oof.read_oof` returns. A protocol, not that
-    import, so training, which imports `read_pseudo`, imports no inference code."""
-
-    path: Path
-    file_names: list[str]
-    classes: list[str]
-
-    def probabilities(self, index: int) -> torch.Tensor:
-        """float32 (C, h, w) probabilities of the `index`-th file name."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -70,7 +58,7 @@ def teacher_file(teacher_dir: Path) -> Path:
 
 
 def check_teacher(
-    teacher: TeacherProbabilities, images: Sequence[ImageRecord], classes: Sequence[str], source: str
+    teacher: StoredProbabilities, images: Sequence[ImageRecord], classes: Sequence[str], source: str
 ) -> None:
     """A UserError unless `teacher` holds exactly the test `images` (in any order: `write_pseudo` looks
     them up by name) and the `classes` of the manifest `source`."""
@@ -98,7 +86,7 @@ def _more(names: Sequence[str]) -> str:
 
 def write_pseudo(
     out: Path,
-    teacher: TeacherProbabilities,
+    teacher: StoredProbabilities,
     images: Sequence[ImageRecord],
     classes: Sequence[str],
     threshold: float,

@@ -347,8 +347,7 @@ def score_submission(
     invalid, or if every annotation of the truth was skipped as bad or ignored as not a class (an
     all-background truth would score nonsense).
     """
-    if average not in metrics.AVERAGES:
-        raise ValueError(f"unknown average {average!r} (valid: {', '.join(metrics.AVERAGES)})")
+    metrics.checked_average(average)
     left_out = truth.skipped + truth.ignored
     if truth.n_annotations == 0 and left_out > 0:
         why = "skipped as bad" + (" or ignored (category not a class)" if truth.ignored else "")

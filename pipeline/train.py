@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -329,13 +330,9 @@ def load_pseudo(folder: Path, classes: list[str]) -> PseudoSet | None:
     keep = pseudo.labelled > 0
     if not keep.any():
         return None
-    return PseudoSet(
-        pseudo.masks_dir,
-        pseudo.threshold,
-        pseudo.classes,
-        [image for image, kept in zip(pseudo.images, keep, strict=True) if kept],
-        pseudo.presence[keep],
-        pseudo.labelled[keep],
+    images = [image for image, kept in zip(pseudo.images, keep, strict=True) if kept]
+    return dataclasses.replace(
+        pseudo, images=images, presence=pseudo.presence[keep], labelled=pseudo.labelled[keep]
     )
 
 
@@ -383,7 +380,7 @@ def build_loaders(
     """
     boundary = boundary_weighting(train, len(data.classes))
     train_set, sample_weights = training_set(
-        aug, paths.root, data.train_names, paths.masks, data.presence, boundary, data.pseudo
+        aug, paths.root, data.train_names, paths.masks, data.all_presence, boundary, data.pseudo
     )
     pin = runtime.device.type == "cuda"
     train_loader = build_train_loader(
@@ -413,15 +410,14 @@ def training_set(
     """The training Dataset of `fit` (augmentation, rare-class-weighted elastic and copy-paste) and its
     per-image oversampling weights (None unless `augment.oversample`). Benchmarks build theirs here too.
 
-    presence: bool (len(file_names), C), the classes in each image's mask. With `boundary` each item also
-    carries its boundary weight map, computed after augmentation (the instance maps beside the masks).
+    presence: bool (N, C), the classes in each item's mask: the `file_names`, then `pseudo`'s images.
+    With `boundary` each item also carries its boundary weight map, computed after augmentation (the
+    instance maps beside the masks).
     With `augment.copy_paste` > 0 objects of the masks stage's bank (`images.objects_path(masks_dir)`) are
     pasted, drawn by the same rarity weights, from the images of `file_names` only: never from a held-out one.
     With `pseudo` its images (test images, IGNORE_INDEX where the teacher was unsure) follow the fold's
     images as more training items, augmented alike; rarity weights are counted over both.
     """
-    if pseudo is not None:
-        presence = np.vstack([presence, pseudo.presence])
     rarity = augment.rarity_weights(presence, aug.elastic_gamma)
     elastic_p = augment.elastic_probabilities(presence, aug)
     copy_paste = None

@@ -20,7 +20,7 @@ from pipeline.ensemble import (
 from pipeline.errors import UserError, run_main
 from pipeline.images import mask_relpath, read_mask, write_mask
 from pipeline.manifest import read_manifest
-from pipeline.oof import read_oof
+from pipeline.probstore import read_probabilities
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     def truth(file_name: str) -> np.ndarray:
         return read_mask(args.masks / mask_relpath(file_name))
 
-    members = [[read_oof(args.oof / name / f"fold{k}.npz") for k in folds] for name in names]
+    members = [[read_probabilities(args.oof / name / f"fold{k}.npz") for k in folds] for name in names]
     for stored in (fold for member in members for fold in member):
         if stored.classes != classes:
             raise UserError(f"{stored.path}: classes {stored.classes} differ from {args.manifest}'s (stale?)")

@@ -23,7 +23,7 @@ from pipeline.infer import (
     window_overlap_of,
 )
 from pipeline.manifest import read_manifest
-from pipeline.oof import probabilities_writer
+from pipeline.probstore import probabilities_writer
 from pipeline.submission import SubmissionWriter, validate_submission
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.errors import run_main
 from pipeline.manifest import read_manifest
-from pipeline.oof import read_oof
+from pipeline.probstore import read_probabilities
 from pipeline.pseudo import REFREEZE, read_pseudo, summary, teacher_file, write_empty, write_pseudo
 
 
@@ -27,7 +27,7 @@ def main() -> None:
         write_empty(args.out, manifest.classes)
         print(f"{args.out}: no pseudo-labels (pseudo.enabled is false)")
         return
-    teacher = read_oof(teacher_file(args.teacher), "teacher probabilities", REFREEZE)
+    teacher = read_probabilities(teacher_file(args.teacher), "teacher probabilities", REFREEZE)
     pixels = write_pseudo(
         args.out, teacher, manifest.test, manifest.classes, pseudo.threshold, str(args.manifest)
     )

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Stored:
-    """Stands in for `oof.OofProbabilities`: what the ensemble functions read of one (model, fold)."""
+    """Stands in for `probstore.StoredProbabilities`: what the ensemble functions read of a (model, fold)."""
 
     path: Path
     file_names: list[str]

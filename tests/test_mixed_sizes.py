@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.geometry import Geometry
 from pipeline.images import mask_relpath, read_mask
-from pipeline.oof import read_oof
+from pipeline.probstore import read_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(480, 640), (640, 480), (768, 1024)]  # (height, width): 640x480, 480x640 and 1024x768 photos
@@ -105,7 +105,7 @@ def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, r
         geometry = Geometry(mode="crop", size=64, short_side=short_side)
         stored = {}
         for fold in (0, 1):
-            oof = read_oof(work / "oof" / model / f"fold{fold}.npz")
+            oof = read_probabilities(work / "oof" / model / f"fold{fold}.npz")
             stored |= {name: oof.probabilities(i) for i, name in enumerate(oof.file_names)}
         assert sorted(stored) == sorted(image["file_name"] for image in train_images)
         for image in train_images:

@@ -27,13 +27,12 @@ from pipeline.infer import (
 )
 from pipeline.manifest import ImageSet, Manifest, write_manifest
 from pipeline.models import build_model, checkpoint_state, save_checkpoint
-from pipeline.oof import (
+from pipeline.oof import held_out, write_oof
+from pipeline.probstore import (
     dequantise,
-    held_out,
     probabilities_writer,
     quantise,
-    read_oof,
-    write_oof,
+    read_probabilities,
     write_probabilities,
 )
 from pipeline.submission import iter_submission
@@ -97,7 +96,7 @@ def test_write_oof_stores_each_held_out_image_at_the_model_s_inference_shape(
     tta = write_oof(tmp_path / "models/m/fold0/best.pt", images, tmp_path / "data", predict, CPU, out)
     assert tta == "hflip"  # what `auto` makes of a model trained with hflip only
 
-    stored = read_oof(out)
+    stored = read_probabilities(out)
     assert stored.file_names == [im.file_name for im in images]
     assert stored.classes == CLASSES
     assert len(stored) == 3
@@ -119,7 +118,7 @@ def test_write_oof_predicts_in_sliding_windows_when_switched_on(tmp_path: Path) 
     model = _checkpoint(tmp_path / "best.pt", augment)
     predict = PredictParams(tta="none", batch_size=2, num_workers=0, sliding_window=True, window_overlap=0.5)
     write_oof(tmp_path / "best.pt", images, tmp_path / "data", predict, CPU, tmp_path / "fold0.npz")
-    stored = read_oof(tmp_path / "fold0.npz")
+    stored = read_probabilities(tmp_path / "fold0.npz")
     dataset = ImageDataset(tmp_path / "data", images, Geometry("crop", 32, 32))
     tiled = dict(predict_probabilities([model], None, dataset, "none", [1.0], 2, 0, CPU, True, 0.5))
     whole = dict(predict_probabilities([model], None, dataset, "none", [1.0], 2, 0, CPU))
@@ -140,14 +139,14 @@ def test_write_oof_refuses_a_tta_the_checkpoint_never_trained_with(tmp_path: Pat
     assert not out.exists()
 
 
-def test_read_oof_reads_the_documented_format(tmp_path: Path) -> None:
+def test_read_probabilities_reads_the_documented_format(tmp_path: Path) -> None:
     # Written by numpy itself, as the module docstring describes: names, classes, p<i> uint8 (C, h, w).
     stored = [np.array([[[0, 255]], [[255, 0]]], np.uint8), np.full((2, 3, 1), 51, np.uint8)]
     np.savez_compressed(
         tmp_path / "f.npz", file_names=np.array(["a.png", "b/c.png"]), classes=np.array(["bg", "x"]),
         p0=stored[0], p1=stored[1],
     )  # fmt: skip
-    oof = read_oof(tmp_path / "f.npz")
+    oof = read_probabilities(tmp_path / "f.npz")
     assert (oof.path, oof.file_names, oof.classes, len(oof)) == (
         tmp_path / "f.npz",
         ["a.png", "b/c.png"],
@@ -179,22 +178,22 @@ def _truncated_npz(path: Path) -> None:
     ],
     ids=["text", "bad-npy", "other-npz", "truncated"],
 )
-def test_read_oof_of_a_foreign_file_is_a_one_line_user_error(tmp_path: Path, write) -> None:
+def test_read_probabilities_of_a_foreign_file_is_a_one_line_user_error(tmp_path: Path, write) -> None:
     path = tmp_path / "oof/m/fold0.npz"
     path.parent.mkdir(parents=True)
     write(path)
     with pytest.raises(UserError, match=r"oof/m/fold0\.npz: not out-of-fold probabilities") as info:
-        read_oof(path)
+        read_probabilities(path)
     assert "\n" not in str(info.value)
     assert "re-run its oof stage" in str(info.value)
 
 
-def test_read_oof_of_a_missing_file_names_it(tmp_path: Path) -> None:
+def test_read_probabilities_of_a_missing_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"fold3\.npz: out-of-fold probabilities not found") as info:
-        read_oof(tmp_path / "fold3.npz")
+        read_probabilities(tmp_path / "fold3.npz")
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="not found"):
-        read_oof(tmp_path)  # a folder is not the file either
+        read_probabilities(tmp_path)  # a folder is not the file either
 
 
 def _softmax(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -209,7 +208,7 @@ def test_write_probabilities_round_trips_names_classes_and_each_image_s_shape(tm
     ]
     out = tmp_path / "predictions/test.npz"
     assert write_probabilities(out, CLASSES, iter(items)) == 3
-    stored = read_oof(out)
+    stored = read_probabilities(out)
     assert (stored.file_names, stored.classes, len(stored)) == (["b/1.jpg", "a.jpg", "c.png"], CLASSES, 3)
     for (name, probs), (stored_name, back) in zip(items, stored, strict=True):
         assert stored_name == name and back.shape == probs.shape
@@ -223,7 +222,7 @@ def test_write_probabilities_round_trips_names_classes_and_each_image_s_shape(tm
 
 def test_write_probabilities_of_no_images_reads_back_empty(tmp_path: Path) -> None:
     write_probabilities(tmp_path / "e.npz", CLASSES, [])
-    stored = read_oof(tmp_path / "e.npz")
+    stored = read_probabilities(tmp_path / "e.npz")
     assert (stored.file_names, stored.classes, list(stored)) == ([], CLASSES, [])
 
 
@@ -233,19 +232,19 @@ def test_probabilities_writer_leaves_the_old_file_when_the_block_fails(tmp_path:
     with pytest.raises(RuntimeError, match="stop"), probabilities_writer(out, CLASSES) as write:
         write("new.jpg", _softmax(3, 4, 4))
         raise RuntimeError("stop")
-    assert read_oof(out).file_names == ["old.jpg"]
+    assert read_probabilities(out).file_names == ["old.jpg"]
     assert [p.name for p in tmp_path.iterdir()] == ["test.npz"]
     with pytest.raises(ValueError, match=r"x\.jpg: probabilities must be \(3, h, w\)"):
         write_probabilities(out, CLASSES, [("x.jpg", _softmax(2, 4, 4))])
-    assert read_oof(out).file_names == ["old.jpg"]
+    assert read_probabilities(out).file_names == ["old.jpg"]
 
 
-def test_read_oof_names_what_the_file_should_hold_and_the_remedy(tmp_path: Path) -> None:
+def test_read_probabilities_names_what_the_file_should_hold_and_the_remedy(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"^\S*test\.npz: test probabilities not found \(run dvc repro\)$"):
-        read_oof(tmp_path / "test.npz", "test probabilities", "run dvc repro")
+        read_probabilities(tmp_path / "test.npz", "test probabilities", "run dvc repro")
     (tmp_path / "test.npz").write_text("no zip")
     with pytest.raises(UserError, match=r"test\.npz: not test probabilities \(.*\); run dvc repro$"):
-        read_oof(tmp_path / "test.npz", "test probabilities", "run dvc repro")
+        read_probabilities(tmp_path / "test.npz", "test probabilities", "run dvc repro")
 
 
 @pytest.mark.parametrize(
@@ -254,12 +253,12 @@ def test_read_oof_names_what_the_file_should_hold_and_the_remedy(tmp_path: Path)
 def test_a_misshapen_image_array_is_a_one_line_user_error_naming_the_image(tmp_path: Path, p0) -> None:
     path = tmp_path / "f.npz"
     np.savez_compressed(path, file_names=np.array(["a.png"]), classes=np.array(CLASSES), p0=p0)
-    stored = read_oof(path, remedy="do it again")
+    stored = read_probabilities(path, remedy="do it again")
     with pytest.raises(UserError, match=r"f\.npz: probabilities of 'a\.png' are .* not uint8 \(3, h, w\)"):
         stored.probabilities(0)
     np.savez_compressed(path, file_names=np.array(["a.png", "b.png"]), classes=np.array(CLASSES), p0=p0)
     with pytest.raises(UserError, match=r"probabilities of 'b\.png' unreadable \(.*\); do it again$"):
-        read_oof(path, remedy="do it again").probabilities(1)
+        read_probabilities(path, remedy="do it again").probabilities(1)
 
 
 PREDICT_MEMBERS = {  # one squashes, one crops: on wide and tall images their inference shapes differ
@@ -295,7 +294,7 @@ def test_predict_stage_stores_the_merged_test_probabilities_at_the_largest_membe
     monkeypatch.setattr(sys, "argv", ["predict.py", *args])
     runpy.run_path(str(STAGES / "predict.py"), run_name="__main__")
 
-    stored = read_oof(tmp_path / "predictions/test.npz")
+    stored = read_probabilities(tmp_path / "predictions/test.npz")
     assert (stored.file_names, stored.classes) == ([im.file_name for im in images], CLASSES)
     members = []
     for name in PREDICT_MEMBERS:

@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.geometry import confident_argmax
 from pipeline.images import IGNORE_INDEX, read_mask
 from pipeline.manifest import Manifest, write_manifest
-from pipeline.oof import read_oof, write_probabilities
+from pipeline.probstore import read_probabilities, write_probabilities
 from pipeline.pseudo import pseudo_mask, read_pseudo
 
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "pseudo.py"
@@ -189,7 +189,7 @@ def test_enabled_labels_each_test_image_at_its_own_size(
     raw = json.loads((project / "data/pseudo/pseudo.json").read_text())
     assert list(raw) == ["threshold", "classes", "images"]
     assert list(raw["images"][0]) == ["file_name", "id", "height", "width", "presence", "labelled"]
-    stored = read_oof(project / "teacher/test.npz")
+    stored = read_probabilities(project / "teacher/test.npz")
     for row, (image, teacher_probs) in enumerate(zip(TEST, probs, strict=True)):
         mask = read_mask(pseudo.mask_path(image))
         assert (

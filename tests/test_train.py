@@ -45,7 +45,8 @@ from pipeline.losses import TrainingObjective, build_loss
 from pipeline.manifest import manifest_of, read_manifest, write_manifest
 from pipeline.metrics import confusion_matrix, mean_iou
 from pipeline.models import load_checkpoint, model_from_checkpoint
-from pipeline.oof import held_out, read_oof, write_oof
+from pipeline.oof import held_out, write_oof
+from pipeline.probstore import read_probabilities
 from pipeline.resume import run_fingerprint
 from pipeline.runtime import NodeSpec, Runtime, resolve_nodes, seed_everything, setup_runtime
 from pipeline.train import (
@@ -205,7 +206,7 @@ def test_oof_stage_stores_the_held_out_probabilities_validation_scored(
 
     best = load_checkpoint(paths.model_dir / "best.pt")
     images = _held_out(dataset)
-    oof = read_oof(out)
+    oof = read_probabilities(out)
     assert oof.file_names == [image.file_name for image in images]  # the fold's images, in manifest order
     assert oof.classes == best["classes"]
 
