@@ -368,6 +368,7 @@ def plain_loop(
     score: bool,
     env: dict[str, str],
     stem: Path,
+    seed: int = PLAIN_SEED,
 ) -> Iterator[dict[str, Any]]:
     """Run the plain loop in its own process while the `with` block runs; the dict it yields is filled
     with its results when the block ends (after waiting for it). Progress goes to `stem`.log.
@@ -375,7 +376,7 @@ def plain_loop(
     If the block raises, the process is killed.
     """
     args = ["--workspace", str(work), "--fold", str(fold), "--budget-seconds", str(budget_s)]
-    args += ["--threads", env["OMP_NUM_THREADS"], "--out", f"{stem}.json"]
+    args += ["--threads", env["OMP_NUM_THREADS"], "--out", f"{stem}.json", "--seed", str(seed)]
     args += ["--max-epochs", str(max_epochs)] if max_epochs is not None else []
     args += [] if score else ["--no-score"]
     Path(f"{stem}.json").unlink(missing_ok=True)
@@ -403,6 +404,7 @@ def plain_main(argv: list[str]) -> None:
     parser.add_argument("--budget-seconds", type=float, required=True)
     parser.add_argument("--max-epochs", type=int)
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=PLAIN_SEED, help="weights, order and flips")
     parser.add_argument("--no-score", action="store_true", help="train only (calibration)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -420,8 +422,8 @@ def plain_main(argv: list[str]) -> None:
     y = torch.stack([to_target(read_mask(masks / mask_relpath(im.file_name))) for im in images])
     n_classes = manifest.n_classes
     print(f"plain loop: {len(images)} training images (fold != {args.fold}), {n_classes} classes")
-    model, epochs, seconds = plain_train(x, y, n_classes, args.budget_seconds, args.max_epochs)
-    result: dict[str, Any] = {"epochs": epochs, "train_seconds": seconds}
+    model, epochs, seconds = plain_train(x, y, n_classes, args.budget_seconds, args.max_epochs, args.seed)
+    result: dict[str, Any] = {"epochs": epochs, "train_seconds": seconds, "seed": args.seed}
     if not args.no_score:
         # The test truth with the training json's classes, loaded as the leaderboard stage loads it.
         truth = coco.load_with_training_classes(
@@ -451,15 +453,20 @@ def to_target(mask: np.ndarray) -> torch.Tensor:
 
 
 def plain_train(
-    x: torch.Tensor, y: torch.Tensor, n_classes: int, budget_s: float, max_epochs: int | None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    budget_s: float,
+    max_epochs: int | None,
+    seed: int = PLAIN_SEED,
 ) -> tuple[torch.nn.Module, int, float]:
     """Unet/ResNet-18 from scratch: Adam 1e-3, cross-entropy, horizontal flips, batch 8, seeded shuffle.
 
     x: float (N, 3, S, S), y: int64 (N, S, S). Trains whole epochs until the next one would end past
     `budget_s` (at least one; at most `max_epochs`). Returns (model, epochs, training seconds).
     """
-    torch.manual_seed(PLAIN_SEED)
-    rng = np.random.default_rng(PLAIN_SEED)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     model = smp.Unet("resnet18", encoder_weights=None, classes=n_classes).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=PLAIN_LR)
     start, last, epochs = time.perf_counter(), 0.0, 0

@@ -170,9 +170,11 @@ class TrainingObjective(nn.Module):
     def forward(
         self, output: ModelOutput, target: torch.Tensor, pixel_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
+        # Losses in float32 whatever the autocast dtype: CPU autocast leaves softmax in bf16, whose 8-bit
+        # mantissa would round the dice sums.
         if isinstance(output, torch.Tensor):
-            return self.loss(output, target, pixel_weights)
-        total = self.loss(output["logits"], target, pixel_weights)
+            return self.loss(output.float(), target, pixel_weights)
+        total = self.loss(output["logits"].float(), target, pixel_weights)
         sides = output.get("side", [])
         weights = [1.0] * len(sides) if self.side_weights is None else self.side_weights
         if len(weights) != len(sides):
@@ -181,7 +183,7 @@ class TrainingObjective(nn.Module):
                 f"{len(sides)} side outputs (deepest last)"
             )
         for weight, side in zip(weights, sides, strict=True):
-            total = total + weight * self.loss(side, target, pixel_weights)
+            total = total + weight * self.loss(side.float(), target, pixel_weights)
         if "presence" in output:
             presence = output["presence"].float()
             # 1 where class c occurs in image n: a scatter over the pixels, not an (N, H, W, C) one-hot;

@@ -48,7 +48,15 @@ from pipeline.models import load_checkpoint, model_from_checkpoint
 from pipeline.oof import held_out, write_oof
 from pipeline.probstore import read_probabilities
 from pipeline.resume import run_fingerprint
-from pipeline.runtime import NodeSpec, Runtime, resolve_nodes, seed_everything, setup_runtime
+from pipeline import runtime as runtime_module
+from pipeline.runtime import (
+    NodeSpec,
+    Runtime,
+    cpu_has_native_bf16,
+    resolve_nodes,
+    seed_everything,
+    setup_runtime,
+)
 from pipeline.train import (
     FoldPaths,
     build_loaders,
@@ -444,6 +452,27 @@ def test_cpu_runtime_is_single_process_float32() -> None:
     assert runtime.amp_dtype is None and not runtime.use_scaler and not runtime.channels_last
     with runtime.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_cpu_bf16_trains_in_bf16_only_where_the_cpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: True)
+    runtime = _cpu(_recipe(cpu_bf16=True))
+    assert runtime.amp_dtype == torch.bfloat16 and runtime.channels_last and not runtime.use_scaler
+    with runtime.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: False)
+    runtime = _cpu(_recipe(cpu_bf16=True))
+    assert runtime.amp_dtype is None and not runtime.channels_last
+    assert "no native bf16" in capsys.readouterr().err
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    assert cpu_has_native_bf16("flags\t: fpu avx512f avx512_bf16 avx512vl\n")
+    assert cpu_has_native_bf16("flags\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags\t: fpu avx2 avx512f avx512bw\n")
 
 
 def test_seed_everything_replays_every_generator() -> None:

@@ -1,0 +1,172 @@
+"""bench/realsets.py: its statistics on hand-sized numbers, and one end-to-end run on two tiny sets."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from pipeline.config import DemoParams
+from pipeline.demo import generate_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def realsets(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module("realsets")
+
+
+def test_t_interval_matches_scipy(realsets: ModuleType) -> None:
+    values = [0.1, 0.3, 0.2, 0.25]
+    mean, low, high = realsets.t_interval(values)
+    expected = stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(0.2125)
+    assert (low, high) == pytest.approx(expected)
+
+
+def test_t_interval_of_one_value_has_no_bounds(realsets: ModuleType) -> None:
+    mean, low, high = realsets.t_interval([0.4])
+    assert mean == 0.4 and math.isnan(low) and math.isnan(high)
+
+
+def test_ratio_interval_is_the_geometric_mean_of_paired_ratios(realsets: ModuleType) -> None:
+    # Ratios 2 and 0.5: geometric mean 1; the log ratios +-ln 2 give a wide interval around it.
+    ratio, low, high = realsets.ratio_interval([0.4, 0.1], [0.2, 0.2])
+    assert ratio == pytest.approx(1.0)
+    half = stats.t.ppf(0.975, 1) * np.std([math.log(2), -math.log(2)], ddof=1) / math.sqrt(2)
+    assert (low, high) == pytest.approx((math.exp(-half), math.exp(half)))
+    # Identical ratios: a zero-width interval at that ratio.
+    assert realsets.ratio_interval([0.3, 0.6], [0.2, 0.4]) == pytest.approx((1.5, 1.5, 1.5))
+    # A plain score of 0 leaves the ratio undefined rather than infinite.
+    assert all(math.isnan(v) for v in realsets.ratio_interval([0.3], [0.0]))
+
+
+def test_geometric_mean_interval_over_sets(realsets: ModuleType) -> None:
+    logs = [[math.log(1.2), math.log(1.4)], [math.log(0.9), math.log(1.1)]]
+    ratio, low, high = realsets.geometric_mean_interval(logs)
+    centre = (np.mean(logs[0]) + np.mean(logs[1])) / 2
+    assert ratio == pytest.approx(math.exp(centre))
+    assert low < ratio < high
+    # One pair in a set: a point estimate only.
+    ratio, low, high = realsets.geometric_mean_interval([[math.log(2.0)], [0.0, 0.0]])
+    assert ratio == pytest.approx(math.sqrt(2.0)) and math.isnan(low) and math.isnan(high)
+
+
+def test_class_counts_use_the_truth_classes(realsets: ModuleType) -> None:
+    iou = {"background": 0.9, "a": 0.0, "b": 0.15, "c": 0.5, "d": None}
+    # d is in the truth but unscored (never predicted): it counts as 0; background never counts.
+    assert realsets.class_counts(iou, ["a", "b", "c", "d"]) == (2, 1, 4)
+
+
+def _record(real: str, recipe: str, seed: int, fold: int, miou: float) -> dict:
+    return {
+        "set": real,
+        "recipe": recipe,
+        "seed": seed,
+        "fold": fold,
+        "miou": miou,
+        "epochs": 3,
+        "iou": {"background": 0.9, "x": miou},
+        "truth_classes": ["x"],
+    }
+
+
+def test_summary_pairs_runs_by_seed_and_fold(realsets: ModuleType) -> None:
+    records = [
+        _record("s1", "plain", 0, 0, 0.2),
+        _record("s1", "plain", 1, 0, 0.4),
+        _record("s1", "cand", 0, 0, 0.3),
+        _record("s1", "cand", 1, 0, 0.4),
+        _record("s1", "ref", 0, 0, 0.25),
+        _record("s1", "ref", 1, 0, 0.3),
+        # A second set with one plain run: the candidate's unpaired run has no ratio there.
+        _record("s2", "plain", 0, 0, 0.5),
+        _record("s2", "cand", 0, 0, 0.5),
+        _record("s2", "cand", 1, 0, 0.6),
+    ]
+    summary = realsets.summarize(records, ["cand", "ref"], "ref")
+    row = summary["sets"]["s1"]["cand"]
+    assert row["n"] == 2 and row["n_paired"] == 2
+    assert row["ratio"] == pytest.approx(math.sqrt(1.5 * 1.0))
+    assert row["diff_to_reference"] == pytest.approx(((0.3 - 0.25) + (0.4 - 0.3)) / 2)
+    assert row["classes_above_0_2"] == 1.0
+    assert summary["sets"]["s2"]["cand"]["n_paired"] == 1
+    assert summary["sets"]["s2"]["cand"]["ratio"] == pytest.approx(1.0)
+    # cand has pairs on both sets; ref has none on s2, so no ratio over the sets.
+    assert summary["overall"]["cand"]["sets"] == 2
+    assert "ref" not in summary["overall"]
+    text = realsets.format_summary(summary, 10)
+    assert "### s1 (10 min per run)" in text and "| cand | 2 |" in text
+
+
+def test_bad_recipe_specs_exit_with_one_line(realsets: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="is not NAME=PARAMS_FILE"):
+        realsets.read_candidates(["nofile"], [])
+    with pytest.raises(SystemExit, match="no params file"):
+        realsets.read_candidates([f"a={tmp_path / 'missing.yaml'}"], [])
+    with pytest.raises(SystemExit, match="the harness sets it"):
+        realsets.read_candidates([f"a={ROOT / 'params.yaml'}"], [["a", "train.seed=3"]])
+    with pytest.raises(SystemExit, match="no --recipe of that name"):
+        realsets.read_candidates([f"a={ROOT / 'params.yaml'}"], [["b", "train.lr=0.1"]])
+    with pytest.raises(SystemExit, match="no test_truth.json"):
+        (tmp_path / "set").mkdir()
+        (tmp_path / "set" / "train.json").write_text("{}")
+        (tmp_path / "set" / "test.json").write_text("{}")
+        realsets.find_sets([tmp_path / "set"])
+
+
+@pytest.mark.slow
+def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tmp_path: Path) -> None:
+    sets = []
+    for name in ("tiny-a", "tiny-b"):
+        generate_demo(tmp_path / name, DemoParams(n_train=12, n_test=3, image_size=64, max_objects=2))
+        sets.append(str(tmp_path / name))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["augment"]["size"] = 64
+    params["model"].update(arch="Unet", encoder="resnet18", decoder_channels=[32, 16, 16, 8, 8])
+    params["train"]["batch_size"] = 4
+    params["predict"].update(batch_size=4, tta="none")
+    params["models"] = {"unet": {}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "out"
+    args = [f"--recipe=a={tmp_path / 'tiny.yaml'}", "--sets", *sets, "--seeds", "0", "--folds", "1"]
+    args += ["--n-splits", "3", "--minutes", "0.02", "--out", str(out), "--work", str(tmp_path / "work")]
+    args += ["--summary-json", str(tmp_path / "summary.json")]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    command = [sys.executable, str(ROOT / "bench" / "realsets.py"), *args]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    records = sorted(out.glob("*.json"))
+    assert [p.name for p in records] == [
+        f"{s}-{r}-s0-f1-0.02min.json" for s in ("tiny-a", "tiny-b") for r in ("a", "plain")
+    ]
+    for path in records:
+        text = path.read_text()
+        assert str(tmp_path) not in text, f"{path.name} holds a machine path"
+        record = json.loads(text)
+        assert len(record["manifest_sha256"]) == 64 and 0 <= record["miou"] <= 1
+    candidate = json.loads((out / "tiny-a-a-s0-f1-0.02min.json").read_text())
+    assert candidate["params"]["train"]["seed"] == 0
+    assert candidate["params"]["ensemble"]["folds"] == [1]
+    assert candidate["params"]["data"]["train_json"] == "tiny-a/train.json"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["sets"]) == {"tiny-a", "tiny-b"}
+    assert "| a | 1 |" in run.stdout
+
+    # A second call finds every run recorded and trains nothing.
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training" not in again.stdout and "calibrating" not in again.stdout
