@@ -120,7 +120,7 @@ def test_bad_recipe_specs_exit_with_one_line(realsets: ModuleType, tmp_path: Pat
         realsets.read_candidates([f"a={ROOT / 'params.yaml'}"], [["a", "train.seed=3"]])
     with pytest.raises(SystemExit, match="no --recipe of that name"):
         realsets.read_candidates([f"a={ROOT / 'params.yaml'}"], [["b", "train.lr=0.1"]])
-    with pytest.raises(SystemExit, match="no test_truth.json"):
+    with pytest.raises(SystemExit, match=r"no test_truth\.json"):
         (tmp_path / "set").mkdir()
         (tmp_path / "set" / "train.json").write_text("{}")
         (tmp_path / "set" / "test.json").write_text("{}")

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import Run, make_dvc_project, run_command
@@ -31,6 +32,16 @@ TINY = {
     "predict": {"batch_size": 4, "num_workers": 0, "tta": "flips"},
     "submission": {"size": 32},
 }
+
+
+def _without_output(lock: dict, path: str) -> dict:
+    """`lock` (a parsed dvc.lock) with the md5 and size of output `path` blanked."""
+    lock = copy.deepcopy(lock)
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            if out["path"] == path:
+                out.update(md5=None, size=None)
+    return lock
 
 
 def _tiny_params() -> dict:
@@ -134,7 +145,20 @@ def test_parallel_repro_ends_as_the_sequential_one(reproduced: Reproduced, tmp_p
     parallel = run(command, work)
     assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
     assert "== 8 stages on 2 devices (0 up to date)" in parallel.stdout
-    assert yaml.safe_load((work / "dvc.lock").read_text()) == reproduced.lock
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    # The test probabilities are stored as uint8 (1/255 steps): on this 2-core machine one value of
+    # one image in 11 x 64 x 64 x 5 landed one step apart between the two runs (seen on the commit
+    # before train.cpu_bf16 too), while every train and oof output and the submission matched bit for
+    # bit. So test.npz is compared by content, to within one step, and every other output by md5.
+    probabilities = "predictions/test.npz"
+    assert _without_output(lock, probabilities) == _without_output(reproduced.lock, probabilities)
+    with np.load(work / probabilities) as ours, np.load(reproduced.work / probabilities) as theirs:
+        assert ours.files == theirs.files
+        for key in ours.files:
+            if ours[key].dtype == np.uint8:
+                assert np.abs(ours[key].astype(int) - theirs[key].astype(int)).max() <= 1, key
+            else:
+                assert np.array_equal(ours[key], theirs[key]), key
     for name in ["cv.json", "leaderboard.json"]:
         assert (work / "metrics" / name).read_text() == (reproduced.work / "metrics" / name).read_text()
 

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from pipeline import coco
+from pipeline import runtime as runtime_module
 from pipeline.config import (
     DemoParams,
     Params,
@@ -48,7 +49,6 @@ from pipeline.models import load_checkpoint, model_from_checkpoint
 from pipeline.oof import held_out, write_oof
 from pipeline.probstore import read_probabilities
 from pipeline.resume import run_fingerprint
-from pipeline import runtime as runtime_module
 from pipeline.runtime import (
     NodeSpec,
     Runtime,
