@@ -48,7 +48,7 @@ ensemble, predict and leaderboard stages and skips every train stage, so it cost
 training run. A variant with pseudo.enabled=true waits for the baseline and freezes the baseline's test
 probabilities as its teacher (`python -m pipeline teacher`): a second round on the baseline's labels.
 
-  python bench/ablation.py /work/shared/data/medical-waste --params configs/real-cpu.yaml --epochs 12 \\
+  python bench/ablation.py ../shared/data/medical-waste --params configs/real-cpu.yaml --epochs 12 \\
       --variant crop augment.resize=crop --variant ce-only 'train.losses={ce: 1.0}' \\
       --variant slim 'models.unet.model.decoder_channels=[64, 32, 16, 8, 8]' \\
       --variant tta-none predict.tta=none

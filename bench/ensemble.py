@@ -9,7 +9,7 @@ leaderboard stage. Prints one table: per model and for the ensemble, the OOF mIo
 cross-validated: weights fitted without each fold), the leaderboard mIoU, the fitted weight, and the
 per-class IoUs of both; plus the train, oof and ensemble stages' wall time. --json writes it all.
 
-  python bench/ensemble.py /work/shared/data/medical-waste --params configs/real-cpu.yaml \\
+  python bench/ensemble.py ../shared/data/medical-waste --params configs/real-cpu.yaml \\
       --set split.n_splits=3 --set 'ensemble.folds=[0,1,2]' --set train.epochs=12
 """
 

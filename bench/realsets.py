@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
 import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +120,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--reference", help="a candidate every other is compared with, paired")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "realsets")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/realsets"), help="workspaces")
+    parser.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "realsets", help="workspaces"
+    )
     parser.add_argument("--keep", action="store_true", help="keep each run's workspace")
     parser.add_argument("--summary-only", action="store_true", help="no runs: tables from --out")
     parser.add_argument("--summary-json", type=Path, help="write the summary here")
@@ -235,6 +239,7 @@ def prepare_base(
     return base, hashlib.sha256((base / "data" / "manifest.json").read_bytes()).hexdigest()
 
 
+@functools.cache  # once per set: every run's record carries it
 def fingerprint(base: Path) -> dict[str, Any]:
     """What a set looks like to a recipe, from the masks stage's manifest and object bank: images,
     classes, object size (visible pixels / image pixels), foreground share, empty images, objects
@@ -260,6 +265,7 @@ def fingerprint(base: Path) -> dict[str, Any]:
     }
 
 
+@functools.cache  # once per set: parsing the test truth is not per run
 def truth_classes(base: Path) -> list[str]:
     """The foreground classes the set's test truth holds, by the training json's class names: the ones
     a recipe can find (a class absent from the truth scores no IoU, or 0 if predicted)."""

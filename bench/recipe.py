@@ -65,8 +65,8 @@ stages wrote (data/folds.csv, data/masks, the images of data/manifest.json) unti
 pass the budget, then predicts the test set at 128 px, upsampled to each image's size. Both are scored
 by one dataset-level confusion matrix.
 
-  python bench/recipe.py /work/shared/data/medical-waste --params configs/real-cpu.yaml --minutes 5 10
-  python bench/recipe.py /work/shared/data/medical-waste --params configs/real-cpu.yaml --model fpn \\
+  python bench/recipe.py ../shared/data/medical-waste --params configs/real-cpu.yaml --minutes 5 10
+  python bench/recipe.py ../shared/data/medical-waste --params configs/real-cpu.yaml --model fpn \\
       --minutes 5
 """
 
