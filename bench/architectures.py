@@ -29,7 +29,7 @@ from torch import nn
 from harness import median_seconds
 from pipeline.config import ModelParams
 from pipeline.errors import run_main
-from pipeline.models import build_model
+from pipeline.models.factory import build_model
 
 # (row label, model.arch, model.options); the first is the baseline of the ratios.
 VARIANTS: list[tuple[str, str, dict[str, bool]]] = [

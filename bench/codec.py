@@ -1,4 +1,4 @@
-"""Benchmark: pipeline.rle encode/decode against pycocotools' C codec, and submission row writing.
+"""Benchmark: pipeline.evaluation.rle encode/decode against pycocotools' C codec, and submission row writing.
 
 Masks are blobby (filled ellipses and polygons, like trash objects), not noise. pycocotools gets the
 Fortran-ordered uint8 array it needs, prepared outside the timing (its best case); ours is timed on
@@ -23,8 +23,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from harness import median_seconds
-from pipeline import rle
-from pipeline.submission import SubmissionWriter
+from pipeline.evaluation import rle
+from pipeline.evaluation.submission import SubmissionWriter
 
 
 def blobby_labels(rng: np.random.Generator, size: int, n_classes: int, n_objects: int) -> np.ndarray:

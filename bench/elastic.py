@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from harness import pin_to_one_core
-from pipeline.augment import FastElastic, elastic_displacement_std
+from pipeline.training.augment import FastElastic, elastic_displacement_std
 
 TARGET_SPEEDUP = 3.0
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from pipeline import coco
 from pipeline.atomic import write_json
-from pipeline.ensemble import read_weights, write_weights
-from pipeline.submission import score_submission
+from pipeline.data import coco
+from pipeline.ensemble.fit import read_weights, write_weights
+from pipeline.evaluation.submission import score_submission
 from recipe import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]

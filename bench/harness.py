@@ -15,16 +15,17 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline import coco
 from pipeline.config import DemoParams
-from pipeline.demo import generate_demo
+from pipeline.data import coco
+from pipeline.data.demo import generate_demo
 
 PREDICT_STAGE = Path(__file__).resolve().parents[1] / "stages" / "predict.py"
 # Runs a stage script as `python stage ...` would, after importing the modules it uses, and writes two peak
 # RSS figures (kB) to the file named by argv[1]: after those imports, and at the end of the stage.
 _STAGE_PROBE = """
 import resource, runpy, sys
-import pipeline.infer, pipeline.submission  # noqa: F401  (the stage's heavy imports: torch, smp, cv2)
+# The stage's heavy imports: torch, smp, cv2.
+import pipeline.inference.infer, pipeline.evaluation.submission  # noqa: F401
 result, sys.argv = sys.argv[1], sys.argv[2:]
 imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 runpy.run_path(sys.argv[0], run_name="__main__")

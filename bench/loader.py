@@ -26,9 +26,7 @@ from torch.utils.data import default_collate
 
 from harness import demo_training_data, pin_to_one_core
 from pipeline.config import AugmentParams, load_params
-from pipeline.dataset import SegmentationDataset, build_train_loader, normalize
-from pipeline.errors import run_main
-from pipeline.images import (
+from pipeline.data.images import (
     image_path,
     instance_map_path,
     mask_relpath,
@@ -36,8 +34,11 @@ from pipeline.images import (
     read_instance_map,
     read_mask,
 )
-from pipeline.train import training_set
-from pipeline.weightmap import BoundaryWeighting
+from pipeline.data.loaders import normalize
+from pipeline.errors import run_main
+from pipeline.training.dataset import SegmentationDataset, build_train_loader
+from pipeline.training.train import training_set
+from pipeline.training.weightmap import BoundaryWeighting
 
 TARGET_IMAGES_PER_S = 40.0
 

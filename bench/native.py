@@ -23,11 +23,12 @@ import yaml
 from PIL import Image
 
 from harness import predict_stage_rss
-from pipeline.coco import ImageRecord
 from pipeline.config import AugmentParams, ModelParams
-from pipeline.ensemble import FittedWeights, write_weights
-from pipeline.manifest import Manifest, write_manifest
-from pipeline.models import build_model, checkpoint_state, save_checkpoint
+from pipeline.data.coco import ImageRecord
+from pipeline.data.manifest import Manifest, write_manifest
+from pipeline.ensemble.fit import FittedWeights, write_weights
+from pipeline.models.checkpoints import checkpoint_state, save_checkpoint
+from pipeline.models.factory import build_model
 
 MB = 2**20
 MEMBER = "model"  # the recipe name params.yaml without a `models` section gets

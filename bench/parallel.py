@@ -28,7 +28,7 @@ import yaml
 from ensemble import apply
 
 from pipeline.atomic import write_json
-from pipeline.runtime import cpu_cores
+from pipeline.training.runtime import cpu_cores
 from recipe import REPO, dvc, make_workspace, subprocess_env, write_params
 
 

@@ -7,11 +7,12 @@ imports and at the end. Prediction streams batch by batch, so the 4N run should 
 the N run: target ratio <= 1.15 (total peak RSS). The growth above the imports' baseline is printed
 too, next to what keeping every image's probabilities would have added.
 
-Throughput: images/s of `infer.predict_images` (TTA x folds, probability averaging, resize, argmax)
-against a bare forward + argmax of one model, on the same preloaded batches of 2N images in one
-process (image decoding excluded from both). The slowdown is printed next to the forward-pass count
-TTA x folds implies; their quotient is the cost of the merging itself. Other processes competing for
-the CPU skew these timings; run it on an idle machine.
+Throughput: images/s of the predict stage's own path, `infer.predict_members` (every member's folds
+with TTA, probabilities merged with the fitted weights) and the argmax at the submission size, against
+a bare forward + argmax of one model, on the same 2N images in one process, both reading them through
+the inference loader (decoding included in both). The slowdown is printed next to the forward-pass
+count members x folds x TTA implies; their quotient is the cost of the merging itself. Other processes
+competing for the CPU skew these timings; run it on an idle machine.
 
     python bench/predict.py [--images 8] [--image-size 256] [--input-size 128] [--out-size 256]
                             [--members 2] [--folds 2] [--tta flips] [--batch-size 8] [--repeats 3]
@@ -30,38 +31,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import Dataset
 
 from harness import predict_stage_rss
-from pipeline import coco, infer
 from pipeline.config import AugmentParams, DemoParams, ModelParams
-from pipeline.dataset import ImageDataset, build_inference_loader
-from pipeline.demo import generate_demo
-from pipeline.ensemble import FittedWeights, write_weights
-from pipeline.manifest import Manifest, write_manifest
-from pipeline.models import build_model, checkpoint_state, save_checkpoint
+from pipeline.data import coco
+from pipeline.data.demo import generate_demo
+from pipeline.data.loaders import ImageDataset, build_inference_loader
+from pipeline.data.manifest import Manifest, write_manifest
+from pipeline.ensemble.fit import FittedWeights, write_weights
+from pipeline.inference import infer
+from pipeline.models.checkpoints import checkpoint_state, save_checkpoint
+from pipeline.models.factory import build_model
 
 TARGET_RSS_RATIO = 1.15
 
 
-class Preloaded(Dataset):
-    """An ImageDataset's items decoded and normalised in advance, so timings measure the model work only."""
-
-    def __init__(self, dataset: ImageDataset) -> None:
-        self.images = dataset.images  # the records, as ImageDataset has them
-        self.geometry = dataset.geometry
-        self.items = list(dataset)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[int, int], None]:
-        return self.items[index]
-
-
-def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
+def make_project(work: Path, args: argparse.Namespace) -> dict[str, list[Path]]:
     """Demo test images, manifests of N and 4N test images, (model, fold) checkpoints, fitted weights and
-    params.yaml; -> the first member's checkpoints."""
+    params.yaml; -> every member's checkpoints, by member."""
     demo = DemoParams(n_train=1, n_test=4 * args.images, image_size=args.image_size, max_objects=4)
     generate_demo(work / "data", demo)
     test = coco.load_coco(work / "data/test.json")
@@ -94,7 +81,7 @@ def make_project(work: Path, args: argparse.Namespace) -> list[Path]:
         "submission": {"format": "rle", "size": args.out_size},
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    return [work / f"models/{members[0]}/fold{k}/best.pt" for k in range(args.folds)]
+    return {name: [work / f"models/{name}/fold{k}/best.pt" for k in range(args.folds)] for name in members}
 
 
 def stage_peak_rss(work: Path, n: int) -> tuple[int, int]:
@@ -127,30 +114,35 @@ def median_seconds(runs: list[Callable[[], None]], repeats: int) -> list[float]:
     return [statistics.median(samples) for samples in times]
 
 
-def throughput(work: Path, checkpoints: list[Path], args: argparse.Namespace) -> tuple[float, float]:
-    """(bare, pipeline) images per second on the same preloaded batches of 2N images."""
-    ensemble = infer.load_ensemble(checkpoints)
-    models = ensemble.models
+def throughput(
+    work: Path, checkpoints: dict[str, list[Path]], args: argparse.Namespace
+) -> tuple[float, float]:
+    """(bare, predict stage) images per second on the same 2N images."""
+    members = [
+        infer.Member(name, folds, args.tta)
+        for name, folds in ((name, infer.load_ensemble(paths)) for name, paths in checkpoints.items())
+    ]
+    classes = members[0].folds.classes
+    weights = torch.full((len(members), len(classes)), 1.0 / len(members))
     records = coco.load_coco(work / "data/test.json").images[: 2 * args.images]
-    data = Preloaded(ImageDataset(work / "data", records, ensemble.geometry))
-    batches = [batch.images for batch in build_inference_loader(data, args.batch_size, 0)]
-    model = models[0]
+    data = ImageDataset(work / "data", records, members[0].folds.geometry)
+    model = members[0].folds.models[0]
     cpu = torch.device("cpu")
 
     def bare() -> None:
         with torch.inference_mode():
-            for batch in batches:
-                model(batch).argmax(1)
+            for batch in build_inference_loader(data, args.batch_size, 0):
+                model(batch.images).argmax(1)
 
-    def pipeline() -> None:
-        stream = infer.predict_images(
-            models, None, data, args.out_size, args.tta, [1.0], args.batch_size, 0, cpu
+    def stage() -> None:
+        stream = infer.predict_members(
+            members, weights, work / "data", records, [1.0], args.batch_size, 0, cpu
         )
-        for _ in stream:
-            pass
+        for index, probs in stream:
+            infer.probabilities_to_mask(probs, infer.output_shape(records[index], args.out_size))
 
-    bare_s, pipeline_s = median_seconds([bare, pipeline], args.repeats)
-    return len(data) / bare_s, len(data) / pipeline_s
+    bare_s, stage_s = median_seconds([bare, stage], args.repeats)
+    return len(data) / bare_s, len(data) / stage_s
 
 
 def main() -> None:
@@ -190,11 +182,10 @@ def report(
     kept = (large - small) * n_classes * args.out_size**2 * 4  # float32 probabilities of the extra images
     ratio = peaks[large] / peaks[small]
     above = {n: (peaks[n] - imports) / mb for n in peaks}
-    passes = len(infer.build_tta(args.tta)) * args.folds
-    stage_passes = passes * args.members
+    passes = len(infer.build_tta(args.tta)) * args.folds * args.members
     status = "OK" if ratio <= TARGET_RSS_RATIO else "ABOVE TARGET"
     lines = [
-        f"predict stage: {args.members} models x {args.folds} folds ({stage_passes} passes per image), "
+        f"predict stage: {args.members} models x {args.folds} folds ({passes} passes per image), "
         f"tta {args.tta}, {args.image_size} px photos, "
         f"{args.input_size} px model input, {args.out_size} px masks, batch {args.batch_size}; "
         f"medians of {args.repeats} runs",
@@ -207,7 +198,7 @@ def report(
         f"  peak RSS ratio 4N/N {ratio:.3f}  target <= {TARGET_RSS_RATIO}  {status}"
         + (f"  (above imports: {above[large] / above[small]:.3f})" if above[small] > 0 else ""),
         f"  bare forward, 1 model      {bare:8.1f} images/s",
-        f"  predict_images, {passes} passes {full:8.1f} images/s",
+        f"  predict stage path, {passes} passes {full:8.1f} images/s",
         f"  slowdown {bare / full:.2f}x for {passes} forward passes per image "
         f"(merging and resizing: {bare / full / passes:.2f}x)",
     ]

@@ -23,10 +23,10 @@ import yaml
 from scipy import stats
 
 from ablation import apply, parse_overrides
-from pipeline import coco
 from pipeline.atomic import write_json
 from pipeline.config import load_params, params_to_dict
-from pipeline.manifest import read_manifest
+from pipeline.data import coco
+from pipeline.data.manifest import read_manifest
 from recipe import (
     DATA_STAGES,
     checked,

@@ -30,13 +30,14 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from pipeline import coco, metrics
+from pipeline import metrics
 from pipeline.atomic import write_json
 from pipeline.config import Params, load_params, params_from_dict
+from pipeline.data import coco
+from pipeline.data.folds import read_folds
+from pipeline.data.images import image_path, mask_relpath, read_image, read_mask
+from pipeline.data.manifest import read_manifest
 from pipeline.errors import UserError
-from pipeline.folds import read_folds
-from pipeline.images import image_path, mask_relpath, read_image, read_mask
-from pipeline.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # What a workspace needs to run the stages, as tests/conftest.py's make_dvc_project copies.

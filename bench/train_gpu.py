@@ -2,7 +2,7 @@
 
 Trains one model recipe of the competition config (configs/trash.yaml; --model, default its first
 recipe: 512 px, bf16 autocast where supported, channels_last, the recipe's arch and encoder with random
-init) through `pipeline.train.train_one_epoch`, alternating per repeat:
+init) through `pipeline.training.train.train_one_epoch`, alternating per repeat:
   real       one loader for all passes, as `fit` keeps one for the run (runtime.num_workers persistent
              workers, set_epoch per pass): demo JPEGs generated at --size, their masks, the recipe's
              full training augmentation with rare-class elastic, oversampling, pinned memory and
@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader
 
 from harness import demo_training_data
 from pipeline.config import Params, Recipe, TrainParams, load_params
-from pipeline.dataset import SegmentationDataset, build_train_loader
 from pipeline.errors import run_main
-from pipeline.losses import build_loss
-from pipeline.runtime import Runtime, setup_runtime
-from pipeline.train import TrainState, build_train_state, train_one_epoch, training_set
+from pipeline.models.losses import build_loss
+from pipeline.training.dataset import SegmentationDataset, build_train_loader
+from pipeline.training.runtime import Runtime, setup_runtime
+from pipeline.training.train import TrainState, build_train_state, train_one_epoch, training_set
 
 TARGET_RATIO = 0.9
 EPOCH_IMAGES = 2617 * 4 // 5  # one fold's training images in the competition (5 folds)

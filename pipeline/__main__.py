@@ -1,6 +1,6 @@
-"""Entry point of `python -m pipeline`: the commands of `pipeline.cli`, with one-line user errors."""
+"""Entry point of `python -m pipeline`: `pipeline.orchestration.cli`'s commands, one-line user errors."""
 
-from pipeline.cli import main
 from pipeline.errors import run_main
+from pipeline.orchestration.cli import main
 
 run_main(main)

@@ -6,7 +6,7 @@ import argparse
 
 from pipeline.atomic import atomic_dir
 from pipeline.config import load_params
-from pipeline.demo import generate_demo
+from pipeline.data.demo import generate_demo
 from pipeline.errors import run_main
 
 

@@ -9,7 +9,10 @@ import numpy as np
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import load_params
-from pipeline.ensemble import (
+from pipeline.data.images import mask_relpath, read_mask, write_mask
+from pipeline.data.manifest import read_manifest
+from pipeline.data.probstore import read_probabilities
+from pipeline.ensemble.fit import (
     FittedWeights,
     fit_ensemble,
     named_weights,
@@ -18,9 +21,6 @@ from pipeline.ensemble import (
     write_weights,
 )
 from pipeline.errors import UserError, run_main
-from pipeline.images import mask_relpath, read_mask, write_mask
-from pipeline.manifest import read_manifest
-from pipeline.probstore import read_probabilities
 
 
 def main() -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from pipeline.atomic import write_json
 from pipeline.config import load_params
+from pipeline.data.folds import read_folds
+from pipeline.data.manifest import read_manifest
 from pipeline.errors import UserError, run_main
-from pipeline.evaluate import (
+from pipeline.evaluation.evaluate import (
     N_WORST,
     cv_summary,
     evaluate_oof,
@@ -18,8 +20,6 @@ from pipeline.evaluate import (
     write_confusion_csv,
     write_worst_overlays,
 )
-from pipeline.folds import read_folds
-from pipeline.manifest import read_manifest
 
 
 def main() -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import coco
 from pipeline.atomic import write_json
 from pipeline.config import load_params
+from pipeline.data import coco
 from pipeline.errors import run_main
-from pipeline.submission import score_submission
+from pipeline.evaluation.submission import score_submission
 
 
 def main() -> None:

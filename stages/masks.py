@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline import coco
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import load_params
+from pipeline.data import coco
+from pipeline.data.manifest import manifest_of, write_manifest
 from pipeline.errors import run_main
-from pipeline.manifest import manifest_of, write_manifest
 
 
 def main() -> None:

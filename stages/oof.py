@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from pipeline.config import load_params
+from pipeline.data.folds import held_out_mask, read_folds
+from pipeline.data.manifest import read_manifest
 from pipeline.errors import run_main
-from pipeline.folds import read_folds
-from pipeline.manifest import read_manifest
-from pipeline.oof import held_out, write_oof
+from pipeline.inference.infer import inference_device
+from pipeline.inference.oof import write_oof
 
 
 def main() -> None:
@@ -28,9 +27,9 @@ def main() -> None:
 
     manifest = read_manifest(args.manifest)
     fold_of = read_folds(args.folds, manifest.train_names(), args.manifest)
-    images = held_out(manifest.train, fold_of, args.fold)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tta = write_oof(args.checkpoint, images, args.root, predict, device, args.out)
+    out = held_out_mask(manifest.train_names(), fold_of, args.fold)
+    images = [image for image, held in zip(manifest.train, out, strict=True) if held]
+    tta = write_oof(args.checkpoint, images, args.root, predict, inference_device(), args.out)
     window = f", sliding window (overlap {predict.window_overlap})" if predict.sliding_window else ""
     print(f"{args.out}: {len(images)} held-out images, TTA {tta} (predict.tta: {predict.tta}){window}")
 

@@ -11,10 +11,14 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.config import load_params
-from pipeline.ensemble import read_weights
+from pipeline.data.manifest import read_manifest
+from pipeline.data.probstore import probabilities_writer
+from pipeline.ensemble.fit import read_weights
 from pipeline.errors import UserError, run_main
-from pipeline.infer import (
+from pipeline.evaluation.submission import SubmissionWriter, validate_submission
+from pipeline.inference.infer import (
     Member,
+    inference_device,
     load_ensemble,
     output_shape,
     predict_members,
@@ -22,9 +26,6 @@ from pipeline.infer import (
     resolve_tta,
     window_overlap_of,
 )
-from pipeline.manifest import read_manifest
-from pipeline.probstore import probabilities_writer
-from pipeline.submission import SubmissionWriter, validate_submission
 
 
 def main() -> None:
@@ -69,7 +70,7 @@ def main() -> None:
         predict.scales,
         predict.batch_size,
         predict.num_workers,
-        torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        inference_device(),
         predict.amp,
         window_overlap_of(predict),
     )

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 from pipeline.config import load_params
+from pipeline.data.manifest import read_manifest
+from pipeline.data.probstore import read_probabilities
+from pipeline.data.pseudo import REFREEZE, read_pseudo, summary, teacher_file, write_empty, write_pseudo
 from pipeline.errors import run_main
-from pipeline.manifest import read_manifest
-from pipeline.probstore import read_probabilities
-from pipeline.pseudo import REFREEZE, read_pseudo, summary, teacher_file, write_empty, write_pseudo
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import pandas as pd
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.config import load_params
+from pipeline.data.folds import fold_class_counts, make_folds
+from pipeline.data.manifest import read_manifest
 from pipeline.errors import UserError, run_main
-from pipeline.folds import fold_class_counts, make_folds
-from pipeline.manifest import read_manifest
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pipeline.config import Recipe, load_params
 from pipeline.errors import UserError, run_main
-from pipeline.models import check_model_params
-from pipeline.runtime import launch_workers, resolve_nodes, setup_runtime, teardown, under_torchrun
-from pipeline.train import FoldPaths, fit, load_fold_data
+from pipeline.models.factory import check_model_params
+from pipeline.training.runtime import launch_workers, resolve_nodes, setup_runtime, teardown, under_torchrun
+from pipeline.training.train import FoldPaths, fit, load_fold_data
 
 
 def main() -> None:
@@ -63,7 +63,9 @@ def main() -> None:
 
     runtime = setup_runtime(recipe.train, params.runtime.num_workers)
     try:
-        result = fit(recipe, params.runtime.num_workers, args.fold, paths, runtime, params.metric.average)
+        result = fit(
+            recipe, params.runtime.num_workers, args.fold, paths, runtime, average=params.metric.average
+        )
     finally:
         teardown(runtime)
     if runtime.is_main:

@@ -1,4 +1,4 @@
-"""Tests for pipeline.architectures (U-Net 3+, U-Net++ with deep supervision) and their registry entries."""
+"""Tests for pipeline.models.architectures (U-Net 3+, U-Net++ with deep supervision) and registry entries."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from pipeline.architectures import ABSENT_LOGIT, UNet3Plus, UnetPlusPlus, gate_absent_classes
 from pipeline.config import ModelParams
 from pipeline.errors import UserError
-from pipeline.models import build_model, check_model_params
+from pipeline.models.architectures import ABSENT_LOGIT, UNet3Plus, UnetPlusPlus, gate_absent_classes
+from pipeline.models.factory import build_model, check_model_params
 
 ROOT = Path(__file__).resolve().parents[1]
 N, C, SIZE = 2, 3, 64  # batch, classes, input size: tiny, so the whole file runs in seconds

@@ -1,4 +1,4 @@
-"""Tests for pipeline.augment: rarity weights, elastic probabilities, FastElastic, pipelines."""
+"""Tests for pipeline.training.augment: rarity weights, elastic probabilities, FastElastic, pipelines."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from albumentations.augmentations.geometric import functional as fgeometric
 
-from pipeline.augment import (
+from pipeline.config import AugmentParams
+from pipeline.data.geometry import build_resize
+from pipeline.training.augment import (
     ELASTIC_IMPLS,
     FastElastic,
     build_elastic,
-    build_resize,
     build_train_transform,
     elastic_displacement_std,
     elastic_probabilities,
@@ -27,7 +28,6 @@ from pipeline.augment import (
     rarity_weights,
     sampling_weights,
 )
-from pipeline.config import AugmentParams
 
 # 4 images; columns background, A, B, C. A is in all 4 (f=1), B in 2 (f=1/2), C in 1 (f=1/4).
 PRESENCE = np.array(

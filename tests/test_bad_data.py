@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import coco
+from pipeline.data import coco
+from pipeline.data.images import read_mask
+from pipeline.data.manifest import read_manifest
 from pipeline.errors import UserError
-from pipeline.images import read_mask
-from pipeline.manifest import read_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 

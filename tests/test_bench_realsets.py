@@ -17,7 +17,7 @@ import yaml
 from scipy import stats
 
 from pipeline.config import DemoParams
-from pipeline.demo import generate_demo
+from pipeline.data.demo import generate_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

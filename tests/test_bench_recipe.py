@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.config import DemoParams
-from pipeline.demo import generate_demo
+from pipeline.data.demo import generate_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.coco: rasterization against pycocotools, overlap rules, class map, files."""
+"""Tests for pipeline.data.coco: rasterization against pycocotools, overlap rules, class map, files."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline import cli, coco
-from pipeline.errors import UserError
-from pipeline.images import (
+from pipeline.data import coco
+from pipeline.data.images import (
     ObjectRecord,
     image_path,
     instance_map_path,
@@ -30,7 +29,9 @@ from pipeline.images import (
     write_mask,
     write_objects,
 )
-from pipeline.submission import SubmissionWriter
+from pipeline.errors import UserError
+from pipeline.evaluation.submission import SubmissionWriter
+from pipeline.orchestration import cli
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.config import Params, load_params, params_from_dict, params_to_dict
 from pipeline.errors import UserError
-from pipeline.resume import WEIGHT_MODULES
+from pipeline.training.resume import WEIGHT_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,7 +171,9 @@ def _pipeline_modules(script: Path) -> set[str]:
             parts = name.split(".")
             if parts[0] != "pipeline":
                 continue
-            for module in ("pipeline/__init__.py", "/".join(parts) + ".py"):
+            # Importing pipeline.a.b runs pipeline/__init__.py and pipeline/a/__init__.py first.
+            packages = ["/".join(parts[:n]) + "/__init__.py" for n in range(1, len(parts) + 1)]
+            for module in [*packages, "/".join(parts) + ".py"]:
                 if (ROOT / module).is_file() and module not in seen:
                     seen.add(module)
                     todo.append(ROOT / module)
@@ -190,6 +192,51 @@ def test_every_stage_depends_on_the_code_it_runs() -> None:
         assert not missing, f"stage {name} does not list {sorted(missing)}"
         unused = {d for d in deps if d.startswith("pipeline/")} - _pipeline_modules(script)
         assert not unused, f"stage {name} lists {sorted(unused)}, which it never imports"
+
+
+# Which stage families each family may import (the top-level modules, "", are open to all): data flows up
+# from the COCO export to the submission, and only the command line sees every family.
+FAMILY_IMPORTS = {
+    "": set(),
+    "data": {""},
+    "models": {"", "data"},
+    "training": {"", "data", "models"},
+    "inference": {"", "data", "models", "ensemble"},
+    "ensemble": {"", "data"},
+    "evaluation": {"", "data"},
+    "orchestration": {"", "data", "models", "training", "inference", "ensemble", "evaluation"},
+}
+
+
+def _family(module: str) -> str:
+    """ "data" for pipeline/data/coco.py or pipeline.data.coco; "" for a top-level module."""
+    parts = module.removeprefix("pipeline/").removeprefix("pipeline.").replace("/", ".").split(".")
+    return parts[0] if len(parts) > 1 and (ROOT / "pipeline" / parts[0]).is_dir() else ""
+
+
+def test_stage_families_import_only_down_the_flow() -> None:
+    families = {path.name for path in (ROOT / "pipeline").iterdir() if (path / "__init__.py").is_file()}
+    assert families == set(FAMILY_IMPORTS) - {""}, "a new family needs its row in FAMILY_IMPORTS"
+    assert not {"inference", "orchestration", "ensemble", "evaluation"} & FAMILY_IMPORTS["training"]
+    wrong = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        source = path.relative_to(ROOT).as_posix()
+        if source == "pipeline/__main__.py":  # the entry point of the command line
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                if not name.startswith("pipeline."):
+                    continue
+                mine, theirs = _family(source), _family(name)
+                if theirs != mine and theirs not in FAMILY_IMPORTS[mine]:
+                    wrong.append(f"{source} imports {name} ({mine or 'top'} -> {theirs or 'top'})")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_every_path_a_stage_reads_is_a_dependency() -> None:
@@ -216,12 +263,15 @@ def test_the_training_fingerprint_covers_the_code_that_shapes_the_weights() -> N
     # not to shape the weights; otherwise a code change would resume (keep) weights the old code made.
     not_shaping = {
         "pipeline/__init__.py",
+        "pipeline/data/__init__.py",
+        "pipeline/models/__init__.py",
+        "pipeline/training/__init__.py",
         "pipeline/atomic.py",
         "pipeline/errors.py",
-        "pipeline/probstore.py",  # the pseudo module imports it for the teacher, not for training
+        "pipeline/data/probstore.py",  # the pseudo module imports it for the teacher, not for training
         "pipeline/progress.py",
     }
-    hashed = {f"pipeline/{name}.py" for name in WEIGHT_MODULES}
+    hashed = {f"pipeline/{name}" for name in WEIGHT_MODULES}
     assert hashed | not_shaping == _pipeline_modules(ROOT / "stages" / "train.py")
     assert not hashed & not_shaping
 

@@ -1,5 +1,5 @@
-"""Tests for pipeline.copypaste: what a paste changes, rarity-weighted drawing, fold safety in the real
-training loader, reproducibility."""
+"""Tests for pipeline.training.copypaste: what a paste changes, rarity-weighted drawing, fold safety in the
+real training loader, reproducibility."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import coco
-from pipeline.augment import build_train_transform, rarity_weights
 from pipeline.config import AugmentParams, params_from_dict
-from pipeline.copypaste import CopyPaste, load_cut
-from pipeline.dataset import SegmentationDataset, _Streams
-from pipeline.errors import UserError
-from pipeline.images import (
+from pipeline.data import coco
+from pipeline.data.images import (
     ObjectRecord,
     instance_map_path,
     mask_relpath,
@@ -29,10 +25,14 @@ from pipeline.images import (
     write_instance_map,
     write_mask,
 )
-from pipeline.manifest import manifest_of, write_manifest
-from pipeline.runtime import Runtime
-from pipeline.train import FoldPaths, build_loaders, load_fold_data
-from pipeline.weightmap import BoundaryWeighting, boundary_weights
+from pipeline.data.manifest import manifest_of, write_manifest
+from pipeline.errors import UserError
+from pipeline.training.augment import build_train_transform, rarity_weights
+from pipeline.training.copypaste import CopyPaste, load_cut
+from pipeline.training.dataset import SegmentationDataset, _Streams
+from pipeline.training.runtime import Runtime
+from pipeline.training.train import FoldPaths, build_loaders, load_fold_data
+from pipeline.training.weightmap import BoundaryWeighting, boundary_weights
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

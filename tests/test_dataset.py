@@ -1,4 +1,4 @@
-"""Tests for pipeline.dataset: normalisation, datasets, samplers and loaders."""
+"""Tests for pipeline.training.dataset: normalisation, datasets, samplers and loaders."""
 
 from __future__ import annotations
 
@@ -14,25 +14,10 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision.transforms.functional import normalize as tv_normalize
 
-from pipeline import coco
-from pipeline.augment import build_elastic, build_resize, build_train_transform
 from pipeline.config import AugmentParams
-from pipeline.dataset import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DistributedWeightedSampler,
-    ImageDataset,
-    SeededSampler,
-    SegmentationDataset,
-    ShardSampler,
-    build_eval_loader,
-    build_inference_loader,
-    build_train_loader,
-    normalize,
-)
-from pipeline.errors import UserError, one_line
-from pipeline.geometry import Geometry
-from pipeline.images import (
+from pipeline.data import coco
+from pipeline.data.geometry import Geometry, build_resize
+from pipeline.data.images import (
     INSTANCES_DIR,
     instance_map_path,
     mask_relpath,
@@ -40,7 +25,23 @@ from pipeline.images import (
     write_instance_map,
     write_mask,
 )
-from pipeline.weightmap import BoundaryWeighting, boundary_weights, class_balance_weights
+from pipeline.data.loaders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataset,
+    build_inference_loader,
+    normalize,
+    rank_and_world,
+)
+from pipeline.errors import UserError, one_line
+from pipeline.training.augment import build_elastic, build_train_transform
+from pipeline.training.dataset import (
+    DistributedWeightedSampler,
+    SeededSampler,
+    SegmentationDataset,
+    build_train_loader,
+)
+from pipeline.training.weightmap import BoundaryWeighting, boundary_weights, class_balance_weights
 
 Data = tuple[Path, Path, list[str]]
 PARAMS = AugmentParams(size=32, hflip=0.5, vflip=0.5, shift_scale_rotate=0.5, color=0.5, elastic_alpha=300.0)
@@ -297,12 +298,6 @@ def test_image_dataset_checks_the_json_size(data: Data) -> None:
 # Samplers and loaders
 
 
-def test_shard_sampler_covers_every_index_once_without_padding() -> None:
-    shards = [list(ShardSampler(10, rank, 3)) for rank in range(3)]
-    assert sorted(itertools.chain(*shards)) == list(range(10))
-    assert [len(ShardSampler(10, rank, 3)) for rank in range(3)] == [4, 3, 3]
-
-
 def test_distributed_weighted_sampler_splits_one_weighted_draw() -> None:
     weights = np.array([0.0, 1.0, 0.0, 3.0, 0.0])
     samplers = [DistributedWeightedSampler(weights, rank, 2, seed=1) for rank in range(2)]
@@ -330,7 +325,7 @@ class _Indexes(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, key: int | tuple[int, int]) -> int:
-        # Training loaders pass (index, item seed), as SeededSampler yields; evaluation loaders an index.
+        # Training loaders pass (index, item seed), as SeededSampler yields.
         return key[0] if isinstance(key, tuple) else key
 
 
@@ -358,7 +353,8 @@ def test_distributed_loaders_need_a_process_group() -> None:
     with pytest.raises(RuntimeError, match="not initialised"):
         build_train_loader(_Indexes(4), 2, 0, distributed=True)
     with pytest.raises(RuntimeError, match="not initialised"):
-        build_eval_loader(_Indexes(4), 2, 0, distributed=True)
+        rank_and_world(True)  # what the inference loader shards by
+    assert rank_and_world(False) == (0, 1)
 
 
 def test_distributed_loaders_shard_with_a_process_group(tmp_path: Path) -> None:
@@ -370,15 +366,9 @@ def test_distributed_loaders_shard_with_a_process_group(tmp_path: Path) -> None:
         assert isinstance(plain.sampler.sampler, DistributedSampler)
         weighted = build_train_loader(_Indexes(8), 2, 0, sample_weights=np.ones(8), distributed=True)
         assert isinstance(weighted.sampler.sampler, DistributedWeightedSampler)
-        evaluation = build_eval_loader(_Indexes(7), 3, 0, distributed=True)
-        assert torch.cat(list(evaluation)).tolist() == list(range(7))
+        assert rank_and_world(True) == (0, 1)
     finally:
         torch.distributed.destroy_process_group()
-
-
-def test_eval_loader_keeps_order_and_every_image() -> None:
-    loader = build_eval_loader(_Indexes(7), batch_size=3, num_workers=0)
-    assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
 def test_seeded_sampler_seeds_differ_by_epoch_and_rank_and_replay() -> None:

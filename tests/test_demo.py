@@ -1,4 +1,4 @@
-"""Tests for pipeline.demo: determinism, COCO validity, exact annotations, class frequencies, the stage."""
+"""Tests for pipeline.data.demo: determinism, COCO validity, exact annotations, class frequencies, stage."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import coco, demo
 from pipeline.config import DemoParams
+from pipeline.data import coco, demo
+from pipeline.data.images import read_image
 from pipeline.errors import UserError
-from pipeline.images import read_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 

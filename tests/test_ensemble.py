@@ -1,4 +1,4 @@
-"""Tests for pipeline.ensemble, infer.merge_probabilities and the ensemble stage, on hand-sized arrays.
+"""Tests for pipeline.ensemble, ensemble.merge and the ensemble stage, on hand-sized arrays.
 
 Most cases are 1 x 4 images of two classes whose probabilities are chosen so that every candidate's
 prediction, and so every fold's confusion matrix, can be counted by hand; sklearn cross-checks them.
@@ -23,8 +23,11 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
 
-from pipeline import coco, metrics
-from pipeline.ensemble import (
+from pipeline import metrics
+from pipeline.data import coco
+from pipeline.data.images import mask_relpath, read_mask, write_mask
+from pipeline.data.manifest import Manifest, write_manifest
+from pipeline.ensemble.fit import (
     FoldConfusions,
     ImageIous,
     best_candidate,
@@ -35,10 +38,8 @@ from pipeline.ensemble import (
     simplex_grid,
     write_ensemble_labels,
 )
+from pipeline.ensemble.merge import merge_probabilities
 from pipeline.errors import UserError
-from pipeline.images import mask_relpath, read_mask, write_mask
-from pipeline.infer import merge_probabilities
-from pipeline.manifest import Manifest, write_manifest
 from pipeline.metrics import mean_iou
 
 ROOT = Path(__file__).resolve().parents[1]

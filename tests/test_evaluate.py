@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluate and the evaluate / leaderboard stages, cross-checked against sklearn."""
+"""Tests for pipeline.evaluation.evaluate and the evaluate / leaderboard stages, checked against sklearn."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
 
-from pipeline import coco, metrics
+from pipeline import metrics
+from pipeline.data import coco
+from pipeline.data.images import mask_relpath, write_mask
+from pipeline.data.manifest import Manifest, write_manifest
 from pipeline.errors import UserError
-from pipeline.evaluate import (
+from pipeline.evaluation.evaluate import (
     PALETTE,
     ImageScore,
     confusion_rows,
@@ -31,9 +34,7 @@ from pipeline.evaluate import (
     write_confusion_csv,
     write_worst_overlays,
 )
-from pipeline.images import mask_relpath, write_mask
-from pipeline.manifest import Manifest, write_manifest
-from pipeline.submission import SubmissionWriter
+from pipeline.evaluation.submission import SubmissionWriter
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -1,4 +1,4 @@
-"""Tests for pipeline.folds (stratified folds, folds.csv) and the `split` stage script."""
+"""Tests for pipeline.data.folds (stratified folds, folds.csv) and the `split` stage script."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.coco import ImageRecord
+from pipeline.data.coco import ImageRecord
+from pipeline.data.folds import fold_class_counts, held_out_mask, make_folds, read_folds
+from pipeline.data.manifest import Manifest, write_manifest
 from pipeline.errors import UserError
-from pipeline.folds import class_presence, fold_class_counts, make_folds, read_folds
-from pipeline.manifest import Manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,22 +28,6 @@ def _synthetic_presence(n_images: int = 400, seed: int = 0) -> np.ndarray:
     foreground = rng.random((n_images, len(rates))) < rates
     foreground[:, 4] |= foreground[:, 5] & (rng.random(n_images) < 0.5)  # rare classes co-occur
     return np.column_stack([np.ones(n_images, dtype=bool), foreground])
-
-
-def test_class_presence_lists_the_labels_of_each_mask() -> None:
-    masks = [
-        np.array([[0, 0], [0, 3]], np.uint8),
-        np.array([[1, 1], [1, 1]], np.uint8),
-        np.zeros((3, 2), np.uint8),
-    ]
-    expected = [[1, 0, 0, 1], [0, 1, 0, 0], [1, 0, 0, 0]]
-    np.testing.assert_array_equal(class_presence(iter(masks), 4), np.array(expected, dtype=bool))
-    assert class_presence([], 4).shape == (0, 4)
-
-
-def test_class_presence_rejects_a_label_outside_the_classes() -> None:
-    with pytest.raises(ValueError, match="mask 1 holds label 5"):
-        class_presence([np.zeros((2, 2), np.uint8), np.full((2, 2), 5, np.uint8)], 4)
 
 
 def test_folds_keep_class_proportions_in_every_fold() -> None:
@@ -242,3 +226,10 @@ def test_split_stage_reports_a_bad_manifest_in_one_line(
     last = err.strip().splitlines()[-1]
     assert re.match(rf"error: {re.escape(str(path))}: {message}", last), last
     assert not (tmp_path / "folds.csv").exists()
+
+
+def test_held_out_mask_marks_the_fold_s_images_in_order() -> None:
+    fold_of = {"a.jpg": 0, "b.jpg": 1, "c.jpg": 0}
+    assert held_out_mask(["a.jpg", "b.jpg", "c.jpg"], fold_of, 0).tolist() == [True, False, True]
+    assert held_out_mask(["c.jpg", "b.jpg"], fold_of, 1).tolist() == [False, True]
+    assert held_out_mask([], fold_of, 0).shape == (0,)

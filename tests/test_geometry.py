@@ -1,4 +1,4 @@
-"""Tests for pipeline.geometry: inference shapes, padding, and the strip-wise resize + argmax."""
+"""Tests for pipeline.data.geometry: inference shapes, padding, and the strip-wise resize + argmax."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import AugmentParams
-from pipeline.geometry import Geometry, geometry_of, pad_to_multiple, padded_shape, resize_argmax
+from pipeline.data.geometry import Geometry, geometry_of, pad_to_multiple, padded_shape, resize_argmax
 
 
 @pytest.mark.parametrize(

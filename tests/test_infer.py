@@ -1,5 +1,5 @@
-"""Tests for pipeline.infer and the predict stage: probability averaging, TTA, member merging, sizes,
-streaming, checkpoints."""
+"""Tests for pipeline.inference.infer and the predict stage: probability averaging, TTA, member merging,
+sizes, streaming, checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import runpy
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,16 @@ import ttach
 from PIL import Image
 from torch import nn
 
-from pipeline import infer
-from pipeline.coco import ImageRecord
 from pipeline.config import AugmentParams, ModelParams
-from pipeline.dataset import ImageDataset
+from pipeline.data.coco import ImageRecord
+from pipeline.data.geometry import Geometry
+from pipeline.data.loaders import ImageDataset
+from pipeline.data.manifest import ImageSet, Manifest, write_manifest
 from pipeline.errors import UserError
-from pipeline.geometry import Geometry
-from pipeline.manifest import ImageSet, Manifest, write_manifest
-from pipeline.models import build_model, checkpoint_state, save_checkpoint
-from pipeline.submission import iter_submission
+from pipeline.evaluation.submission import iter_submission
+from pipeline.inference import infer
+from pipeline.models.checkpoints import checkpoint_state, save_checkpoint
+from pipeline.models.factory import build_model
 
 CPU = torch.device("cpu")
 STAGES = Path(__file__).resolve().parents[1] / "stages"
@@ -214,12 +216,20 @@ def test_multiscale_feeds_multiples_of_32_and_returns_the_input_size() -> None:
     torch.testing.assert_close(probs.sum(1), torch.ones(2, 64, 64))  # still a probability per pixel
 
 
+def _masks(
+    models: list[torch.nn.Module], dataset: ImageDataset, out_size: int | None, tta: str, batch_size: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, uint8 mask at `out_size` or the image's own size) per image: what the predict stage writes."""
+    for index, probs in infer.predict_probabilities(models, None, dataset, tta, [1.0], batch_size, 0, CPU):
+        yield index, infer.probabilities_to_mask(probs, infer.output_shape(dataset.images[index], out_size))
+
+
 @pytest.mark.parametrize("out_size", [48, None])
 def test_predict_images_output_sizes(tmp_path: Path, out_size: int | None) -> None:
     sizes = [(40, 72), (96, 64), (33, 33)]  # native sizes, non-square
     records = _write_images(tmp_path, sizes)
     dataset = ImageDataset(tmp_path, records, Geometry("squash", 32))
-    out = list(infer.predict_images([ChannelLogits()], None, dataset, out_size, "flips", [1.0], 2, 0, CPU))
+    out = list(_masks([ChannelLogits()], dataset, out_size, "flips", 2))
     assert [index for index, _ in out] == [0, 1, 2]
     for (_, mask), (h, w) in zip(out, sizes, strict=True):
         expected_h, expected_w = (out_size, out_size) if out_size else (h, w)
@@ -233,7 +243,7 @@ def test_predict_images_output_sizes(tmp_path: Path, out_size: int | None) -> No
 def test_predict_images_is_a_generator_that_runs_one_batch_at_a_time(tmp_path: Path) -> None:
     dataset = ImageDataset(tmp_path, _write_images(tmp_path, [(32, 32)] * 8), Geometry("squash", 32))
     model = ChannelLogits()
-    stream = infer.predict_images([model], None, dataset, None, "none", [1.0], 2, 0, CPU)
+    stream = _masks([model], dataset, None, "none", 2)
     assert model.calls == 0
     next(stream)
     assert model.calls == 1
@@ -279,18 +289,19 @@ _MEMORY_PROBE = textwrap.dedent(
     from pathlib import Path
     import numpy as np, psutil, torch
     from PIL import Image
-    from pipeline import infer
-    from pipeline.coco import ImageRecord
-    from pipeline.dataset import ImageDataset
-    from pipeline.geometry import Geometry
+    from pipeline.inference import infer
+    from pipeline.data.coco import ImageRecord
+    from pipeline.data.loaders import ImageDataset
+    from pipeline.data.geometry import Geometry
 
     root, n = Path(sys.argv[1]), int(sys.argv[2])
     records = [ImageRecord(i, f"{i % 8}.png", 64, 64) for i in range(n)]
     model = torch.nn.Conv2d(3, 11, 1)
     dataset = ImageDataset(root, records, Geometry("squash", 64))
     before = psutil.Process().memory_info().rss
-    for _ in infer.predict_images([model], None, dataset, 256, "flips", [1.0], 4, 0, torch.device("cpu")):
-        pass
+    stream = infer.predict_probabilities([model], None, dataset, "flips", [1.0], 4, 0, torch.device("cpu"))
+    for index, probs in stream:
+        infer.probabilities_to_mask(probs, infer.output_shape(records[index], 256))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     print(json.dumps({"before": before, "peak": peak}))
     """
@@ -390,7 +401,7 @@ def test_predict_stage_follows_the_fitted_weights(tmp_path: Path, monkeypatch: p
     written = dict(iter_submission(tmp_path / "sub/s.csv", ImageSet(records, 3), None))
     folds = infer.load_ensemble([tmp_path / f"models/crop/fold{k}/best.pt" for k in (0, 1)])
     dataset = ImageDataset(tmp_path / "data", records, folds.geometry)
-    alone = infer.predict_images(folds.models, None, dataset, None, "none", [1.0], 2, 0, CPU)
+    alone = _masks(folds.models, dataset, None, "none", 2)
     for index, mask in alone:
         np.testing.assert_array_equal(written[records[index].file_name], mask)
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.losses: the registry, its errors and that every loss can be minimised."""
+"""Tests for pipeline.models.losses: the registry, its errors and that every loss can be minimised."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.images import IGNORE_INDEX
 from pipeline.errors import UserError
-from pipeline.images import IGNORE_INDEX
-from pipeline.losses import (
+from pipeline.models.losses import (
     LOSSES,
     MS_SSIM_MIN_SIDE,
     MS_SSIM_WINDOW,
@@ -233,3 +233,10 @@ def test_ms_ssim_refuses_ignored_pixels() -> None:
     target[0, 0, 0] = IGNORE_INDEX
     with pytest.raises(UserError, match="ms_ssim loss cannot skip ignored pixels"):
         build_loss({"ms_ssim": 1.0})(logits, target)
+
+
+def test_class_weights_are_refused_with_a_loss_that_cannot_use_them() -> None:
+    for name in sorted(set(LOSSES) - WEIGHTED_LOSSES):
+        with pytest.raises(UserError, match=f"train.class_weights .* also names {name}"):
+            build_loss({"ce": 1.0, name: 1.0}, [0.5, 1.0, 2.0])
+    build_loss({"ce": 1.0, "dice": 1.0, "lovasz": 0.0}, [0.5, 1.0, 2.0])  # a zero-weight term is unused

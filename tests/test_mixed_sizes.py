@@ -13,9 +13,9 @@ import yaml
 from conftest import Run
 from PIL import Image
 
-from pipeline.geometry import Geometry
-from pipeline.images import mask_relpath, read_mask
-from pipeline.probstore import read_probabilities
+from pipeline.data.geometry import Geometry
+from pipeline.data.images import mask_relpath, read_mask
+from pipeline.data.probstore import read_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(480, 640), (640, 480), (768, 1024)]  # (height, width): 640x480, 480x640 and 1024x768 photos

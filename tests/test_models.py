@@ -10,17 +10,19 @@ import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import save_file
 
-from pipeline import architectures
 from pipeline.config import AugmentParams, ModelParams
 from pipeline.errors import UserError
-from pipeline.models import (
-    build_model,
+from pipeline.models import architectures
+from pipeline.models.checkpoints import (
     checkpoint_state,
     load_checkpoint,
     model_from_checkpoint,
+    save_checkpoint,
+)
+from pipeline.models.factory import (
+    build_model,
     model_from_smp_config,
     parameter_groups,
-    save_checkpoint,
     smp_config,
     strip_wrapper_prefixes,
 )

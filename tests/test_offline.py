@@ -19,9 +19,9 @@ def refuse(self, address, *args):
     raise OSError("network disabled by test")
 socket.socket.connect = refuse
 socket.socket.connect_ex = refuse
-import pipeline.augment, pipeline.train, pipeline.infer
+import pipeline.training.augment, pipeline.training.train, pipeline.inference.infer
 from pipeline.config import ModelParams
-from pipeline.models import build_model
+from pipeline.models.factory import build_model
 build_model(ModelParams(arch="Unet", encoder="resnet18", encoder_weights=None), n_classes=3)
 print("attempts:", attempts)
 """

@@ -1,5 +1,5 @@
-"""Tests for pipeline.oof: quantised probabilities, written from a real checkpoint or the predict stage and
-read back."""
+"""Tests for pipeline.inference.oof: quantised probabilities, written from a real checkpoint or the predict
+stage and read back."""
 
 from __future__ import annotations
 
@@ -13,29 +13,30 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.coco import ImageRecord
 from pipeline.config import AugmentParams, ModelParams, PredictParams
-from pipeline.dataset import ImageDataset
-from pipeline.errors import UserError
-from pipeline.geometry import Geometry
-from pipeline.infer import (
-    Member,
-    load_ensemble,
-    predict_members,
-    predict_probabilities,
-    probabilities_to_mask,
-)
-from pipeline.manifest import ImageSet, Manifest, write_manifest
-from pipeline.models import build_model, checkpoint_state, save_checkpoint
-from pipeline.oof import held_out, write_oof
-from pipeline.probstore import (
+from pipeline.data.coco import ImageRecord
+from pipeline.data.geometry import Geometry
+from pipeline.data.loaders import ImageDataset
+from pipeline.data.manifest import ImageSet, Manifest, write_manifest
+from pipeline.data.probstore import (
     dequantise,
     probabilities_writer,
     quantise,
     read_probabilities,
     write_probabilities,
 )
-from pipeline.submission import iter_submission
+from pipeline.errors import UserError
+from pipeline.evaluation.submission import iter_submission
+from pipeline.inference.infer import (
+    Member,
+    load_ensemble,
+    predict_members,
+    predict_probabilities,
+    probabilities_to_mask,
+)
+from pipeline.inference.oof import held_out, write_oof
+from pipeline.models.checkpoints import checkpoint_state, save_checkpoint
+from pipeline.models.factory import build_model
 
 CPU = torch.device("cpu")
 STAGES = Path(__file__).resolve().parents[1] / "stages"

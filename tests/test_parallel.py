@@ -17,7 +17,7 @@ import yaml
 from conftest import TOY_STAGES, make_toy_project, run_command, venv_env
 
 from pipeline.errors import UserError
-from pipeline.parallel import Device, Job, Plan, parse_devices, plan_stages, select_jobs
+from pipeline.orchestration.parallel import Device, Job, Plan, parse_devices, plan_stages, select_jobs
 from pipeline.progress import EpochProgress, epoch_line, parse_epoch_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,7 +279,7 @@ def test_parallel_refuses_ddp_stages_it_would_squeeze_onto_one_device(tmp_path: 
 
 
 def test_plan_of_the_real_dvc_yaml() -> None:
-    from pipeline.parallel import read_graph
+    from pipeline.orchestration.parallel import read_graph
 
     plan = plan_stages(read_graph(ROOT))
     assert plan.before == ["demo", "masks", "split", "pseudo"]

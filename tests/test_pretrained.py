@@ -12,16 +12,16 @@ import segmentation_models_pytorch as smp
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-import pipeline.models
+import pipeline.models.factory
 from pipeline.config import AugmentParams, ModelParams
 from pipeline.errors import UserError
-from pipeline.models import (
-    build_model,
+from pipeline.models.checkpoints import (
     checkpoint_state,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
+from pipeline.models.factory import build_model
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -120,7 +120,7 @@ def test_a_hub_id_is_fetched_through_the_hub(
         fetched.append((repo_id, filename))
         return str(folder / filename)
 
-    monkeypatch.setattr(pipeline.models, "hf_hub_download", fake_download)
+    monkeypatch.setattr(pipeline.models.factory, "hf_hub_download", fake_download)
     model = build_model(_from("smp-hub/tiny-unet"), n_classes=3).eval()
     assert fetched == [("smp-hub/tiny-unet", "config.json"), ("smp-hub/tiny-unet", "model.safetensors")]
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_a_hub_id_is_fetched_through_the_hub(
     def offline(repo_id: str, filename: str) -> str:
         raise LocalEntryNotFoundError("cannot reach the hub and the file is not in the cache")
 
-    monkeypatch.setattr(pipeline.models, "hf_hub_download", offline)
+    monkeypatch.setattr(pipeline.models.factory, "hf_hub_download", offline)
     with pytest.raises(UserError, match=r"smp-hub/tiny-unet: no such local folder, and cannot fetch it"):
         build_model(_from("smp-hub/tiny-unet"), n_classes=3)
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.pseudo, stages/pseudo.py and `python -m pipeline teacher`: thresholds, sizes, the
+"""Tests for pipeline.data.pseudo, stages/pseudo.py and `python -m pipeline teacher`: thresholds, sizes, the
 empty set when disabled, errors, round trips."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline import cli
-from pipeline.coco import ImageRecord
+from pipeline.data.coco import ImageRecord
+from pipeline.data.geometry import confident_argmax
+from pipeline.data.images import IGNORE_INDEX, read_mask
+from pipeline.data.manifest import Manifest, write_manifest
+from pipeline.data.probstore import read_probabilities, write_probabilities
+from pipeline.data.pseudo import pseudo_mask, read_pseudo
 from pipeline.errors import UserError
-from pipeline.geometry import confident_argmax
-from pipeline.images import IGNORE_INDEX, read_mask
-from pipeline.manifest import Manifest, write_manifest
-from pipeline.probstore import read_probabilities, write_probabilities
-from pipeline.pseudo import pseudo_mask, read_pseudo
+from pipeline.orchestration import cli
 
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "pseudo.py"
 CLASSES = ["background", "can", "bottle"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline import rle
-from pipeline.rle import RLEError
+from pipeline.evaluation import rle
+from pipeline.evaluation.rle import RLEError
 
 # pycocotools' decode trips a numpy 2 deprecation warning in its own code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

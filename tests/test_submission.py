@@ -14,10 +14,12 @@ import pytest
 import sklearn.metrics
 import yaml
 
-from pipeline import cli, coco, metrics, rle
-from pipeline.coco import CocoSet
+from pipeline import metrics
+from pipeline.data import coco
+from pipeline.data.coco import CocoSet
 from pipeline.errors import UserError
-from pipeline.submission import (
+from pipeline.evaluation import rle
+from pipeline.evaluation.submission import (
     HEADERS,
     SubmissionWriter,
     check_submission,
@@ -25,6 +27,7 @@ from pipeline.submission import (
     score_submission,
     validate_submission,
 )
+from pipeline.orchestration import cli
 
 # pycocotools' decode (inside coco.rasterize) trips a numpy 2 deprecation warning in its own code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tiling: tile layout, blend window, padding, seamless blending, agreement with
+"""Tests for pipeline.inference.tiling: tile layout, blend window, padding, seamless blending, agreement with
 whole-image inference, TTA per tile, and sliding windows through `infer.predict_probabilities`."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import ttach
 from PIL import Image
 from torch import nn
 
-from pipeline import infer
-from pipeline.coco import ImageRecord
 from pipeline.config import PredictParams
-from pipeline.dataset import ImageDataset
+from pipeline.data.coco import ImageRecord
+from pipeline.data.geometry import Geometry
+from pipeline.data.loaders import ImageDataset
 from pipeline.errors import UserError
-from pipeline.geometry import Geometry
-from pipeline.tiling import (
+from pipeline.inference import infer
+from pipeline.inference.tiling import (
     WINDOW_FLOOR,
     SlidingWindow,
     axis_padding,

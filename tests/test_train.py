@@ -1,5 +1,5 @@
-"""Tests for pipeline.train, stages/train.py and the oof stage after it: a real tiny run, learning, resume
-after a kill, DDP."""
+"""Tests for pipeline.training.train, stages/train.py and the oof stage after it: a real tiny run, learning,
+resume after a kill, DDP."""
 
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ import pytest
 import torch
 import yaml
 
-from pipeline import coco
-from pipeline import runtime as runtime_module
 from pipeline.config import (
     DemoParams,
     Params,
@@ -37,19 +35,22 @@ from pipeline.config import (
     params_from_dict,
     params_to_dict,
 )
-from pipeline.dataset import ImageDataset, InferenceBatch, build_inference_loader
-from pipeline.demo import generate_demo
+from pipeline.data import coco
+from pipeline.data.demo import generate_demo
+from pipeline.data.folds import held_out_mask
+from pipeline.data.geometry import Geometry, resize_argmax
+from pipeline.data.images import IGNORE_INDEX, mask_relpath, read_mask, write_mask
+from pipeline.data.loaders import ImageDataset, InferenceBatch, build_inference_loader
+from pipeline.data.manifest import manifest_of, read_manifest, write_manifest
+from pipeline.data.probstore import read_probabilities
 from pipeline.errors import UserError
-from pipeline.geometry import Geometry, resize_argmax
-from pipeline.images import IGNORE_INDEX, mask_relpath, read_mask, write_mask
-from pipeline.losses import TrainingObjective, build_loss
-from pipeline.manifest import manifest_of, read_manifest, write_manifest
+from pipeline.inference.oof import write_oof
 from pipeline.metrics import confusion_matrix, mean_iou
-from pipeline.models import load_checkpoint, model_from_checkpoint
-from pipeline.oof import held_out, write_oof
-from pipeline.probstore import read_probabilities
-from pipeline.resume import run_fingerprint
-from pipeline.runtime import (
+from pipeline.models.checkpoints import load_checkpoint, model_from_checkpoint
+from pipeline.models.losses import TrainingObjective, build_loss
+from pipeline.training import runtime as runtime_module
+from pipeline.training.resume import run_fingerprint
+from pipeline.training.runtime import (
     NodeSpec,
     Runtime,
     cpu_has_native_bf16,
@@ -57,7 +58,7 @@ from pipeline.runtime import (
     seed_everything,
     setup_runtime,
 )
-from pipeline.train import (
+from pipeline.training.train import (
     FoldPaths,
     build_loaders,
     build_train_state,
@@ -165,13 +166,14 @@ def tiny_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[F
     """One real 1-epoch CPU run of fold 0: (its paths, what fit returned)."""
     recipe = _recipe()
     paths = _paths(dataset, tmp_path_factory.mktemp("run"))
-    return paths, fit(recipe, 0, 0, paths, _cpu(recipe))
+    return paths, fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
 
 
 def _held_out(dataset: Path, fold: int = 0) -> list[coco.ImageRecord]:
     manifest = read_manifest(dataset / "manifest.json")
     fold_of = dict(pd.read_csv(dataset / "folds.csv").itertuples(index=False))
-    return held_out(manifest.train, fold_of, fold)
+    out = held_out_mask(manifest.train_names(), fold_of, fold)
+    return [image for image, held in zip(manifest.train, out, strict=True) if held]
 
 
 def test_tiny_run_writes_every_output(dataset: Path, tiny_run: tuple[FoldPaths, dict]) -> None:
@@ -269,7 +271,7 @@ def test_finished_run_only_rewrites_its_outputs(
     )
     runtime = _cpu(_recipe())
     best_before = (paths.model_dir / "best.pt").stat().st_mtime_ns
-    assert fit(_recipe(), 0, 0, paths, runtime) == first
+    assert fit(_recipe(), 0, 0, paths, runtime, average="dataset") == first
     out = capsys.readouterr().out
     assert f"{MODEL} fold 0: all 1 epochs done; rewriting the outputs from best.pt" in out
     assert (paths.model_dir / "best.pt").stat().st_mtime_ns == best_before  # nothing retrained
@@ -277,11 +279,13 @@ def test_finished_run_only_rewrites_its_outputs(
     assert len(pd.read_csv(paths.live / "plots/metrics/val_miou.tsv", sep="\t")) == 1  # curve replayed
 
     # How the run is carried out (loader workers: runtime.num_workers) is not what it learns.
-    assert fit(_recipe(), 1, 0, paths, runtime) == first
+    assert fit(_recipe(), 1, 0, paths, runtime, average="dataset") == first
     assert "all 1 epochs done" in capsys.readouterr().out
     assert (paths.model_dir / "best.pt").stat().st_mtime_ns == best_before
 
-    fit(_recipe(lr=0.001), 0, 0, paths, runtime)  # other settings: the old state is stale, train again
+    fit(
+        _recipe(lr=0.001), 0, 0, paths, runtime, average="dataset"
+    )  # other settings: the old state is stale, train again
     assert (paths.model_dir / "best.pt").stat().st_mtime_ns != best_before
 
 
@@ -298,13 +302,13 @@ def test_finished_run_trains_again_when_a_mask_changes(
         live=tmp_path / "live",
     )  # fmt: skip
     runtime = _cpu(_recipe())
-    fit(_recipe(), 0, 0, paths, runtime)  # same bytes in another folder: still finished
+    fit(_recipe(), 0, 0, paths, runtime, average="dataset")  # same bytes in another folder: still finished
     assert "all 1 epochs done" in capsys.readouterr().out
     changed = sorted(paths.masks.rglob("*.png"))[0]
     mask = read_mask(changed)
     mask[:4, :4] = 1 - mask[:4, :4].clip(0, 1)
     write_mask(changed, mask)
-    fit(_recipe(), 0, 0, paths, runtime)
+    fit(_recipe(), 0, 0, paths, runtime, average="dataset")
     out = capsys.readouterr().out
     assert "all 1 epochs done" not in out and f"{MODEL} fold 0 epoch 1/1: train loss" in out
 
@@ -314,7 +318,9 @@ def test_fingerprint_is_what_shapes_the_weights(dataset: Path) -> None:
     inputs = [dataset / "folds.csv", dataset / "manifest.json"]
 
     def fingerprint(recipe: Recipe, fold: int = 0, world_size: int = 1) -> str:
-        return run_fingerprint(recipe, fold, world_size, inputs, dataset / "demo", dataset / "masks", names)
+        return run_fingerprint(
+            recipe, fold, world_size, inputs, dataset / "demo", dataset / "masks", names, average="dataset"
+        )
 
     base = fingerprint(_recipe())
     assert fingerprint(dataclasses.replace(_recipe(), name="renamed")) == base
@@ -416,7 +422,7 @@ def test_ema_follows_every_optimizer_step_of_the_raw_weights() -> None:
 def test_best_checkpoint_holds_the_ema_weights_when_ema_is_on(dataset: Path, tmp_path: Path) -> None:
     recipe = _recipe(ema=0.5)
     paths = _paths(dataset, tmp_path)
-    fit(recipe, 0, 0, paths, _cpu(recipe))  # 1 epoch: best.pt is the last epoch's
+    fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")  # 1 epoch: best.pt is the last epoch's
     best, last = load_checkpoint(paths.model_dir / "best.pt"), load_checkpoint(paths.model_dir / "last.pt")
     averaged = {k.removeprefix("module."): v for k, v in last["ema_state"].items() if k.startswith("module.")}
     assert set(averaged) == set(best["model_state"])
@@ -488,7 +494,7 @@ def test_seed_everything_replays_every_generator() -> None:
 def test_val_every_validates_every_nth_and_the_last_epoch(dataset: Path, tmp_path: Path) -> None:
     recipe = _recipe(epochs=3, val_every=2, max_batches=1)
     paths = _paths(dataset, tmp_path)
-    result = fit(recipe, 0, 0, paths, _cpu(recipe))
+    result = fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
     history = load_checkpoint(paths.model_dir / "last.pt")["history"]
     assert ["val_miou" in record for record in history] == [False, True, True]
     assert result["epoch"] in (1, 2)  # the best checkpoint comes from a validated epoch
@@ -500,11 +506,18 @@ def test_bad_class_weights_and_folds_are_user_errors(dataset: Path, tmp_path: Pa
     with pytest.raises(
         UserError, match=rf"params: models\.{MODEL}: train\.class_weights has 2 weights for 11 "
     ):
-        fit(_recipe(class_weights=[1.0, 2.0]), 0, 0, _paths(dataset, tmp_path), runtime)
+        fit(_recipe(class_weights=[1.0, 2.0]), 0, 0, _paths(dataset, tmp_path), runtime, average="dataset")
     bad = tmp_path / "folds.csv"
     bad.write_text("image_id,fold\nimages/train_0000.jpg,0\n")
     with pytest.raises(UserError, match=r"folds.csv: does not match .*manifest.json"):
-        fit(_recipe(), 0, 0, dataclasses.replace(_paths(dataset, tmp_path), folds=bad), runtime)
+        fit(
+            _recipe(),
+            0,
+            0,
+            dataclasses.replace(_paths(dataset, tmp_path), folds=bad),
+            runtime,
+            average="dataset",
+        )
     assert not (tmp_path / "models").exists()  # refused before anything was written
 
 
@@ -549,7 +562,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset: Path, tmp_path:
 
     straight = tmp_path / "straight"
     recipe = params.recipe(MODEL)
-    fit(recipe, 0, 0, _paths(dataset, straight), _cpu(recipe))
+    fit(recipe, 0, 0, _paths(dataset, straight), _cpu(recipe), average="dataset")
     resumed_metrics = json.loads(_paths(dataset, killed).metrics.read_text())
     assert resumed_metrics == json.loads(_paths(dataset, straight).metrics.read_text())
     for name in ("best.pt", "last.pt"):
@@ -693,8 +706,10 @@ def test_cpu_threads_share_this_nodes_cores_among_its_processes(monkeypatch: pyt
     for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr("pipeline.runtime.cpu_cores", lambda: 8)
-    monkeypatch.setattr("pipeline.runtime.dist.is_initialized", lambda: True)  # no process group to join
+    monkeypatch.setattr("pipeline.training.runtime.cpu_cores", lambda: 8)
+    monkeypatch.setattr(
+        "pipeline.training.runtime.dist.is_initialized", lambda: True
+    )  # no process group to join
     try:
         runtime = setup_runtime(TrainParams(), num_workers=1, device="cpu")
         assert torch.get_num_threads() == 3
@@ -714,7 +729,8 @@ def test_launcher_on_two_nodes_gives_node_0_the_first_global_ranks(tmp_path: Pat
     )
     port = _free_port()
     launcher = (
-        "import sys; from pipeline.runtime import NodeSpec, launch_workers; node = int(sys.argv[1]); "
+        "import sys; from pipeline.training.runtime import NodeSpec, launch_workers; "
+        "node = int(sys.argv[1]); "
         f"sys.exit(launch_workers(2, sys.argv[2:], NodeSpec(2, node, '127.0.0.1', {port})))"
     )
     commands = [[sys.executable, "-c", launcher, str(node), str(worker), str(tmp_path)] for node in (1, 0)]
@@ -802,7 +818,8 @@ def test_sigterm_to_the_launcher_stops_its_workers(tmp_path: Path) -> None:
         "(out / f'survived{os.environ[\"RANK\"]}').touch()\n"
     )
     launcher = (
-        "import sys; from pipeline.runtime import launch_workers; sys.exit(launch_workers(2, sys.argv[1:]))"
+        "import sys; from pipeline.training.runtime import launch_workers; "
+        "sys.exit(launch_workers(2, sys.argv[1:]))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", launcher, str(worker), str(tmp_path)], cwd=ROOT, env=_env()
@@ -842,7 +859,7 @@ def test_unet3plus_with_side_outputs_cgm_and_boundary_weights_trains_and_rebuild
     paths = _paths(dataset, tmp_path)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(TrainingObjective, "forward", spy)
-        result = fit(recipe, 0, 0, paths, _cpu(recipe))
+        result = fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
     assert len(seen) == 2 and math.isfinite(result["miou"])
     output, weights = seen[0]
     assert isinstance(output, dict) and set(output) == {"logits", "side", "presence"}
@@ -859,16 +876,23 @@ def test_boundary_weights_without_a_pixel_loss_and_wrong_side_weights_are_refuse
 ) -> None:
     runtime = _cpu(_recipe())
     with pytest.raises(UserError, match=r"boundary weight map .* the pixels of ce, which train.losses"):
-        fit(_recipe(boundary_w0=5.0, losses={"dice": 1.0}), 0, 0, _paths(dataset, tmp_path), runtime)
+        fit(
+            _recipe(boundary_w0=5.0, losses={"dice": 1.0}),
+            0,
+            0,
+            _paths(dataset, tmp_path),
+            runtime,
+            average="dataset",
+        )
     recipe = _u3p_params(side_weights=[1.0, 0.5]).recipe(MODEL)
     with pytest.raises(UserError, match=r"train.side_weights has 2 weights, but UNet3Plus .* gives 4 side"):
-        fit(recipe, 0, 0, _paths(dataset, tmp_path), runtime)
+        fit(recipe, 0, 0, _paths(dataset, tmp_path), runtime, average="dataset")
     assert not (tmp_path / "models").exists()  # refused before anything was written
 
 
 def _pseudo_folder(dataset: Path, out: Path) -> Path:
     """The pseudo stage's output for the dataset's test images: each mask the truth's class 0/1 split
-    with a band of ignored pixels (what `pipeline.pseudo.write_pseudo` leaves)."""
+    with a band of ignored pixels (what `pipeline.data.pseudo.write_pseudo` leaves)."""
     manifest = read_manifest(dataset / "manifest.json")
     entries = []
     for image in manifest.test:
@@ -905,8 +929,8 @@ def test_pseudo_labelled_images_train_but_never_validate(dataset: Path, tmp_path
     seen = torch.cat([batch[1].flatten() for batch in train_loader])
     assert (seen == IGNORE_INDEX).any() and seen[seen != IGNORE_INDEX].max() < 11
 
-    result = fit(recipe, 0, 0, paths, runtime)
-    plain = fit(recipe, 0, 0, _paths(dataset, tmp_path / "plain"), runtime)
+    result = fit(recipe, 0, 0, paths, runtime, average="dataset")
+    plain = fit(recipe, 0, 0, _paths(dataset, tmp_path / "plain"), runtime, average="dataset")
     best = load_checkpoint(paths.model_dir / "best.pt")
     assert (
         best["fingerprint"]

@@ -1,4 +1,4 @@
-"""Tests for pipeline.weightmap: the U-Net boundary weight map against hand-computed distances."""
+"""Tests for pipeline.training.weightmap: the U-Net boundary weight map against hand-computed distances."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import TrainParams
-from pipeline.weightmap import (
+from pipeline.training.weightmap import (
     REACH_SIGMAS,
     BoundaryWeighting,
     boundary_weighting,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 
+from pipeline.data.images import IGNORE_INDEX
 from pipeline.errors import UserError
-from pipeline.images import IGNORE_INDEX
 
 # Every loss takes logits (N, C, H, W) and integer targets (N, H, W) with values in 0..C-1, or
 # IGNORE_INDEX for a pixel that must count nowhere (pseudo-labels the teacher was unsure of). ms_ssim has
@@ -146,7 +146,7 @@ class WeightedLoss(nn.Module):
 
 
 # What a model's forward returns in training: logits, or with deep supervision / a classification-guided
-# module a dict {"logits": (N,C,H,W), "side": [(N,C,H,W), ...], "presence": (N,C)} (pipeline.architectures).
+# module a dict {"logits": (N,C,H,W), "side": [(N,C,H,W), ...], "presence": (N,C)} (models.architectures).
 ModelOutput = torch.Tensor | dict[str, torch.Tensor | list[torch.Tensor]]
 
 
@@ -198,8 +198,8 @@ class TrainingObjective(nn.Module):
 def build_loss(weights: dict[str, float], class_weights: list[float] | None = None) -> WeightedLoss:
     """The weighted sum of the named losses (`train.losses`), e.g. {"ce": 1.0, "dice": 1.0}.
 
-    `class_weights` (one per class, background first) weight the classes in the losses that support
-    it (see `WEIGHTED_LOSSES`); the others use every class equally.
+    `class_weights` (one per class, background first) weight the classes; every loss named with a
+    positive weight must support them (`WEIGHTED_LOSSES`), or they are refused.
     """
     if not weights:
         raise UserError(f"params: train.losses is empty (valid losses: {', '.join(LOSSES)})")
@@ -210,4 +210,11 @@ def build_loss(weights: dict[str, float], class_weights: list[float] | None = No
             raise UserError(f"params: train.losses.{name} must be >= 0, got {weight}")
     if class_weights is not None and any(w < 0 for w in class_weights):
         raise UserError(f"params: train.class_weights must be >= 0, got {class_weights}")
+    unweighted = sorted(n for n, weight in weights.items() if weight > 0 and n not in WEIGHTED_LOSSES)
+    if class_weights is not None and unweighted:
+        # Dropping the weights for these would train a different objective than the params say.
+        raise UserError(
+            f"params: train.class_weights weights only {', '.join(sorted(WEIGHTED_LOSSES))}; train.losses "
+            f"also names {', '.join(unweighted)}, which has no per-class weighting: drop one of the two"
+        )
     return WeightedLoss({name: LOSSES[name](class_weights) for name in weights}, weights)

@@ -8,7 +8,7 @@ for the i-th name.
 
 Written by the oof stages (`oof.write_oof`: one file per (model, fold), at the model's inference
 resolution `Geometry.inference_shape`) and by the predict stage (the ensemble's merged test probabilities,
-at the resolution `infer.merge_probabilities` merges the members at, the largest of their inference
+at the resolution `ensemble.merge.merge_probabilities` merges the members at, the largest of their inference
 shapes); read by the ensemble and pseudo stages. This module imports no model code, so its readers do not
 depend on (and re-run for) inference code.
 """

@@ -15,31 +15,34 @@ import numpy as np
 import torch
 
 from pipeline.config import Recipe
+from pipeline.data.images import image_path, instance_map_path, mask_relpath
 from pipeline.errors import UserError
-from pipeline.images import image_path, instance_map_path, mask_relpath
-from pipeline.models import load_checkpoint
+from pipeline.models.checkpoints import load_checkpoint
 
-# The pipeline modules whose code shapes the trained weights. Inference, OOF and ensembling modules are
-# left out on purpose: they only shape what is computed from best.pt, which their own stages redo.
+# The pipeline modules (paths under pipeline/) whose code shapes the trained weights. Inference, OOF and
+# ensembling modules are left out on purpose: they only shape what is computed from best.pt, which their
+# own stages redo.
 WEIGHT_MODULES = (
-    "architectures",
-    "augment",
-    "coco",
-    "config",
-    "copypaste",
-    "dataset",
-    "folds",
-    "geometry",
-    "images",
-    "losses",
-    "manifest",
-    "metrics",
-    "models",
-    "pseudo",
-    "resume",
-    "runtime",
-    "train",
-    "weightmap",
+    "config.py",
+    "data/coco.py",
+    "data/folds.py",
+    "data/geometry.py",
+    "data/images.py",
+    "data/loaders.py",
+    "data/manifest.py",
+    "data/pseudo.py",
+    "metrics.py",
+    "models/architectures.py",
+    "models/checkpoints.py",
+    "models/factory.py",
+    "models/losses.py",
+    "training/augment.py",
+    "training/copypaste.py",
+    "training/dataset.py",
+    "training/resume.py",
+    "training/runtime.py",
+    "training/train.py",
+    "training/weightmap.py",
 )
 # Libraries whose versions shape the weights (augmentation draws, kernels, initialisation). OpenCV is
 # installed under one of several distribution names; the one that is not installed reads None.
@@ -64,7 +67,8 @@ def run_fingerprint(
     root: Path,
     masks: Path,
     file_names: Sequence[str],
-    average: str = "dataset",
+    *,
+    average: str,
     extra_files: Sequence[Path] = (),
 ) -> str:
     """Hash of everything that shapes one (model, fold)'s weights; a resume state with another is stale.
@@ -91,7 +95,7 @@ def run_fingerprint(
             data.update(sha256_file(path).encode())
     for path in extra_files:
         data.update(sha256_file(path).encode())
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]
     relevant = {
         "recipe": dataclasses.asdict(recipe) | {"name": None},  # renaming a model does not change it
         "fold": fold,
@@ -100,7 +104,7 @@ def run_fingerprint(
         "inputs": [sha256_file(path) for path in inputs],
         "images_and_masks": data.hexdigest(),
         "weights_files": _weights_files(recipe),
-        "code": {name: sha256_file(package / f"{name}.py") for name in WEIGHT_MODULES},
+        "code": {name: sha256_file(package / name) for name in WEIGHT_MODULES},
         "libraries": {name: _version(name) for name in WEIGHT_LIBRARIES},
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

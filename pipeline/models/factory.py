@@ -1,4 +1,4 @@
-"""segmentation-models-pytorch model factory, optimizer parameter groups and self-describing checkpoints."""
+"""Models from a recipe: smp and trashseg architectures, pretrained weights, optimizer parameter groups."""
 
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ from safetensors.torch import load_file as load_safetensors
 from segmentation_models_pytorch.base import SegmentationModel
 from torch import nn
 
-from pipeline import architectures
-from pipeline.atomic import atomic_path
-from pipeline.config import AugmentParams, ModelParams
+from pipeline.config import ModelParams
 from pipeline.errors import UserError
-from pipeline.geometry import geometry_of
+from pipeline.models import architectures
 
 # Every model.arch (lower-case name -> class): smp's registry plus trashseg's own architectures. Ours
 # replaces smp's UnetPlusPlus under its own name (same class name, same weights without deep supervision),
@@ -194,7 +192,7 @@ def _create(arch: str, init: dict[str, Any], where: str) -> nn.Module:
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         # e.g. a decoder_channels list whose length is not the encoder depth, or a timm model
         # without the feature maps smp needs
-        raise UserError(f"{where} rejects these settings ({_first_line(exc)})") from None
+        raise UserError(f"{where} rejects these settings ({first_line(exc)})") from None
 
 
 def load_pretrained(source: str, n_classes: int) -> nn.Module:
@@ -210,14 +208,14 @@ def load_pretrained(source: str, n_classes: int) -> nn.Module:
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{where}: cannot read its {_CONFIG_FILE} ({_first_line(exc)})") from None
+        raise UserError(f"{where}: cannot read its {_CONFIG_FILE} ({first_line(exc)})") from None
     if not isinstance(config, dict):
         raise UserError(f"{where}: its {_CONFIG_FILE} is not a JSON object")
     model = model_from_smp_config(config, n_classes, where)
     try:
         saved = load_safetensors(weights_file, device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"{where}: cannot read its {_WEIGHTS_FILE} ({_first_line(exc)})") from None
+        raise UserError(f"{where}: cannot read its {_WEIGHTS_FILE} ({first_line(exc)})") from None
     # model_from_smp_config leaves out a saved classification head (aux_params).
     state = {key: value for key, value in saved.items() if not key.startswith("classification_head.")}
     expected = model.state_dict()
@@ -228,7 +226,7 @@ def load_pretrained(source: str, n_classes: int) -> nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"{where}: {_mismatch(expected, state)} for its config.json") from None
+        raise UserError(f"{where}: {state_mismatch(expected, state)} for its config.json") from None
     return model
 
 
@@ -255,7 +253,7 @@ def _pretrained_files(source: str) -> tuple[Path, Path]:
     except (OSError, ValueError, EntryNotFoundError) as exc:
         raise UserError(
             f"{source}: no such local folder, and cannot fetch it from the Hugging Face hub "
-            f"({_first_line(exc)}) (params: model.from_pretrained)"
+            f"({first_line(exc)}) (params: model.from_pretrained)"
         ) from None
     return Path(config_file), Path(weights_file)
 
@@ -336,7 +334,7 @@ def load_encoder_weights(encoder: nn.Module, path: Path, encoder_name: str) -> N
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{path}: cannot read encoder weights ({_first_line(exc)})") from None
+        raise UserError(f"{path}: cannot read encoder weights ({first_line(exc)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: encoder weights must be a state dict (parameter name -> tensor)")
     state = strip_wrapper_prefixes(state)
@@ -344,101 +342,7 @@ def load_encoder_weights(encoder: nn.Module, path: Path, encoder_name: str) -> N
     try:
         encoder.load_state_dict(dict(state))  # smp's override pops head keys from the dict it is given
     except RuntimeError:
-        raise UserError(f"{path}: {_mismatch(expected, state)} for encoder '{encoder_name}'") from None
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` (tensors and builtins only) with torch.save, atomically; same state, same bytes."""
-    # Through a file object: given a path, torch.save names the zip's folder after the (random) temp
-    # file, so two identical runs would write different bytes and DVC would record different hashes.
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU, refusing any pickled object other than tensors and builtins."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only's unpickler stops at the first global it does not allow, before calling anything.
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if unsafe:
-            raise UserError(
-                f"{path}: refused: the checkpoint holds a pickled Python object ({unsafe.group(1)}), "
-                "not only tensors and builtins"
-            ) from None
-        raise UserError(f"{path}: not a torch checkpoint (unreadable pickle data)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: a checkpoint must be a dict, got {type(state).__name__}")
-    return state
-
-
-def checkpoint_state(
-    model: nn.Module,
-    model_params: ModelParams,
-    classes: list[str],
-    augment: AugmentParams,
-    epoch: int,
-    score: float,
-    fold: int,
-) -> dict[str, Any]:
-    """The self-describing dict that `model_from_checkpoint` rebuilds a model from.
-
-    It records smp's own config of the model, so a `from_pretrained` model rebuilds without its folder
-    or the network, and the training augmentation: inference takes the input geometry from it and
-    checks that its TTA uses only symmetries the model was trained with.
-    """
-    state = {
-        "model_state": strip_wrapper_prefixes(model.state_dict()),
-        "model_params": dataclasses.asdict(model_params),
-        "classes": list(classes),
-        "geometry": geometry_of(augment).to_dict(),
-        "augment": dataclasses.asdict(augment),
-        "epoch": int(epoch),
-        "score": float(score),
-        "fold": int(fold),
-    }
-    config = smp_config(model)
-    if config is not None:
-        state["smp_config"] = config
-    return state
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint describes (its own config, not today's params), loaded, in eval mode.
-
-    Checkpoints without "smp_config" (written before it was recorded) rebuild from their model_params.
-    `source` names the file in error messages.
-    """
-    missing = [key for key in ("model_state", "model_params", "classes") if key not in ckpt]
-    if missing:
-        raise UserError(f"{source}: not a trashseg checkpoint (missing key '{missing[0]}')")
-    n_classes = len(ckpt["classes"])
-    if "smp_config" in ckpt:
-        # The weights come from the checkpoint; the config never downloads or reads init weights.
-        model = model_from_smp_config(dict(ckpt["smp_config"]), n_classes, source)
-    else:
-        try:
-            model_params = ModelParams(**ckpt["model_params"])
-        except TypeError as exc:
-            raise UserError(
-                f"{source}: model_params do not match this version's ModelParams ({exc})"
-            ) from None
-        if model_params.from_pretrained is not None:
-            raise UserError(f"{source}: a from_pretrained model's checkpoint needs its 'smp_config'")
-        # Never download or read the encoder's init weights again.
-        model = build_model(dataclasses.replace(model_params, encoder_weights=None), n_classes)
-    state = strip_wrapper_prefixes(ckpt["model_state"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise UserError(f"{source}: {_mismatch(model.state_dict(), state)} for its model config") from None
-    return model.eval()
+        raise UserError(f"{path}: {state_mismatch(expected, state)} for encoder '{encoder_name}'") from None
 
 
 def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -451,7 +355,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return clean
 
 
-def _mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+def state_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
     """Describe how a state dict differs from a module's: missing keys, extra keys or tensor shapes."""
     missing = [k for k in expected if k not in given]
     extra = [k for k in given if k not in expected]
@@ -471,6 +375,6 @@ def _mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor])
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

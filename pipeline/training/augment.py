@@ -14,6 +14,7 @@ import numpy as np
 from albumentations.core.type_definitions import Targets
 
 from pipeline.config import AugmentParams
+from pipeline.data.geometry import build_resize
 
 Noise = Literal["gaussian", "uniform"]
 
@@ -331,19 +332,6 @@ def build_elastic(params: AugmentParams) -> A.BasicTransform:
 
 # ---------------------------------------------------------------------------------------------------------
 # Pipelines.
-
-
-def build_resize(height: int, width: int | None = None) -> A.BasicTransform:
-    """Resize to height x width (default square): area averaging when shrinking (no aliasing), bilinear
-    when enlarging; masks always nearest. Training, evaluation and test images all go through this one
-    definition."""
-    return A.Resize(
-        height,
-        height if width is None else width,
-        interpolation=cv2.INTER_LINEAR,
-        mask_interpolation=cv2.INTER_NEAREST,
-        area_for_downscale="image",
-    )
 
 
 def build_train_geometry(params: AugmentParams) -> list[A.BasicTransform]:

@@ -9,19 +9,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.coco import ImageRecord
 from pipeline.config import PredictParams
-from pipeline.dataset import ImageDataset
+from pipeline.data.coco import ImageRecord
+from pipeline.data.geometry import Geometry
+from pipeline.data.loaders import ImageDataset
+from pipeline.data.probstore import write_probabilities
 from pipeline.errors import UserError
-from pipeline.geometry import Geometry
-from pipeline.infer import predict_probabilities, resolve_tta, window_overlap_of
-from pipeline.models import load_checkpoint, model_from_checkpoint
-from pipeline.probstore import write_probabilities
-
-
-def held_out(images: Sequence[ImageRecord], fold_of: dict[str, int], fold: int) -> list[ImageRecord]:
-    """The images of `fold`, in manifest order."""
-    return [image for image in images if fold_of[image.file_name] == fold]
+from pipeline.inference.infer import predict_probabilities, resolve_tta, window_overlap_of
+from pipeline.models.checkpoints import load_checkpoint, model_from_checkpoint
 
 
 def write_oof(

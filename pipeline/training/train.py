@@ -22,30 +22,27 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import augment, coco
 from pipeline.atomic import write_json
 from pipeline.config import AugmentParams, Recipe, TrainParams
-from pipeline.copypaste import CopyPaste
-from pipeline.dataset import (
-    ConcatSegmentation,
-    ImageDataset,
-    SegmentationDataset,
-    build_inference_loader,
-    build_train_loader,
-)
+from pipeline.data import coco
+from pipeline.data.folds import held_out_mask, read_folds
+from pipeline.data.geometry import geometry_of, resize_argmax
+from pipeline.data.images import image_path, objects_path
+from pipeline.data.loaders import ImageDataset, build_inference_loader
+from pipeline.data.manifest import read_manifest
+from pipeline.data.pseudo import PseudoSet, read_pseudo
 from pipeline.errors import UserError
-from pipeline.folds import read_folds
-from pipeline.geometry import geometry_of, resize_argmax
-from pipeline.images import image_path, objects_path
-from pipeline.losses import PIXEL_WEIGHTED_LOSSES, TrainingObjective, build_loss
-from pipeline.manifest import read_manifest
 from pipeline.metrics import Average, class_ious, confusion_matrix_torch, score
-from pipeline.models import build_model, checkpoint_state, load_checkpoint, parameter_groups, save_checkpoint
+from pipeline.models.checkpoints import checkpoint_state, load_checkpoint, save_checkpoint
+from pipeline.models.factory import build_model, parameter_groups
+from pipeline.models.losses import PIXEL_WEIGHTED_LOSSES, TrainingObjective, build_loss
 from pipeline.progress import epoch_line
-from pipeline.pseudo import PseudoSet, read_pseudo
-from pipeline.resume import read_resume_state, restore_rng_states, rng_states, run_fingerprint
-from pipeline.runtime import Runtime, seed_everything
-from pipeline.weightmap import BoundaryWeighting, boundary_weighting
+from pipeline.training import augment
+from pipeline.training.copypaste import CopyPaste
+from pipeline.training.dataset import ConcatSegmentation, SegmentationDataset, build_train_loader
+from pipeline.training.resume import read_resume_state, restore_rng_states, rng_states, run_fingerprint
+from pipeline.training.runtime import Runtime, seed_everything
+from pipeline.training.weightmap import BoundaryWeighting, boundary_weighting
 
 
 @dataclass(frozen=True)
@@ -179,7 +176,8 @@ def fit(
     fold: int,
     paths: FoldPaths,
     runtime: Runtime,
-    average: Average = "dataset",
+    *,
+    average: Average,
 ) -> dict[str, Any]:
     """Train `recipe` on all folds but `fold`, keep the epoch with the best validation mIoU (by
     `average`, params metric.average) in best.pt: the EMA weights when `train.ema` is on.
@@ -208,8 +206,8 @@ def fit(
         paths.root,
         paths.masks,
         all_names,
-        average,
-        extra_files,
+        average=average,
+        extra_files=extra_files,
     )
     train_loader, val_loader = build_loaders(recipe.augment, train, num_workers, data, paths, runtime)
     steps_per_epoch = math.ceil(batches_per_epoch(len(train_loader), train.max_batches) / train.accumulate)
@@ -305,7 +303,7 @@ def load_fold_data(recipe: Recipe, fold: int, paths: FoldPaths) -> FoldData:
     """
     manifest = read_manifest(paths.manifest)
     fold_of = read_folds(paths.folds, manifest.train_names(), paths.manifest)
-    held_out = np.array([fold_of[image.file_name] == fold for image in manifest.train], dtype=bool)
+    held_out = held_out_mask(manifest.train_names(), fold_of, fold)
     train_names = [image.file_name for image, out in zip(manifest.train, held_out, strict=True) if not out]
     val_images = [image for image, out in zip(manifest.train, held_out, strict=True) if out]
     if not val_images or not train_names:

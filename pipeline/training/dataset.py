@@ -1,4 +1,4 @@
-"""Torch datasets (training images with masks, test images without) and their DataLoaders."""
+"""Training data: images with their masks (and pasted objects), seeded samplers, the training loader."""
 
 from __future__ import annotations
 
@@ -7,18 +7,13 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import albumentations as A
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from pipeline import coco
-from pipeline.augment import build_resize
-from pipeline.geometry import Geometry, pad_to_multiple, padded_shape
-from pipeline.images import (
+from pipeline.data.images import (
     image_path,
     instance_map_path,
     mask_relpath,
@@ -26,31 +21,15 @@ from pipeline.images import (
     read_instance_map,
     read_mask,
 )
-from pipeline.weightmap import BoundaryWeighting
+from pipeline.data.loaders import normalize, rank_and_world
+from pipeline.training.weightmap import BoundaryWeighting
 
 # A step on the raw (image, mask, instance map or None) drawing from the generator given, as
-# `copypaste.CopyPaste` is; named by its shape so that the inference stages, which import this module,
-# do not depend on (and re-run for) the copy-paste code.
+# `copypaste.CopyPaste` is; named by its shape so that this module does not import the copy-paste code.
 RawStep = Callable[
     [np.ndarray, np.ndarray, np.ndarray | None, np.random.Generator],
     tuple[np.ndarray, np.ndarray, np.ndarray | None],
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Folded into one multiply-add on 0..255 values: (x / 255 - mean) / std = x * scale + offset.
-_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float32)
-_OFFSET = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)], dtype=np.float32)
-
-
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> float32 (3, H, W) tensor, normalised with the ImageNet mean and std."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
-    planar = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    planar *= _SCALE[:, None, None]
-    planar += _OFFSET[:, None, None]
-    return torch.from_numpy(planar)
 
 
 class SegmentationDataset(Dataset):
@@ -202,107 +181,6 @@ class _Streams:
         )
 
 
-class InferenceBatch(NamedTuple):
-    """A batch of whole images for inference, as `collate_inference` builds it."""
-
-    images: torch.Tensor  # float32 (B, 3, H, W): one padded shape per batch
-    indexes: list[int]  # dataset indexes
-    shapes: list[tuple[int, int]]  # each image's (h, w) inside `images`, before padding
-    masks: list[torch.Tensor] | None  # uint8 (height, width) truth at each image's own size, or None
-
-
-class ImageDataset(Dataset):
-    """Whole images for inference (test, validation, out-of-fold) at the model's geometry.
-
-    Item `index` -> (image float32 (3, H, W), index, (h, w), mask): the image resized to
-    `geometry.inference_shape` (h, w) with the training resize rule, then reflect-padded to multiples of
-    32 (H, W); mask is the uint8 truth at the image's own size when `masks_dir` is given, else None.
-    `images[index]` gives back the record (and so the native size).
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        images: Sequence[coco.ImageRecord],
-        geometry: Geometry,
-        masks_dir: str | Path | None = None,
-    ) -> None:
-        self.root = Path(root)
-        self.images = list(images)
-        self.geometry = geometry
-        self.masks_dir = None if masks_dir is None else Path(masks_dir)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[int, int], torch.Tensor | None]:
-        record = self.images[index]
-        image = read_image(image_path(self.root, record.file_name), (record.height, record.width))
-        shape = self.geometry.inference_shape(record.height, record.width)
-        image = pad_to_multiple(build_resize(*shape)(image=image)["image"])
-        mask = None
-        if self.masks_dir is not None:
-            mask_path = self.masks_dir / mask_relpath(record.file_name)
-            mask = torch.from_numpy(read_mask(mask_path, (record.height, record.width)))
-        return normalize(image), index, shape, mask
-
-
-def collate_inference(
-    items: Sequence[tuple[torch.Tensor, int, tuple[int, int], torch.Tensor | None]],
-) -> InferenceBatch:
-    """Stack `ImageDataset` items of one padded shape (`build_inference_loader` batches them so);
-    masks stay a list, as their native sizes may differ."""
-    images = torch.stack([item[0] for item in items])
-    masks = None if items[0][3] is None else [item[3] for item in items]
-    return InferenceBatch(images, [item[1] for item in items], [tuple(item[2]) for item in items], masks)
-
-
-class ShapeBatchSampler(Sampler[list[int]]):
-    """Batches of consecutive `indices` whose images have the same padded inference shape.
-
-    Batching only equal shapes (rather than padding to the batch's largest) keeps each image's
-    prediction a function of the image alone, whatever the batch size or its neighbours.
-    """
-
-    def __init__(self, dataset: ImageDataset, indices: Sequence[int], batch_size: int) -> None:
-        self.batches: list[list[int]] = []
-        last_shape = None
-        for index in indices:
-            record = dataset.images[index]
-            shape = padded_shape(*dataset.geometry.inference_shape(record.height, record.width))
-            if shape != last_shape or len(self.batches[-1]) == batch_size:
-                self.batches.append([])
-            self.batches[-1].append(index)
-            last_shape = shape
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def build_inference_loader(
-    dataset: ImageDataset,
-    batch_size: int,
-    num_workers: int,
-    distributed: bool = False,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """In-order `InferenceBatch`es of every image (`ShapeBatchSampler`); under DDP each rank gets a
-    disjoint shard, rank, rank + world, ... (no padding with repeated images, as `ShardSampler`)."""
-    rank, world_size = _rank_and_world(distributed)
-    indices = range(rank, len(dataset), world_size)
-    return DataLoader(
-        dataset,
-        batch_sampler=ShapeBatchSampler(dataset, indices, batch_size),
-        collate_fn=collate_inference,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
-
-
 class SeededSampler(Sampler[tuple[int, int]]):
     """Wraps an epoch-aware sampler: yields (index, item_seed), item seeds drawn from (seed, epoch, rank).
 
@@ -364,25 +242,6 @@ class DistributedWeightedSampler(Sampler[int]):
         return self.num_samples
 
 
-class ShardSampler(Sampler[int]):
-    """In-order indices rank, rank + world, ...: each image exactly once over all ranks, no padding.
-
-    DistributedSampler pads with repeated images so every rank has as many; repeats would count twice
-    in a confusion matrix summed over ranks. Shards here differ in length by at most one.
-    """
-
-    def __init__(self, n: int, rank: int, world_size: int) -> None:
-        self.n = n
-        self.rank = rank
-        self.world_size = world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
-
-
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -404,7 +263,7 @@ def build_train_loader(
     shuffle (`DistributedSampler`) or of one weighted draw (`DistributedWeightedSampler`). The last
     batch is dropped only when a rank has at least one full batch, so tiny configurations still train.
     """
-    rank, world_size = _rank_and_world(distributed)
+    rank, world_size = rank_and_world(distributed)
     n = len(dataset)
     if sample_weights is not None and len(sample_weights) != n:
         raise ValueError(f"{len(sample_weights)} sample weights for {n} images")
@@ -424,31 +283,3 @@ def build_train_loader(
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed + rank),
     )
-
-
-def build_eval_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int,
-    distributed: bool = False,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """In-order batches of every image; under DDP each rank gets a disjoint shard (`ShardSampler`)."""
-    sampler = ShardSampler(len(dataset), *_rank_and_world(True)) if distributed else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
-
-
-def _rank_and_world(distributed: bool) -> tuple[int, int]:
-    if not distributed:
-        return 0, 1
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("distributed=True but torch.distributed is not initialised (use torchrun)")
-    return dist.get_rank(), dist.get_world_size()

@@ -15,8 +15,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from tqdm import tqdm
 
-from pipeline.errors import UserError
-from pipeline.images import (
+from pipeline.data.images import (
     INSTANCES_DIR,
     MAX_INSTANCES,
     ObjectRecord,
@@ -30,6 +29,7 @@ from pipeline.images import (
     write_mask,
     write_objects,
 )
+from pipeline.errors import UserError
 
 Overlap = Literal["area_desc", "max_class"]
 OnBad = Literal["error", "skip"]

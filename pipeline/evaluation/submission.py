@@ -15,11 +15,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import coco, metrics, rle
+from pipeline import metrics
 from pipeline.atomic import atomic_path
-from pipeline.coco import CocoSet
+from pipeline.data import coco
+from pipeline.data.coco import CocoSet
+from pipeline.data.manifest import ImageSet
 from pipeline.errors import UserError
-from pipeline.manifest import ImageSet
+from pipeline.evaluation import rle
 
 # The header of each format; a submission's format is recognised from its header.
 #   rle:   one row per image and non-background class 1..C-1; EncodedPixels is Kaggle RLE (empty = absent).

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.coco import ImageRecord
+from pipeline.data.coco import ImageRecord
+from pipeline.data.geometry import confident_argmax
+from pipeline.data.images import IGNORE_INDEX, mask_relpath, write_mask
+from pipeline.data.probstore import StoredProbabilities
 from pipeline.errors import UserError
-from pipeline.geometry import confident_argmax
-from pipeline.images import IGNORE_INDEX, mask_relpath, write_mask
-from pipeline.probstore import StoredProbabilities
 
 # The teacher folder's file (`python -m pipeline teacher` writes it) and the pseudo-label folder's layout.
 TEACHER_FILE = "test.npz"

@@ -12,17 +12,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import coco
 from pipeline.atomic import atomic_path, write_json, write_text
 from pipeline.config import Params, load_params
+from pipeline.data import coco
+from pipeline.data.probstore import read_probabilities
+from pipeline.data.pseudo import TEACHER_FILE
 from pipeline.errors import UserError
+from pipeline.evaluation.submission import check_submission, score_submission
 from pipeline.metrics import AVERAGES
-from pipeline.parallel import parse_devices, plan_stages, read_graph, run_parallel, stale_stages
-from pipeline.probstore import read_probabilities
-from pipeline.pseudo import TEACHER_FILE
-from pipeline.runtime import cpu_cores, node_rank
-from pipeline.slurm import SlurmOptions, run_on_node, submit_script
-from pipeline.submission import check_submission, score_submission
+from pipeline.orchestration.parallel import parse_devices, plan_stages, read_graph, run_parallel, stale_stages
+from pipeline.orchestration.slurm import SlurmOptions, run_on_node, submit_script
+from pipeline.training.runtime import cpu_cores, node_rank
 
 # `validate` prints at most this many problems, then how many more there are.
 MAX_PRINTED_PROBLEMS = 50
@@ -169,7 +169,7 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def parallel(args: argparse.Namespace) -> None:
-    """`pipeline.parallel.run_parallel` in the current DVC project; exits with its code."""
+    """`pipeline.orchestration.parallel.run_parallel` in the current DVC project; exits with its code."""
     root = _dvc_root("parallel")
     runtime = _load_params(None).runtime
     if runtime.nproc > 1 or runtime.nnodes > 1:

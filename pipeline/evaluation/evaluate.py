@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from pipeline import metrics
 from pipeline.atomic import atomic_dir, atomic_path
+from pipeline.data.images import image_path, mask_relpath, read_image, read_mask
 from pipeline.errors import UserError
-from pipeline.images import image_path, mask_relpath, read_image, read_mask
 
 CONFUSION_ROWS_PER_CLASS = 1000
 N_WORST = 8

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.config import RuntimeParams
 from pipeline.errors import UserError
-from pipeline.parallel import Plan, dvc_command, select_jobs, stage_group
+from pipeline.orchestration.parallel import Plan, dvc_command, select_jobs, stage_group
 
 # torchrun's rendezvous port on node 0 of a multi-node job.
 RDZV_PORT = 29500

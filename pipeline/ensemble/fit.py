@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.atomic import write_json
+from pipeline.data.geometry import resize_argmax
+from pipeline.data.probstore import StoredProbabilities
+from pipeline.ensemble.merge import merge_probabilities
 from pipeline.errors import UserError
-from pipeline.geometry import resize_argmax
-from pipeline.infer import merge_probabilities
 from pipeline.metrics import (
     Average,
     checked_average,
@@ -38,7 +39,6 @@ from pipeline.metrics import (
     mean_iou,
     nanmean,
 )
-from pipeline.probstore import StoredProbabilities
 
 
 def simplex_grid(n_members: int, step: float) -> np.ndarray:

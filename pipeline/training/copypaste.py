@@ -10,10 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.coco import MIN_OBJECT_PIXELS
 from pipeline.config import AugmentParams
-from pipeline.errors import UserError
-from pipeline.images import (
+from pipeline.data.coco import MIN_OBJECT_PIXELS
+from pipeline.data.images import (
     MAX_INSTANCES,
     ObjectRecord,
     image_path,
@@ -22,6 +21,7 @@ from pipeline.images import (
     read_instance_map,
     read_objects,
 )
+from pipeline.errors import UserError
 
 # Positions placement "background" tries; the one covering the fewest foreground pixels wins. A few
 # suffice to avoid burying an object in another: more would push every paste into the same empty corner.

@@ -12,17 +12,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import ttach
 from torch import nn
 
-from pipeline import coco
-from pipeline import models as model_io
 from pipeline.config import PredictParams
-from pipeline.dataset import ImageDataset, build_inference_loader
+from pipeline.data import coco
+from pipeline.data.geometry import SIZE_MULTIPLE, Geometry, resize_argmax, resize_bilinear
+from pipeline.data.loaders import ImageDataset, build_inference_loader
+from pipeline.ensemble.merge import merge_probabilities
 from pipeline.errors import UserError
-from pipeline.geometry import SIZE_MULTIPLE, Geometry, resize_argmax
-from pipeline.tiling import SlidingWindow
+from pipeline.inference.tiling import SlidingWindow
+from pipeline.models import checkpoints as model_io
 
 TTA_TRANSFORMS: dict[str, Callable[[], ttach.Compose]] = {
     "none": lambda: ttach.Compose([]),  # one identity transform
@@ -72,6 +72,11 @@ _SYMMETRY = {"hflip": "horizontally flipped", "vflip": "vertically flipped", "ro
 
 def _trained_with(augment: Mapping[str, Any], keys: Sequence[str]) -> bool:
     return all(augment.get(key, 0) > 0 for key in keys)
+
+
+def inference_device() -> torch.device:
+    """The device the inference stages (oof, predict) run on: the first visible GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_tta(name: str) -> ttach.Compose:
@@ -149,10 +154,10 @@ def ensemble_probabilities(
     for member, weight in zip(members, weights, strict=True):
         for scale in scales:
             size = (scaled_size(height, scale), scaled_size(width, scale))
-            scaled = images if size == (height, width) else _resize(images, size)
+            scaled = images if size == (height, width) else resize_bilinear(images, size)
             probs = member(scaled)
             if probs.shape[-2:] != (height, width):
-                probs = _resize(probs, (height, width))
+                probs = resize_bilinear(probs, (height, width))
             share = weight / len(scales)
             total = probs.float() * share if total is None else total.add_(probs, alpha=share)
     assert total is not None, "no members or no scales"
@@ -198,22 +203,6 @@ def predict_probabilities(
         probs = _predict_batch(members, shares, images, scales, amp)
         for index, (h, w), image_probs in zip(batch.indexes, batch.shapes, probs, strict=True):
             yield index, image_probs[:, :h, :w]
-
-
-def merge_probabilities(probs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of members' (C, h_m, w_m) probabilities at the largest member's (h, w).
-
-    weights: (M, C), one weight per member and class (a per-model weight repeated over classes). The
-    smaller members are resized bilinearly first (as predict resizes to the output size: resizing is
-    linear, so merging first and resizing once later gives the same result). Returns (C, h, w) float32.
-    """
-    shape = max((p.shape[-2:] for p in probs), key=lambda s: s[0] * s[1])
-    total = torch.zeros((probs[0].shape[0], *shape), dtype=torch.float32, device=probs[0].device)
-    for member_probs, member_weights in zip(probs, weights, strict=True):
-        if member_probs.shape[-2:] != shape:
-            member_probs = _resize(member_probs[None], tuple(shape))[0]
-        total += member_weights.to(total)[:, None, None] * member_probs
-    return total
 
 
 @dataclass(frozen=True)
@@ -263,33 +252,6 @@ def predict_members(
         index = outputs[0][0]
         assert all(other[0] == index for other in outputs), "members yield images in the same order"
         yield index, merge_probabilities([probs for _, probs in outputs], weights.to(device))
-
-
-def predict_images(
-    models: Sequence[nn.Module],
-    weights: Sequence[float] | None,
-    dataset: ImageDataset,
-    out_size: int | None,
-    tta: str,
-    scales: Sequence[float],
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    amp: bool = True,
-    window_overlap: float | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (dataset index, uint8 label mask) per image, in dataset order, streaming batch by batch.
-
-    The mask is `out_size` x `out_size`, or the image's own height x width (from its record) when
-    `out_size` is None. Probabilities are resized bilinearly to that size before the argmax, so class
-    boundaries are decided at the output resolution rather than upsampled as blocky labels; the resize
-    runs in strips (`geometry.resize_argmax`), so a 4000x3000 photo needs no 4000x3000xC array.
-    `window_overlap`: sliding-window inference, as in `predict_probabilities`.
-    """
-    for index, probs in predict_probabilities(
-        models, weights, dataset, tta, scales, batch_size, num_workers, device, amp, window_overlap
-    ):
-        yield index, probabilities_to_mask(probs, output_shape(dataset.images[index], out_size))
 
 
 def output_shape(record: coco.ImageRecord, out_size: int | None) -> tuple[int, int]:
@@ -360,7 +322,3 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

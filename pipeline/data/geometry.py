@@ -6,8 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import albumentations as A
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import AugmentParams
 
@@ -138,3 +141,21 @@ def geometry_of(augment: AugmentParams) -> Geometry:
         return Geometry(mode="squash", size=augment.size)
     short_side = augment.size if augment.short_side is None else augment.short_side
     return Geometry(mode="crop", size=augment.size, short_side=short_side)
+
+
+def build_resize(height: int, width: int | None = None) -> A.BasicTransform:
+    """Resize to height x width (default square): area averaging when shrinking (no aliasing), bilinear
+    when enlarging; masks always nearest. Training, evaluation and test images all go through this one
+    definition."""
+    return A.Resize(
+        height,
+        height if width is None else width,
+        interpolation=cv2.INTER_LINEAR,
+        mask_interpolation=cv2.INTER_NEAREST,
+        area_for_downscale="image",
+    )
+
+
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, size): bilinear, corners not aligned (how probabilities change resolution)."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -13,31 +13,15 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from pipeline.errors import UserError
 
 
-def class_presence(masks: Iterable[np.ndarray], n_classes: int) -> np.ndarray:
-    """bool (N, C): which class indexes appear in each uint8 (H, W) mask. Column 0 is background.
-
-    Raises ValueError naming the mask's position if a mask holds a label >= n_classes.
-    """
-    rows = []
-    for i, mask in enumerate(masks):
-        counts = np.bincount(mask.ravel(), minlength=n_classes)
-        if len(counts) > n_classes:
-            raise ValueError(
-                f"mask {i} holds label {len(counts) - 1}, but there are only {n_classes} classes"
-            )
-        rows.append(counts > 0)
-    return np.array(rows, dtype=bool).reshape(len(rows), n_classes)
-
-
 def make_folds(
     presence: np.ndarray, n_splits: int, seed: int, class_names: Sequence[str] | None = None
 ) -> np.ndarray:
     """Fold index (0..n_splits-1) per image, by iterative stratification on the foreground classes.
 
-    presence: bool (N, C) from `class_presence`. Stratifies on columns 1..C-1 plus an "empty" column
-    (image holds no foreground class), so images without objects spread evenly too. Deterministic for
-    a seed. Warns, naming the class, when a class is in fewer images than folds: some validation folds
-    then never see it. Returns int64 (N,).
+    presence: bool (N, C), the manifest's: the classes each mask holds. Stratifies on columns 1..C-1 plus
+    an "empty" column (image holds no foreground class), so images without objects spread evenly too.
+    Deterministic for a seed. Warns, naming the class, when a class is in fewer images than folds: some
+    validation folds then never see it. Returns int64 (N,).
     """
     presence = np.asarray(presence, dtype=bool)
     n_images, n_classes = presence.shape
@@ -105,3 +89,9 @@ def read_folds(path: str | Path, file_names: Iterable[str], source: str | Path) 
         example = stray if stray is not None else missing
         raise UserError(f"{path}: does not match {source} (e.g. '{example}'); re-run the split stage")
     return folds
+
+
+def held_out_mask(file_names: Sequence[str], fold_of: dict[str, int], fold: int) -> np.ndarray:
+    """bool (N,): which of `file_names` (in manifest order) fold `fold` holds out, by `read_folds`'s map.
+    The one definition of a fold's split: training takes the rest, the oof stage predicts these."""
+    return np.array([fold_of[name] == fold for name in file_names], dtype=bool).reshape(len(file_names))

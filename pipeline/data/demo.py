@@ -14,8 +14,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from pipeline.coco import decode_segmentation
 from pipeline.config import DemoParams
+from pipeline.data.coco import decode_segmentation
 from pipeline.errors import UserError
 
 # The competition's categories, ids 1..10 in its order.

@@ -1,0 +1,1 @@
+"""The ensemble: member weights fitted on out-of-fold predictions."""

@@ -1,0 +1,1 @@
+"""Scoring and submitting: metrics files, the leaderboard, submission CSVs and their RLE."""

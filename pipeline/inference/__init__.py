@@ -1,0 +1,1 @@
+"""Inference: probabilities of whole images from checkpoints (TTA, tiling) and out-of-fold predictions."""

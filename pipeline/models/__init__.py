@@ -1,0 +1,1 @@
+"""Models: building them from a recipe, their checkpoints, the extra architectures, the losses."""

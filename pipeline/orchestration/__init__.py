@@ -1,0 +1,1 @@
+"""Running the stages: the command line, the parallel runner, SLURM."""

@@ -1,0 +1,1 @@
+"""Training one (model recipe, fold): the loop, its data, augmentation, state, resume and runtime."""
