@@ -34,7 +34,7 @@ from pipeline.inference.infer import (
     predict_probabilities,
     probabilities_to_mask,
 )
-from pipeline.inference.oof import held_out, write_oof
+from pipeline.inference.oof import write_oof
 from pipeline.models.checkpoints import checkpoint_state, save_checkpoint
 from pipeline.models.factory import build_model
 
@@ -75,17 +75,6 @@ def test_quantise_round_trip_is_within_half_a_level() -> None:
     )
 
 
-def test_held_out_keeps_the_fold_s_images_in_manifest_order() -> None:
-    images = [ImageRecord(i, f"{name}.jpg", 8, 8) for i, name in enumerate("dacb")]
-    fold_of = {"d.jpg": 1, "a.jpg": 0, "c.jpg": 1, "b.jpg": 0}
-    assert [im.file_name for im in held_out(images, fold_of, 1)] == ["d.jpg", "c.jpg"]
-    assert held_out(images, fold_of, 2) == []
-
-
-@pytest.mark.parametrize(
-    ("resize", "shapes"),
-    [("squash", [(32, 32)] * 3), ("crop", [(32, 58), (32, 32), (53, 32)])],  # short side scaled to 32
-)
 def test_write_oof_stores_each_held_out_image_at_the_model_s_inference_shape(
     tmp_path: Path, resize: str, shapes: list[tuple[int, int]]
 ) -> None:
