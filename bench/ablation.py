@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import params_to_dict
+from pipeline.config import complete, params_to_dict
 from recipe import (
     DATA_STAGES,
     checked,
@@ -197,7 +197,7 @@ def freeze_teacher(baseline: Path, folder: Path) -> None:
 
 def run_ablation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train and score every variant; the predict-only ones after the baseline, from its workspace."""
-    raw = yaml.safe_load(args.params.read_text())
+    raw = complete(yaml.safe_load(args.params.read_text()) or {})
     models = args.models or "first"
     base = workspace_params(raw, args.data_dir.resolve(), args.folds, args.n_splits, models, str(args.params))
     base = with_epochs(base, args.epochs)

@@ -19,7 +19,6 @@ The ratios are to Unet's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -62,7 +61,7 @@ def main() -> None:
     target = torch.randint(0, args.classes, (args.batch_size, args.size, args.size))
     base = ModelParams(encoder=args.encoder, encoder_weights=None)
     models = {
-        label: build_model(dataclasses.replace(base, arch=arch, options=options), args.classes)
+        label: build_model(base.model_copy(update=dict(arch=arch, options=options)), args.classes)
         for label, arch, options in VARIANTS
     }
     forward = median_seconds({label: _forward(model, x) for label, model in models.items()}, args.repeats)

@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 from pipeline.atomic import write_json
-from pipeline.data import coco
+from pipeline.config import complete
+from pipeline.data import coco, records
 from pipeline.ensemble.fit import read_weights, write_weights
 from pipeline.evaluation.submission import score_submission
 from recipe import make_workspace
@@ -58,7 +59,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    params = yaml.safe_load(args.params.read_text())
+    params = complete(yaml.safe_load(args.params.read_text()) or {})
     data = args.data_dir.resolve()
     params["data"].update(
         root=str(data),
@@ -164,7 +165,7 @@ def stage_seconds(lines: list[tuple[str, float]]) -> dict[str, float]:
     return seconds
 
 
-def leaderboard(submission: Path, truth: coco.CocoSet, overlap: str) -> dict[str, Any]:
+def leaderboard(submission: Path, truth: records.CocoSet, overlap: str) -> dict[str, Any]:
     result = score_submission(submission, truth, None, overlap)
     return {"leaderboard_miou": result["miou"], "leaderboard_iou": result["iou"]}
 

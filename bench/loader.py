@@ -14,7 +14,6 @@ mask, weights computed per item; --boundary-w0 0 leaves that row out).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 from torch.utils.data import default_collate
 
 from harness import demo_training_data, pin_to_one_core
-from pipeline.config import AugmentParams, load_params
+from pipeline.config import AugmentParams, load_overlay
 from pipeline.data.images import (
     image_path,
     instance_map_path,
@@ -108,7 +107,7 @@ def recipe_augment(path: Path, model: str | None) -> tuple[str, AugmentParams]:
         if model is not None:
             raise SystemExit(f"--model {model}: {path} not found")
         return f"defaults ({path} not found)", AugmentParams()
-    params = load_params(path)
+    params = load_overlay(path)
     recipe = params.recipe(model or next(iter(params.models)))
     return recipe.name, recipe.augment
 
@@ -129,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     pin_to_one_core()
     recipe, base = recipe_augment(args.params, args.model)
-    params = dataclasses.replace(base, size=args.size)
+    params = base.model_copy(update=dict(size=args.size))
 
     rows: dict[str, tuple[float, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

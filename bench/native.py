@@ -23,9 +23,9 @@ import yaml
 from PIL import Image
 
 from harness import predict_stage_rss
-from pipeline.config import AugmentParams, ModelParams
-from pipeline.data.coco import ImageRecord
+from pipeline.config import AugmentParams, ModelParams, complete
 from pipeline.data.manifest import Manifest, write_manifest
+from pipeline.data.records import ImageRecord
 from pipeline.ensemble.fit import FittedWeights, write_weights
 from pipeline.models.checkpoints import checkpoint_state, save_checkpoint
 from pipeline.models.factory import build_model
@@ -61,7 +61,7 @@ def make_project(work: Path, sizes: list[tuple[int, int]], n_classes: int, short
         "predict": {"tta": "auto", "batch_size": 1, "num_workers": 0},
         "submission": {"format": "rle", "size": None},
     }
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    (work / "params.yaml").write_text(yaml.safe_dump(complete(params), sort_keys=False))
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import yaml
 from ensemble import apply
 
 from pipeline.atomic import write_json
+from pipeline.config import complete
 from pipeline.training.runtime import cpu_cores
 from recipe import REPO, dvc, make_workspace, subprocess_env, write_params
 
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = complete(yaml.safe_load((REPO / "params.yaml").read_text()) or {})
     for item in args.sets:
         key, _, value = item.partition("=")
         apply(params, key, yaml.safe_load(value))

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from harness import predict_stage_rss
-from pipeline.config import AugmentParams, DemoParams, ModelParams
+from pipeline.config import AugmentParams, DemoParams, ModelParams, complete
 from pipeline.data import coco
 from pipeline.data.demo import generate_demo
 from pipeline.data.loaders import ImageDataset, build_inference_loader
@@ -80,7 +80,7 @@ def make_project(work: Path, args: argparse.Namespace) -> dict[str, list[Path]]:
         "predict": {"tta": args.tta, "batch_size": args.batch_size, "num_workers": 0},
         "submission": {"format": "rle", "size": args.out_size},
     }
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    (work / "params.yaml").write_text(yaml.safe_dump(complete(params), sort_keys=False))
     return {name: [work / f"models/{name}/fold{k}/best.pt" for k in range(args.folds)] for name in members}
 
 

@@ -24,7 +24,7 @@ from scipy import stats
 
 from ablation import apply, parse_overrides
 from pipeline.atomic import write_json
-from pipeline.config import load_params, params_to_dict
+from pipeline.config import complete, load_params, params_to_dict
 from pipeline.data import coco
 from pipeline.data.manifest import read_manifest
 from recipe import (
@@ -168,7 +168,7 @@ def read_candidates(specs: list[str], overrides: list[list[str]]) -> list[Candid
         path = Path(file)
         if not path.is_file():
             raise SystemExit(f"error: --recipe {name}: no params file {path}")
-        raw = yaml.safe_load(path.read_text())
+        raw = complete(yaml.safe_load(path.read_text()) or {})
         pairs = parse_overrides(by_name.pop(name, []))
         owned = [key for key in pairs if key.startswith(HARNESS_KEYS)]
         if owned:
@@ -319,7 +319,12 @@ def record_path(out: Path, recipe: str, real: str, seed: int, fold: int, minutes
 def resolved(params: dict[str, Any]) -> dict[str, Any]:
     """`params` with every default filled in, as the stages read them: a key added to the code with
     the value runs already had leaves their records current."""
-    return params_to_dict(checked(params, "params"))
+    return params_to_dict(checked(complete(params), "params"))
+
+
+def _shaping(params: dict[str, Any]) -> dict[str, Any]:
+    """`resolved(params)` without the demo section, which configures nothing in a run on a real set."""
+    return {key: value for key, value in resolved(params).items() if key != "demo"}
 
 
 def cached(path: Path, params: dict[str, Any] | None = None, **expected: Any) -> bool:
@@ -328,7 +333,7 @@ def cached(path: Path, params: dict[str, Any] | None = None, **expected: Any) ->
     if not path.is_file():
         return False
     record = json.loads(path.read_text())
-    if params is not None and ("params" not in record or resolved(record["params"]) != resolved(params)):
+    if params is not None and ("params" not in record or _shaping(record["params"]) != _shaping(params)):
         return False
     return all(record.get(key) == value for key, value in expected.items())
 
@@ -558,8 +563,8 @@ def summarize(records: Iterable[dict[str, Any]], recipes: list[str], reference: 
             rows[recipe] = row
         out["sets"][real] = rows
     for recipe in recipes:
-        complete = len(logs[recipe]) == len(sets) and sets
-        if complete:
+        every_set = len(logs[recipe]) == len(sets) and sets
+        if every_set:
             ratio, low, high = geometric_mean_interval(logs[recipe])
             out["overall"][recipe] = {"geomean_ratio": ratio, "low": low, "high": high, "sets": len(sets)}
     out["reference"] = reference

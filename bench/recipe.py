@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from pipeline import metrics
 from pipeline.atomic import write_json
-from pipeline.config import Params, load_params, params_from_dict
-from pipeline.data import coco
+from pipeline.config import Params, complete, load_params, params_from_dict
+from pipeline.data import coco, records
 from pipeline.data.folds import read_folds
 from pipeline.data.images import image_path, mask_relpath, read_image, read_mask
 from pipeline.data.manifest import read_manifest
@@ -121,7 +121,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Set the workspace up, build masks and folds once, then run every budget; returns the results."""
     data_dir = args.data_dir.resolve()
     models = "first" if args.model is None else [args.model]
-    raw = yaml.safe_load(args.params.read_text())
+    raw = complete(yaml.safe_load(args.params.read_text()) or {})
     params = workspace_params(raw, data_dir, [args.fold], args.n_splits, models, source=str(args.params))
     (model,) = params["models"]
     make_workspace(work)
@@ -494,7 +494,7 @@ def plain_train(
 
 
 @torch.no_grad()
-def plain_confusion(model: torch.nn.Module, truth: coco.CocoSet, overlap: coco.Overlap) -> np.ndarray:
+def plain_confusion(model: torch.nn.Module, truth: records.CocoSet, overlap: records.Overlap) -> np.ndarray:
     """Dataset confusion matrix of the model on `truth`'s images: predicted at PLAIN_SIZE, logits
     upsampled bilinearly to each image's own size, against the truth rasterized at that size."""
     model.eval()

@@ -21,7 +21,6 @@ real / synthetic (target >= 0.9: the loader keeps the GPU fed).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from harness import demo_training_data
-from pipeline.config import Params, Recipe, TrainParams, load_params
+from pipeline.config import Params, Recipe, TrainParams, load_overlay
 from pipeline.errors import run_main
 from pipeline.models.losses import build_loss
 from pipeline.training.dataset import SegmentationDataset, build_train_loader
@@ -68,7 +67,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device (torch.cuda.is_available() is False); run this on a GPU machine")
         return
-    recipe, workers = bench_recipe(load_params(args.config), args)
+    recipe, workers = bench_recipe(load_overlay(args.config), args)
     runtime = setup_runtime(recipe.train, workers, device=args.device)
     train = recipe.train
     steps = train.max_batches
@@ -93,7 +92,7 @@ def main() -> None:
 
         # Warm-up: cuDNN autotuning (and compilation), the workers' start, and the images into the page
         # cache, as after epoch 1 of a run.
-        warmup = dataclasses.replace(train, max_batches=min(WARMUP_STEPS, steps))
+        warmup = train.model_copy(update=dict(max_batches=min(WARMUP_STEPS, steps)))
         timed_pass(state, synthetic, loss_fn, runtime, warmup, "warm-up synthetic")
         timed_pass(state, loader, loss_fn, runtime, warmup, "warm-up real")
         startup = loader.first_batch_at - loader.started_at
@@ -137,22 +136,24 @@ def bench_recipe(params: Params, args: argparse.Namespace) -> tuple[Recipe, int]
     """(the recipe --model names, or the config's first, with the command line's overrides; the loader
     workers: runtime.num_workers or --workers). No pretrained weights (encoder or whole-model) are loaded."""
     recipe = params.recipe(args.model or next(iter(params.models)))
-    model = dataclasses.replace(
-        recipe.model,
-        arch=args.arch or recipe.model.arch,
-        encoder=args.encoder or recipe.model.encoder,
-        encoder_weights=None,
-        from_pretrained=None,
+    model = recipe.model.model_copy(
+        update=dict(
+            arch=args.arch or recipe.model.arch,
+            encoder=args.encoder or recipe.model.encoder,
+            encoder_weights=None,
+            from_pretrained=None,
+        )
     )
-    aug = dataclasses.replace(recipe.augment, size=args.size or recipe.augment.size)
-    train = dataclasses.replace(
-        recipe.train,
-        batch_size=args.batch_size or recipe.train.batch_size,
-        compile=args.compile or recipe.train.compile,
+    aug = recipe.augment.model_copy(update=dict(size=args.size or recipe.augment.size))
+    train = recipe.train.model_copy(
+        update=dict(
+            batch_size=args.batch_size or recipe.train.batch_size,
+            compile=args.compile or recipe.train.compile,
+        )
     )
-    train = dataclasses.replace(train, max_batches=args.steps or max(1, EPOCH_IMAGES // train.batch_size))
+    train = train.model_copy(update=dict(max_batches=args.steps or max(1, EPOCH_IMAGES // train.batch_size)))
     workers = params.runtime.num_workers if args.workers is None else args.workers
-    return dataclasses.replace(recipe, model=model, augment=aug, train=train), workers
+    return recipe.model_copy(update=dict(model=model, augment=aug, train=train)), workers
 
 
 def demo_dataset(

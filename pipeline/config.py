@@ -1,174 +1,314 @@
-"""Typed params: params.yaml loaded into frozen dataclasses, one per section, strictly checked."""
+"""Params: one pydantic model per params.yaml section, the only place defaults live; strict loading."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import re
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from pipeline.errors import UserError
 
+# host:port, the host a name, an IPv4 address or a bracketed IPv6 one ("[::1]:29500").
+_ENDPOINT = re.compile(r"([^\s:\[\]]+|\[[0-9A-Fa-f:.]+\]):([0-9]+)")
+_RECIPE_NAME = re.compile(r"[A-Za-z0-9_]+")
+RECIPE_SECTIONS = ("model", "augment", "train")
 
-@dataclass(frozen=True)
-class DemoParams:
+
+class Section(BaseModel):
+    """A params.yaml section: frozen, no unknown keys, no coercion (an int is still taken for a float)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+def _probability(default: float, description: str = "") -> Any:
+    return Field(default, ge=0, le=1, description=description)
+
+
+class DemoParams(Section):
     """The generated demo dataset (stage `demo`)."""
 
-    seed: int = 0
-    n_train: int = 300
-    n_test: int = 80
-    image_size: int = 512
-    max_objects: int = 5
-    jpeg_quality: int = 92
+    seed: int = Field(0, ge=0)
+    n_train: int = Field(300, ge=1)
+    n_test: int = Field(80, ge=0)
+    image_size: int = Field(
+        512, ge=32, description="the competition's photos are 512; the demo is smaller to train on a CPU"
+    )
+    max_objects: int = Field(5, ge=1)
+    jpeg_quality: int = Field(92, ge=1, le=100)
 
 
-@dataclass(frozen=True)
-class DataParams:
+class DataParams(Section):
     """Where the COCO data is and how annotations become masks (stage `masks`)."""
 
-    root: str = "data/demo"
+    root: str = Field("data/demo", description="images are read from root/file_name")
     train_json: str = "data/demo/train.json"
     test_json: str = "data/demo/test.json"
-    # dvc.yaml interpolates this into the leaderboard stage's deps, so it must be a path, never null: with
-    # no test truth (the real competition) point it at test.json and the stage records "not scored".
-    test_truth_json: str = "data/demo/test_truth.json"
-    overlap: Literal["area_desc", "max_class"] = "area_desc"
-    on_bad_annotation: Literal["error", "skip"] = "error"
-    # Categories no training annotation uses (Roboflow's id-0 dataset category): keep them as classes, so
-    # class indexes never shift, or drop them from the class list. The masks stage reports them either way.
-    unused_categories: Literal["keep", "drop"] = "keep"
+    # dvc.yaml interpolates this into the leaderboard stage's deps, so it must be a path, never null.
+    test_truth_json: str = Field(
+        "data/demo/test_truth.json", description="no test truth (the competition): the test json again"
+    )
+    overlap: Literal["area_desc", "max_class"] = Field(
+        "area_desc", description="area_desc: larger objects first, small ones stay on top | max_class"
+    )
+    on_bad_annotation: Literal["error", "skip"] = Field("error", description="error | skip (counted)")
+    unused_categories: Literal["keep", "drop"] = Field(
+        "keep", description="categories no training annotation uses: keep (indexes never shift) | drop"
+    )
 
 
-@dataclass(frozen=True)
-class SplitParams:
+class SplitParams(Section):
     """Multi-label stratified K-fold (stage `split`)."""
 
-    n_splits: int = 5
-    seed: int = 42
+    n_splits: int = Field(5, ge=2)
+    seed: int = Field(42, ge=0)
 
 
-@dataclass(frozen=True)
-class AugmentParams:
+class AugmentParams(Section):
     """Training augmentation, including rare-class-weighted elastic deformation."""
 
-    size: int = 512  # training crops / squashed images are size x size (divisible by 32)
-    # squash: resize every image to size x size (aspect ratio lost); crop: scale each image so its short
-    # side is `short_side` (aspect kept), train on random size x size crops, predict on the whole image.
-    resize: Literal["squash", "crop"] = "squash"
-    short_side: int | None = None  # crop mode: null means `size`
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rot90: float = 0.0  # probability of a random multiple of 90 degrees (what lets d4 TTA help)
-    shift_scale_rotate: float = 0.5
-    color: float = 0.3
-    elastic_p_min: float = 0.1
-    elastic_p_max: float = 0.8
-    elastic_gamma: float = 0.5
-    elastic_alpha: float = 400.0
-    elastic_sigma: float = 10.0
-    elastic_impl: Literal["fast", "albumentations"] = "fast"
-    oversample: bool = False
-    # Rare-class copy-paste: with this probability a training image gets 1..copy_paste_max objects cut (by
-    # their polygons) from the fold's other training images, the object drawn class first, a class with
-    # probability proportional to its rarity weight (elastic_gamma), so rare classes are pasted most.
-    copy_paste: float = 0.0  # 0: off
-    copy_paste_max: int = 3
-    copy_paste_scale: list[float] = field(default_factory=lambda: [0.75, 1.25])  # [low, high] size factor
-    copy_paste_hflip: float = 0.5
-    # anywhere: a uniform position; background: the position (of a few tries) covering the least foreground.
-    copy_paste_placement: Literal["anywhere", "background"] = "background"
+    size: int = Field(512, gt=0, description="training resolution (divisible by 32)")
+    resize: Literal["squash", "crop"] = Field(
+        "squash", description="squash: resize to size x size | crop: keep the aspect, random crops"
+    )
+    short_side: int | None = Field(
+        None, gt=0, description="crop: short side the image is scaled to first (null = size)"
+    )
+    hflip: float = _probability(0.5)
+    vflip: float = _probability(0.0)
+    rot90: float = _probability(0.0, "random 90-degree rotations (d4 TTA needs them)")
+    shift_scale_rotate: float = _probability(0.5)
+    color: float = _probability(0.3)
+    elastic_p_min: float = _probability(0.1, "elastic probability of an image holding only common classes")
+    elastic_p_max: float = _probability(0.8, "... and of one holding the rarest class")
+    elastic_gamma: float = Field(0.5, ge=0, description="rarity weight = (1 / class frequency) ** gamma")
+    elastic_alpha: float = Field(
+        400.0, ge=0, description="albumentations' meaning: displacement = alpha * smoothed noise"
+    )
+    elastic_sigma: float = Field(10.0, gt=0)
+    elastic_impl: Literal["fast", "albumentations"] = Field(
+        "fast", description="fast (coarse-grid displacement) | albumentations"
+    )
+    oversample: bool = Field(False, description="rare-class oversampling with the same rarity weights")
+    copy_paste: float = _probability(
+        0.0, "probability a training image gets objects pasted from the fold's training images (0: off)"
+    )
+    copy_paste_max: int = Field(3, ge=1, description="objects per pasted image (1..max), drawn class first")
+    copy_paste_scale: list[float] = Field(
+        default_factory=lambda: [0.75, 1.25], description="[low, high] size factor of a pasted object"
+    )
+    copy_paste_hflip: float = _probability(0.5)
+    copy_paste_placement: Literal["anywhere", "background"] = Field(
+        "background", description="background: the try covering least foreground | anywhere"
+    )
+
+    @field_validator("copy_paste_scale")
+    @classmethod
+    def _scale_range(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0 < value[0] <= value[1]:
+            raise ValueError("[low, high] with 0 < low <= high")
+        return value
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> AugmentParams:
+        # "{at}": the section's key, filled in by the message (augment, or models.<name>.augment).
+        if self.size % 32:
+            raise ValueError(f"'{{at}}.size' must be divisible by 32 (encoder strides), got {self.size}")
+        if self.elastic_p_min > self.elastic_p_max:
+            raise ValueError("need 0 <= {at}.elastic_p_min <= {at}.elastic_p_max <= 1")
+        return self
 
 
-@dataclass(frozen=True)
-class ModelParams:
+class ModelParams(Section):
     """The segmentation-models-pytorch model."""
 
     arch: str = "Unet"
     encoder: str = "resnet34"
-    # null (random init), "imagenet" (downloaded by smp), or a path to a local state-dict file.
-    encoder_weights: str | None = None
-    decoder_channels: list[int] | None = None
-    # A whole smp model saved with `save_pretrained` (a local folder, or a Hugging Face hub id fetched
-    # once): arch and encoder then come from its config.json and its weights initialise the model.
-    from_pretrained: str | None = None
-    # Further keyword arguments of the architecture, checked against its signature: e.g.
-    # {deep_supervision: true} for UnetPlusPlus or UNet3Plus, {cgm: true, cgm_gate: true} for UNet3Plus.
-    options: dict[str, bool | int | float | str | None] = field(default_factory=dict)
+    encoder_weights: str | None = Field(None, description="null | imagenet | path/to/local_weights.pth")
+    decoder_channels: list[int] | None = Field(None, description="null: the architecture's default")
+    from_pretrained: str | None = Field(
+        None, description="a folder saved by smp's save_pretrained (or a hub id): whole-model weights"
+    )
+    options: dict[str, bool | int | float | str | None] = Field(
+        default_factory=dict,
+        description="more architecture settings: {deep_supervision: true} (UnetPlusPlus, UNet3Plus), "
+        "{cgm: true, cgm_gate: true} (UNet3Plus)",
+    )
+
+    @field_validator("decoder_channels")
+    @classmethod
+    def _channels(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(c < 1 for c in value)):
+            raise ValueError("non-empty, all at least 1")
+        return value
 
 
-@dataclass(frozen=True)
-class TrainParams:
+def _weights_rule(values: list[float]) -> None:
+    if not (all(w >= 0 for w in values) and any(w > 0 for w in values)):
+        raise ValueError("all >= 0, some > 0")
+
+
+class TrainParams(Section):
     """The training loop of one (model, fold): only settings that shape the trained weights."""
 
-    epochs: int = 30
-    batch_size: int = 8
-    accumulate: int = 1
-    lr: float = 3e-4
-    # The encoder's lr (null: train.lr): a pretrained encoder often wants a smaller one than the decoder.
-    encoder_lr: float | None = None
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    # After warmup: cosine decay to 0 over the run, or the base lr throughout.
-    schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float | None = 1.0
-    losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "dice": 1.0})
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    accumulate: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    encoder_lr: float | None = Field(None, gt=0, description="null: train.lr")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine (to 0 after warmup) | constant"
+    )
+    grad_clip: float | None = Field(1.0, gt=0)
+    losses: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0, "dice": 1.0})
     class_weights: list[float] | None = None
-    # Deep supervision (model.options.deep_supervision): the loss weight of each side output, deepest
-    # last (null: 1.0 each); the classification-guided module's presence BCE weight (model.options.cgm).
-    side_weights: list[float] | None = None
-    presence_weight: float = 1.0
-    # The U-Net paper's boundary weight map w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on the
-    # per-pixel CE (0: off). d1, d2: distances (px, at the training size) to the nearest and second
-    # nearest object; w_c: 1, or with class_balance each class's inverse pixel frequency in the image.
-    boundary_w0: float = 0.0
-    boundary_sigma: float = 5.0
+    side_weights: list[float] | None = Field(
+        None, description="deep supervision: loss weight of each side output, deepest last (null: 1.0 each)"
+    )
+    presence_weight: float = Field(
+        1.0, ge=0, description="UNet3Plus cgm: BCE weight of the class-presence head"
+    )
+    boundary_w0: float = Field(
+        0.0, ge=0, description="U-Net boundary weight map on the CE loss (0: off): w0 exp(-(d1+d2)^2/2s^2)"
+    )
+    boundary_sigma: float = Field(5.0, gt=0, description="pixels at the training size")
     boundary_class_balance: bool = False
-    amp: bool = True
+    amp: bool = Field(True, description="bf16/fp16 on CUDA; CPU runs fp32 (see cpu_bf16)")
     channels_last: bool = True
-    # bf16 autocast and channels_last on a CPU that computes bf16 natively (AVX512-BF16 or AMX): about
-    # 2x the training steps per minute there (bench/cpu_precision.py); float32 on any other CPU.
-    cpu_bf16: bool = False
+    cpu_bf16: bool = Field(
+        False, description="CPU with native bf16 (AVX512-BF16/AMX): bf16 autocast + channels_last"
+    )
     compile: bool = False
-    val_every: int = 1  # validate every N epochs (and always after the last)
-    # Exponential moving average of the weights (decay per optimizer step, torch.optim.swa_utils), validated
-    # and saved in best.pt instead of the raw weights; null: off.
-    ema: float | None = None
-    seed: int = 42
-    max_batches: int | None = None
+    val_every: int = Field(1, ge=1, description="validate every N epochs (always after the last)")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="EMA decay per step: validated and saved in best.pt instead"
+    )
+    seed: int = Field(42, ge=0)
+    max_batches: int | None = Field(None, ge=1)
+
+    @field_validator("losses")
+    @classmethod
+    def _losses(cls, value: dict[str, float]) -> dict[str, float]:
+        try:
+            _weights_rule(list(value.values()))
+        except ValueError:
+            raise ValueError("weights all >= 0, some > 0") from None
+        return value
+
+    @field_validator("class_weights")
+    @classmethod
+    def _class_weights(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            _weights_rule(value)
+        return value
+
+    @field_validator("side_weights")
+    @classmethod
+    def _side_weights(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(w < 0 for w in value):
+            raise ValueError("all >= 0")
+        return value
 
 
-@dataclass(frozen=True)
-class RuntimeParams:
-    """How a train stage runs, not what it learns: changing these re-runs nothing and keeps resume state."""
-
-    # Processes per node for DDP: above 1, stages/train.py starts that many workers under torchrun.
-    nproc: int = 1
-    num_workers: int = 4  # training and validation loader workers
-    # Machines in one train stage's DDP run: above 1, `stages/train.py` runs once on each node (e.g. under
-    # srun), and torchrun joins them at node 0's "host:port" (env TRASHSEG_RDZV_ENDPOINT overrides it).
-    nnodes: int = 1
-    rdzv_endpoint: str | None = None
+def split_endpoint(value: str) -> tuple[str, int] | None:
+    """Split "host:port" into (host, port); None if `value` has another shape or a port outside 1-65535."""
+    match = _ENDPOINT.fullmatch(value)
+    if match is None or not 0 < int(match[2]) < 2**16:
+        return None
+    return match[1], int(match[2])
 
 
-@dataclass(frozen=True)
-class EnsembleParams:
+class RuntimeParams(Section):
+    """How stages run, not what they compute: editing these re-runs nothing and keeps resume state."""
+
+    nproc: int = Field(1, ge=1, description="GPUs (or CPU processes) per train stage, torchrun + DDP")
+    num_workers: int = Field(4, ge=0, description="training and validation loader workers")
+    nnodes: int = Field(1, ge=1, description="machines per train stage: above 1, the stage runs on each")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of node 0 when nnodes > 1 (env TRASHSEG_RDZV_ENDPOINT overrides)"
+    )
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and split_endpoint(value) is None:
+            raise ValueError("host:port of node 0 (port 1-65535)")
+        return value
+
+
+class EnsembleParams(Section):
     """Which folds every model trains, and how the members' weights are fitted (stage `ensemble`)."""
 
-    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    # Weights on a simplex grid of this step (0.1: 11 candidates for 2 models, 66 for 3), chosen by OOF mIoU.
-    grid_step: float = 0.1
-    # false: one weight per model; true: one per (model, class), by coordinate ascent from the former.
-    per_class: bool = False
+    folds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4], description="folds every model trains (and predict averages)"
+    )
+    grid_step: float = Field(0.1, description="member weights on a simplex grid of this step, by OOF mIoU")
+    per_class: bool = Field(False, description="true: one weight per (model, class), by coordinate ascent")
+
+    @field_validator("grid_step")
+    @classmethod
+    def _step(cls, value: float) -> float:
+        if not (0 < value <= 1 and abs(round(1 / value) * value - 1) < 1e-9):
+            raise ValueError("1/n for an integer n")
+        return value
 
 
-@dataclass(frozen=True)
-class Recipe:
+class PredictParams(Section):
+    """Test-time augmentation and fold ensembling (stages `oof` and `predict`)."""
+
+    tta: Literal["auto", "none", "hflip", "vflip", "flips", "d4"] = Field(
+        "auto", description="auto: the flips/rotations training used | none | hflip | vflip | flips | d4"
+    )
+    scales: list[float] = Field(default_factory=lambda: [1.0])
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(2, ge=0)
+    sliding_window: bool = Field(
+        False, description="overlap-tile inference in windows of augment.size (crop geometry)"
+    )
+    window_overlap: float = Field(0.5, ge=0, lt=1, description="fraction of the window")
+    amp: bool = Field(True, description="CUDA only: bf16 (fp16 without bf16) autocast; false for float32")
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, value: list[float]) -> list[float]:
+        if not value or any(x <= 0 for x in value):
+            raise ValueError("non-empty, all greater than 0")
+        return value
+
+
+class MetricParams(Section):
+    """Which mIoU every score uses (validation, OOF, ensemble fitting, leaderboard, `score`)."""
+
+    average: Literal["dataset", "image"] = Field(
+        "dataset",
+        description="dataset: one confusion matrix over all images | image: each image's mean IoU, averaged",
+    )
+
+
+class PseudoParams(Section):
+    """Pseudo-labels of the test images from a frozen teacher (stage `pseudo`)."""
+
+    enabled: bool = False
+    threshold: float = _probability(0.9, "pixels the teacher is less sure of get the ignore index (255)")
+
+
+class SubmissionParams(Section):
+    """The submission CSV's format and mask size."""
+
+    format: Literal["rle", "dense"] = Field("rle", description="rle | dense")
+    size: int | None = Field(256, gt=0, description="null: each image's own size")
+    rle_order: Literal["column", "row"] = "column"
+
+
+class Recipe(Section):
     """One named model: the shared model/augment/train sections with its own overrides applied."""
 
     name: str
@@ -177,76 +317,55 @@ class Recipe:
     train: TrainParams
 
 
-RECIPE_SECTIONS = ("model", "augment", "train")
-_RECIPE_NAME = re.compile(r"[A-Za-z0-9_]+")
-# host:port, the host a name, an IPv4 address or a bracketed IPv6 one ("[::1]:29500").
-_ENDPOINT = re.compile(r"([^\s:\[\]]+|\[[0-9A-Fa-f:.]+\]):([0-9]+)")
+class Params(Section):
+    """All of params.yaml: the sections, then `models`, the named recipes resolved over the shared ones."""
 
+    demo: DemoParams = Field(default_factory=DemoParams)
+    data: DataParams = Field(default_factory=DataParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    # The named recipes, each the shared model/augment/train sections with its own overrides.
+    models: dict[str, Recipe] = Field(default_factory=dict)
+    ensemble: EnsembleParams = Field(default_factory=EnsembleParams)
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
+    predict: PredictParams = Field(default_factory=PredictParams)
+    metric: MetricParams = Field(default_factory=MetricParams)
+    pseudo: PseudoParams = Field(default_factory=PseudoParams)
+    submission: SubmissionParams = Field(default_factory=SubmissionParams)
 
-@dataclass(frozen=True)
-class PredictParams:
-    """Test-time augmentation and fold ensembling (stage `predict`)."""
-
-    # auto: the symmetries the model was trained with (augment.hflip / vflip / rot90 > 0); naming one the
-    # model never saw in training is refused (see infer.resolve_tta).
-    tta: Literal["auto", "none", "hflip", "vflip", "flips", "d4"] = "auto"
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    batch_size: int = 8
-    num_workers: int = 2
-    # Overlap-tile inference: windows of the training size (augment.size) with this overlap (a fraction
-    # of the window), blended with a smooth window; for images larger than the training size.
-    sliding_window: bool = False
-    window_overlap: float = 0.5
-    # Mixed precision on CUDA (bf16, or fp16 where the GPU lacks bf16, e.g. a T4); false: float32.
-    amp: bool = True
-
-
-@dataclass(frozen=True)
-class MetricParams:
-    """Which mIoU every score uses: validation, out-of-fold, ensemble fitting, leaderboard, `score`."""
-
-    # dataset: one confusion matrix summed over every image, IoU per class, mean over classes present.
-    # image: per image, the mean IoU over the classes in its truth or its prediction; then the mean of those.
-    average: Literal["dataset", "image"] = "dataset"
-
-
-@dataclass(frozen=True)
-class PseudoParams:
-    """Pseudo-labels of the test images from a frozen teacher's ensemble probabilities (stage `pseudo`)."""
-
-    enabled: bool = False
-    # Pixels whose teacher probability (of its argmax class) is below this get the ignore index: no loss.
-    threshold: float = 0.9
-
-
-@dataclass(frozen=True)
-class SubmissionParams:
-    """The submission CSV's format and mask size."""
-
-    format: Literal["rle", "dense"] = "rle"
-    size: int | None = 256
-    rle_order: Literal["column", "row"] = "column"
-
-
-@dataclass(frozen=True)
-class Params:
-    """All of params.yaml."""
-
-    demo: DemoParams = field(default_factory=DemoParams)
-    data: DataParams = field(default_factory=DataParams)
-    split: SplitParams = field(default_factory=SplitParams)
-    # Shared defaults of every model recipe (params.yaml's `models` overrides them per model).
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    runtime: RuntimeParams = field(default_factory=RuntimeParams)
-    ensemble: EnsembleParams = field(default_factory=EnsembleParams)
-    predict: PredictParams = field(default_factory=PredictParams)
-    submission: SubmissionParams = field(default_factory=SubmissionParams)
-    metric: MetricParams = field(default_factory=MetricParams)
-    pseudo: PseudoParams = field(default_factory=PseudoParams)
-    # The named model recipes, resolved; params.yaml without a `models` section has one, "model".
-    models: dict[str, Recipe] = field(default_factory=dict)
+    @model_validator(mode="after")
+    def _across_sections(self) -> Params:
+        """The rules no single section can check: folds against the split, recipes against pseudo-labels."""
+        n, folds = self.split.n_splits, self.ensemble.folds
+        bad = [k for k in folds if not 0 <= k < n]
+        if bad:
+            raise ValueError(
+                f"'ensemble.folds' names fold {bad[0]}, but split.n_splits is {n} (folds 0..{n - 1})"
+            )
+        if not folds or len(set(folds)) != len(folds):
+            raise ValueError(f"'ensemble.folds' must list each fold once, got {folds}")
+        if len(self.models) > 1 and len(folds) < 2:
+            # Each fold's weights are fitted on the other folds; with one fold there is nothing to fit on.
+            raise ValueError(
+                f"'ensemble.folds' needs at least 2 folds to fit the weights of {len(self.models)} models "
+                f"honestly (cross-validated), got {folds}"
+            )
+        for recipe in self.models.values() if self.pseudo.enabled else ():
+            prefix = f"models.{recipe.name}."
+            if "ms_ssim" in recipe.train.losses:
+                # A windowed structural score has no per-pixel term to leave out at the ignore index.
+                raise ValueError(
+                    f"'{prefix}train.losses' names ms_ssim, which cannot skip the ignored pixels of "
+                    "pseudo-labels (pseudo.enabled); drop one of them"
+                )
+            if recipe.train.boundary_w0 > 0:
+                raise ValueError(
+                    f"'{prefix}train.boundary_w0' needs instance maps, which pseudo-labelled test images "
+                    "do not have (pseudo.enabled); drop one of them"
+                )
+        return self
 
     def recipe(self, name: str) -> Recipe:
         """The recipe called `name`, or a UserError listing the names params.yaml defines."""
@@ -258,46 +377,173 @@ class Params:
             ) from None
 
 
+SECTIONS: dict[str, type[Section]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in Params.model_fields.items()
+    if name != "models"
+}
+# A params file without `models` has no recipes to train; the defaults name one, "model", with no overrides.
+DEFAULT_MODELS: dict[str, dict] = {"model": {}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Complete params files: every key spelled out, written from an overlay of only what differs.
+
+
+def defaults() -> dict[str, Any]:
+    """Every section's defaults as a plain dict, plus the default `models`: the base of every overlay."""
+    raw = {name: section().model_dump() for name, section in SECTIONS.items()}
+    raw["models"] = copy.deepcopy(DEFAULT_MODELS)
+    return raw
+
+
+def complete(overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` over the defaults: each section key by key, `models` replaced as a whole."""
+    if not isinstance(overlay, dict):
+        raise UserError(f"params: the top level must be a mapping, got {overlay!r}")
+    raw = defaults()
+    for name, values in overlay.items():
+        if name in SECTIONS and isinstance(values, dict):
+            raw[name] = {**raw[name], **copy.deepcopy(values)}
+        else:
+            raw[name] = copy.deepcopy(values)  # `models`, or a mistake that validation names
+    return raw
+
+
+def overlay_of(raw: dict[str, Any]) -> dict[str, Any]:
+    """What `raw` (a complete params dict) changes from the defaults: the inverse of `complete`."""
+    base = defaults()
+    diff = {}
+    for name, values in raw.items():
+        if name == "models":
+            if values != base["models"]:
+                diff[name] = values
+            continue
+        changed = {key: value for key, value in values.items() if base[name].get(key) != value}
+        if changed:
+            diff[name] = changed
+    return diff
+
+
+def missing_keys(raw: dict[str, Any]) -> list[str]:
+    """The section keys a params dict leaves out (`models` is needed too; a recipe only overrides)."""
+    missing = [name for name in [*SECTIONS, "models"] if name not in raw]
+    for name, section in SECTIONS.items():
+        values = raw.get(name)
+        if isinstance(values, dict):
+            missing += [f"{name}.{key}" for key in section.model_fields if key not in values]
+    return missing
+
+
+MODELS_NOTE = (
+    "The named model recipes: each trains on every fold of ensemble.folds (stage train@<name>-<fold>) and\n"
+    "the ensemble stage fits their weights on the out-of-fold predictions. An entry overrides any key of\n"
+    "the shared model / augment / train sections; editing one re-runs only its own stages."
+)
+
+
+def render_params(raw: dict[str, Any], header: list[str]) -> str:
+    """A complete params dict as params.yaml text: `header` comment lines, then each section under its
+    docstring, one key a line with its field's description as a comment. yaml.safe_load reads back `raw`."""
+    lines = [f"# {line}".rstrip() for line in header]
+    for name in Params.model_fields:
+        lines.append("")
+        if name == "models":
+            lines += [f"# {line}" for line in MODELS_NOTE.splitlines()]
+            lines.append("models:")
+            for recipe, override in raw["models"].items():
+                if not override:
+                    lines.append(f"  {recipe}: {{}}")
+                    continue
+                lines.append(f"  {recipe}:")
+                lines += [f"    {section}: {_flow(values)}" for section, values in override.items()]
+            continue
+        section = SECTIONS[name]
+        lines += [f"# {(section.__doc__ or '').splitlines()[0]}", f"{name}:"]
+        for key, field in section.model_fields.items():
+            text = f"  {key}: {_flow(raw[name][key])}"
+            lines.append(f"{text:<34} # {field.description}" if field.description else text)
+    return "\n".join(lines) + "\n"
+
+
+def _flow(value: Any) -> str:
+    """`value` as one line of YAML flow style."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=2**31, sort_keys=False)
+    return text.removesuffix("\n...\n").strip()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read `path` into `Params`; a missing section takes its defaults, an unknown key or bad type raises."""
+    """Read a complete params file into `Params`; a missing key, an unknown key or a bad value raises."""
     path = Path(path)
+    raw = read_yaml(path)
+    return params_from_dict(raw or {}, source=str(path))
+
+
+def load_overlay(path: str | Path) -> Params:
+    """Read a params file that may be an overlay (configs/*.yaml), completed from the defaults: for
+    benchmarks and commands that take a config; stages read the complete params.yaml with `load_params`."""
+    path = Path(path)
+    return params_from_dict(complete(read_yaml(path) or {}), source=str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, or a one-line UserError naming the file."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return params_from_dict(raw or {}, source=str(path))
 
 
 def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
-    """Build `Params` from a nested dict, checking every key and type, and resolve the model recipes."""
+    """Build `Params` from a complete nested dict (see `complete`), checking every key and value, and
+    resolve the model recipes."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: the top level must be a mapping, got {raw!r}")
-    overrides = raw.get("models", {"model": {}})
+    missing = missing_keys(raw)
+    if missing:
+        # A key left out would be filled by a code default that DVC does not track.
+        raise UserError(
+            f"{source}: missing key '{missing[0]}' ({len(missing)} missing; params files spell out every "
+            "key: `python -m pipeline params OVERLAY` writes a complete one)"
+        )
     shared = {key: value for key, value in raw.items() if key != "models"}
-    params = _build(Params, shared, source, prefix="")
-    params = dataclasses.replace(params, models=_resolve_recipes(shared, overrides, source))
-    _check_consistency(params, source)
-    return params
+    unknown = sorted(set(shared) - set(SECTIONS))
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key '{unknown[0]}' "
+            f"(valid keys here: {', '.join(sorted([*SECTIONS, 'models']))})"
+        )
+    sections = {name: _validate(SECTIONS[name], shared[name], source, name) for name in SECTIONS}
+    models = _resolve_recipes(shared, raw["models"], source)
+    try:
+        return Params.model_validate({**sections, "models": models})
+    except ValidationError as exc:
+        raise _user_error(exc, Params, {}, source, "") from None
+
+
+def params_from_overlay(overlay: dict[str, Any], source: str = "params") -> Params:
+    """`params_from_dict(complete(overlay))`: params from only what differs from the defaults."""
+    return params_from_dict(complete(overlay), source)
 
 
 def params_to_dict(params: Params) -> dict[str, Any]:
     """The plain dict `params_from_dict` reads back as `params` (each recipe written out in full)."""
-    raw = {
-        f.name: dataclasses.asdict(getattr(params, f.name))
-        for f in dataclasses.fields(params)
-        if f.name != "models"
-    }
+    raw = {name: getattr(params, name).model_dump() for name in SECTIONS}
     raw["models"] = {
-        name: {section: dataclasses.asdict(getattr(recipe, section)) for section in RECIPE_SECTIONS}
+        name: {section: getattr(recipe, section).model_dump() for section in RECIPE_SECTIONS}
         for name, recipe in params.models.items()
     }
     return raw
 
 
 def _resolve_recipes(shared: dict[str, Any], overrides: Any, source: str) -> dict[str, Recipe]:
-    """Each `models.<name>` entry merged over the shared model/augment/train sections, type-checked."""
+    """Each `models.<name>` entry merged over the shared model/augment/train sections, validated."""
     if not isinstance(overrides, dict) or not overrides:
         raise UserError(f"{source}: 'models' must map recipe names to their settings, got {overrides!r}")
     recipes = {}
@@ -314,217 +560,104 @@ def _resolve_recipes(shared: dict[str, Any], overrides: Any, source: str) -> dic
                 f"{source}: unknown key '{prefix}.{unknown[0]}' "
                 f"(valid keys here: {', '.join(RECIPE_SECTIONS)})"
             )
-        hints = typing.get_type_hints(Recipe)
         sections = {}
         for section in RECIPE_SECTIONS:
-            base, own = shared.get(section) or {}, override.get(section) or {}
-            for key, what in ((section, base), (f"{prefix}.{section}", own)):
-                if not isinstance(what, dict):
-                    raise UserError(f"{source}: '{key}' must be a mapping, got {what!r}")
-            # Shared keys were checked already; an error here names the recipe's own key.
-            _build(hints[section], own, source, prefix=f"{prefix}.{section}.")
-            sections[section] = _build(hints[section], {**base, **own}, source, prefix=f"{section}.")
+            own = override.get(section) or {}
+            if not isinstance(own, dict):
+                raise UserError(f"{source}: '{prefix}.{section}' must be a mapping, got {own!r}")
+            # The merged section is checked under the recipe's name: an error names models.<name>.<key>.
+            sections[section] = _validate(
+                SECTIONS[section], {**shared[section], **own}, source, f"{prefix}.{section}"
+            )
         recipes[name] = Recipe(name=name, **sections)
     return recipes
 
 
-def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+def _validate(cls: type[Section], raw: Any, source: str, key: str) -> Section:
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise UserError(
-            f"{source}: unknown key '{prefix}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})"
-        )
-    values = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, source, prefix=f"{key}.")
-        else:
-            values[name] = _check(value, hint, key, source)
-    return cls(**values)
+        raise UserError(f"{source}: '{key}' must be a mapping, got {raw!r}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise _user_error(exc, cls, raw, source, key) from None
 
 
-def _check(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Return `value` if it matches the annotation `hint` (ints are accepted where floats are expected)."""
-    if _matches(value, hint):
-        if hint is float:
-            return float(value)
-        return value
-    raise UserError(f"{source}: '{key}' must be {_describe(hint)}, got {value!r}")
+# ---------------------------------------------------------------------------------------------------------
+# One-line messages naming the key, from pydantic's errors.
 
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is Literal:
-        return value in args
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
-        )
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    raise TypeError(f"unsupported annotation {hint!r}")  # a bug in this module, not user input
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    if origin is dict:
-        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
-    if hint is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
-
-
-# Ranges a type cannot express, checked on every value that is not null: key -> (rule, what it must be).
-# (The demo section is checked by `demo.generate_demo`, which benchmarks also call directly.)
-Rule = tuple[Callable[[Any], bool], str]
-_AT_LEAST_1: Rule = (lambda v: v >= 1, "at least 1")
-_AT_LEAST_0: Rule = (lambda v: v >= 0, "at least 0")
-_POSITIVE: Rule = (lambda v: v > 0, "greater than 0")
-_PROBABILITY: Rule = (lambda v: 0 <= v <= 1, "between 0 and 1")
-_WEIGHTS: Rule = (lambda v: all(w >= 0 for w in v) and any(w > 0 for w in v), "all >= 0, some > 0")
-_RANGES: dict[str, Rule] = {
-    "augment.size": _POSITIVE,
-    "augment.hflip": _PROBABILITY,
-    "augment.vflip": _PROBABILITY,
-    "augment.rot90": _PROBABILITY,
-    "augment.short_side": _POSITIVE,
-    "augment.shift_scale_rotate": _PROBABILITY,
-    "augment.color": _PROBABILITY,
-    "augment.elastic_gamma": _AT_LEAST_0,
-    "augment.elastic_alpha": _AT_LEAST_0,
-    "augment.elastic_sigma": _POSITIVE,
-    "augment.copy_paste": _PROBABILITY,
-    "augment.copy_paste_max": _AT_LEAST_1,
-    "augment.copy_paste_scale": (
-        lambda v: len(v) == 2 and 0 < v[0] <= v[1],
-        "[low, high] with 0 < low <= high",
-    ),
-    "augment.copy_paste_hflip": _PROBABILITY,
-    "model.decoder_channels": (lambda v: len(v) > 0 and all(c >= 1 for c in v), "non-empty, all at least 1"),
-    "split.seed": _AT_LEAST_0,
-    "train.seed": _AT_LEAST_0,  # numpy's SeedSequence takes no negative entropy
-    "train.epochs": _AT_LEAST_1,
-    "train.batch_size": _AT_LEAST_1,
-    "train.accumulate": _AT_LEAST_1,
-    "train.lr": _POSITIVE,
-    "train.encoder_lr": _POSITIVE,
-    "train.weight_decay": _AT_LEAST_0,
-    "train.warmup_epochs": _AT_LEAST_0,
-    "train.grad_clip": _POSITIVE,
-    "train.losses": (lambda v: _WEIGHTS[0](list(v.values())), "weights all >= 0, some > 0"),
-    "train.class_weights": _WEIGHTS,
-    "train.side_weights": (lambda v: all(w >= 0 for w in v), "all >= 0"),
-    "train.presence_weight": _AT_LEAST_0,
-    "train.boundary_w0": _AT_LEAST_0,
-    "train.boundary_sigma": _POSITIVE,
-    "train.val_every": _AT_LEAST_1,
-    "train.max_batches": _AT_LEAST_1,
-    "train.ema": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
-    "pseudo.threshold": _PROBABILITY,
-    "runtime.nproc": _AT_LEAST_1,
-    "runtime.num_workers": _AT_LEAST_0,
-    "runtime.nnodes": _AT_LEAST_1,
-    "runtime.rdzv_endpoint": (lambda v: split_endpoint(v) is not None, "host:port of node 0 (port 1-65535)"),
-    "ensemble.grid_step": (lambda v: 0 < v <= 1 and abs(round(1 / v) * v - 1) < 1e-9, "1/n for an integer n"),
-    "predict.scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "non-empty, all greater than 0"),
-    "predict.batch_size": _AT_LEAST_1,
-    "predict.num_workers": _AT_LEAST_0,
-    "predict.window_overlap": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
-    "submission.size": _POSITIVE,
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    type(None): "null",
 }
 
 
-def split_endpoint(value: str) -> tuple[str, int] | None:
-    """Split "host:port" into (host, port); None if `value` has another shape or a port outside 1-65535."""
-    match = _ENDPOINT.fullmatch(value)
-    if match is None or not 0 < int(match[2]) < 2**16:
-        return None
-    return match[1], int(match[2])
-
-
-def _check_ranges(sections: Any, source: str, prefix: str = "") -> None:
-    """Check the _RANGES of each section `sections` has (Params, or a Recipe with prefix models.<name>.)."""
-    for key, (rule, what) in _RANGES.items():
-        section, name = key.split(".")
-        if not hasattr(sections, section):
-            continue
-        value = getattr(getattr(sections, section), name)
-        if value is not None and not rule(value):
-            raise UserError(f"{source}: '{prefix}{key}' must be {what}, got {value!r}")
-
-
-def _check_pseudo(recipe: Recipe, source: str, prefix: str) -> None:
-    """What pseudo-labelled images cannot feed: a loss without ignored pixels, a map needing instances."""
-    if "ms_ssim" in recipe.train.losses:
-        # A windowed structural score has no per-pixel term to leave out at the ignore index.
-        raise UserError(
-            f"{source}: '{prefix}train.losses' names ms_ssim, which cannot skip the ignored pixels of "
-            "pseudo-labels (pseudo.enabled); drop one of them"
+def _user_error(exc: ValidationError, cls: type[BaseModel], raw: dict, source: str, key: str) -> UserError:
+    """The first error of `exc` (validating `raw` as `cls`, the section at `key`) as today's one line."""
+    error = exc.errors()[0]
+    loc = [part for part in error["loc"] if isinstance(part, str)]
+    if not loc or (loc[0] not in cls.model_fields and error["type"] != "extra_forbidden"):
+        # A model-level rule (a model validator's ValueError): its message names its keys, "{at}" this one.
+        return UserError(f"{source}: {_reason(error).replace('{at}', key)}")
+    name = loc[0]
+    where = f"{key}.{name}" if key else name
+    if error["type"] == "extra_forbidden":
+        return UserError(
+            f"{source}: unknown key '{where}' (valid keys here: {', '.join(sorted(cls.model_fields))})"
         )
-    if recipe.train.boundary_w0 > 0:
-        raise UserError(
-            f"{source}: '{prefix}train.boundary_w0' needs instance maps, which pseudo-labelled test images "
-            "do not have (pseudo.enabled); drop one of them"
-        )
+    field = cls.model_fields[name]
+    value = raw.get(name)
+    if error["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return UserError(f"{source}: '{where}' must be {_range(field)}, got {value!r}")
+    if error["type"] == "value_error":
+        return UserError(f"{source}: '{where}' must be {_reason(error)}, got {value!r}")
+    return UserError(f"{source}: '{where}' must be {describe(field.annotation)}, got {value!r}")
 
 
-def _check_consistency(params: Params, source: str) -> None:
-    """Ranges, and cross-section rules that a single type cannot express."""
-    _check_ranges(params, source)
-    n = params.split.n_splits
-    if n < 2:
-        raise UserError(f"{source}: 'split.n_splits' must be at least 2, got {n}")
-    folds = params.ensemble.folds
-    bad = [k for k in folds if not 0 <= k < n]
-    if bad:
-        raise UserError(
-            f"{source}: 'ensemble.folds' names fold {bad[0]}, but split.n_splits is {n} (folds 0..{n - 1})"
-        )
-    if not folds or len(set(folds)) != len(folds):
-        raise UserError(f"{source}: 'ensemble.folds' must list each fold once, got {folds}")
-    if len(params.models) > 1 and len(folds) < 2:
-        # Each fold's weights are fitted on the other folds; with one fold there is nothing to fit on.
-        raise UserError(
-            f"{source}: 'ensemble.folds' needs at least 2 folds to fit the weights of "
-            f"{len(params.models)} models honestly (cross-validated), got {folds}"
-        )
-    for recipe in params.models.values():
-        prefix = f"models.{recipe.name}."
-        _check_ranges(recipe, source, prefix)
-        if params.pseudo.enabled:
-            _check_pseudo(recipe, source, prefix)
-        if recipe.augment.size % 32:
-            raise UserError(
-                f"{source}: '{prefix}augment.size' must be divisible by 32 (encoder strides), "
-                f"got {recipe.augment.size}"
-            )
-        if not 0 <= recipe.augment.elastic_p_min <= recipe.augment.elastic_p_max <= 1:
-            raise UserError(
-                f"{source}: need 0 <= {prefix}augment.elastic_p_min <= {prefix}augment.elastic_p_max <= 1"
-            )
+def _reason(error: dict) -> str:
+    cause = (error.get("ctx") or {}).get("error")
+    return str(cause) if cause is not None else error["msg"]
+
+
+def _range(field: FieldInfo) -> str:
+    bounds = {
+        kind: getattr(item, kind)
+        for item in field.metadata
+        for kind in ("gt", "ge", "lt", "le")
+        if getattr(item, kind, None) is not None
+    }
+    low = ("ge", bounds["ge"]) if "ge" in bounds else ("gt", bounds["gt"]) if "gt" in bounds else None
+    high = ("le", bounds["le"]) if "le" in bounds else ("lt", bounds["lt"]) if "lt" in bounds else None
+    fmt = _number
+    if low and high:
+        if low[0] == "ge" and high[0] == "le":
+            return f"between {fmt(low[1])} and {fmt(high[1])}"
+        if low[0] == "gt" and high[0] == "lt":
+            return f"between {fmt(low[1])} and {fmt(high[1])} (exclusive)"
+        return f"at least {fmt(low[1])} and below {fmt(high[1])}"
+    if low:
+        return f"at least {fmt(low[1])}" if low[0] == "ge" else f"greater than {fmt(low[1])}"
+    assert high is not None, "a range error on a field without bounds"
+    return f"at most {fmt(high[1])}" if high[0] == "le" else f"below {fmt(high[1])}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def describe(annotation: Any) -> str:
+    """A field's type in words, as messages say it: "an integer", "a list of a number", "a string or null"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {describe(args[0])} to {describe(args[1])}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a mapping"
+    return _TYPE_NAMES[annotation]

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import complete
+
 ROOT = Path(__file__).resolve().parents[1]
 Run = Callable[[list[str], Path], subprocess.CompletedProcess[str]]
 
@@ -124,4 +126,11 @@ def make_toy_project(path: Path, **control: object) -> Path:
     (path / "control.json").write_text(json.dumps({"value": 1, **control}))
     init = subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=path, env=venv_env(), capture_output=True)
     assert init.returncode == 0, init.stderr
+    return path
+
+
+def write_params(path: Path, overlay: dict) -> Path:
+    """Write a complete params file at `path`: `overlay` (only what the test changes) over the defaults,
+    as `python -m pipeline params` writes one (stages refuse a params file that leaves a key out)."""
+    path.write_text(yaml.safe_dump(complete(overlay), sort_keys=False))
     return path

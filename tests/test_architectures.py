@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import subprocess
@@ -124,7 +123,7 @@ def test_cgm_gate_value_is_finite_in_half_precision(dtype: torch.dtype) -> None:
 
 def test_cgm_gate_needs_cgm() -> None:
     with pytest.raises(UserError, match=r"rejects these settings \(cgm_gate needs cgm"):
-        build_model(dataclasses.replace(UNET3PLUS, options={"cgm_gate": True}), n_classes=C)
+        build_model(UNET3PLUS.model_copy(update=dict(options={"cgm_gate": True})), n_classes=C)
 
 
 def _unetplusplus_pair(depth: int = 5) -> tuple[smp.UnetPlusPlus, UnetPlusPlus]:
@@ -181,7 +180,7 @@ def test_unknown_arch_names_unet3plus_among_the_valid() -> None:
     with pytest.raises(
         UserError, match=r"model.arch 'UNet4Plus' is not an architecture .*UnetPlusPlus.*UNet3Plus"
     ):
-        build_model(dataclasses.replace(UNET3PLUS, arch="UNet4Plus"), n_classes=C)
+        build_model(UNET3PLUS.model_copy(update=dict(arch="UNet4Plus")), n_classes=C)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +213,7 @@ def test_unknown_arch_names_unet3plus_among_the_valid() -> None:
     ],
 )
 def test_bad_options_are_one_line_user_errors(arch: str, options: dict, message: str) -> None:
-    params = dataclasses.replace(UNET3PLUS, arch=arch, options=options)
+    params = UNET3PLUS.model_copy(update=dict(arch=arch, options=options))
     for check in (lambda: build_model(params, n_classes=C), lambda: check_model_params(params)):
         with pytest.raises(UserError, match=message) as caught:
             check()
@@ -223,11 +222,12 @@ def test_bad_options_are_one_line_user_errors(arch: str, options: dict, message:
 
 def test_options_reach_the_model() -> None:
     options = {"encoder_depth": 4, "cat_channels": 8, "deep_supervision": True, "cgm": True, "cgm_gate": True}
-    model = build_model(dataclasses.replace(UNET3PLUS, options=options), n_classes=C)
+    model = build_model(UNET3PLUS.model_copy(update=dict(options=options)), n_classes=C)
     assert isinstance(model, UNet3Plus) and model.n_side_outputs == 3 and model.cgm_gate
     assert model.decoder.out_channels[0] == 8 * 4
     ours = build_model(
-        dataclasses.replace(UNET3PLUS, arch="UnetPlusPlus", options={"deep_supervision": True}), n_classes=C
+        UNET3PLUS.model_copy(update=dict(arch="UnetPlusPlus", options={"deep_supervision": True})),
+        n_classes=C,
     )
     assert isinstance(ours, UnetPlusPlus) and ours.n_side_outputs == 3
 
@@ -235,12 +235,12 @@ def test_options_reach_the_model() -> None:
 def test_unet3plus_takes_timm_encoders_and_local_encoder_weights(tmp_path: Path) -> None:
     """Encoders come through smp as for every other architecture: `tu-` names, and a local state dict."""
     small = {"cat_channels": 8}
-    timm_model = build_model(dataclasses.replace(UNET3PLUS, encoder="tu-resnet10t", options=small), C)
+    timm_model = build_model(UNET3PLUS.model_copy(update=dict(encoder="tu-resnet10t", options=small)), C)
     assert timm_model.eval()(batch()).shape == (N, C, SIZE, SIZE)
     torch.manual_seed(3)
     weights = smp.encoders.get_encoder("resnet18", weights=None).state_dict()
     torch.save(weights, tmp_path / "resnet18.pth")
-    local = dataclasses.replace(UNET3PLUS, encoder_weights=str(tmp_path / "resnet18.pth"), options=small)
+    local = UNET3PLUS.model_copy(update=dict(encoder_weights=str(tmp_path / "resnet18.pth"), options=small))
     loaded = build_model(local, C).encoder.state_dict()
     assert all(torch.equal(loaded[key], weights[key]) for key in weights)
 

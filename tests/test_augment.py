@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -230,7 +229,7 @@ def test_build_elastic_uses_the_registry() -> None:
     assert (reference.alpha, reference.sigma, reference.p) == (300.0, 7.0, 1.0)
     assert set(ELASTIC_IMPLS) == {"fast", "albumentations"}
     with pytest.raises(KeyError, match="albumentations, fast"):
-        build_elastic(dataclasses.replace(AugmentParams(elastic_alpha=300.0), elastic_impl="nope"))
+        build_elastic(AugmentParams(elastic_alpha=300.0).model_copy(update=dict(elastic_impl="nope")))
 
 
 def test_build_elastic_warns_when_the_deformation_is_invisible() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import params_from_dict
+from pipeline.config import params_from_overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_workspace_params_keep_one_recipe_on_one_fold_at_native_size(bench_modul
     assert params["models"][first]["train"] == {"lr": 0.002}  # its own epochs give way to the benchmark's
     assert params["ensemble"]["folds"] == [1] and params["split"]["n_splits"] == 3
     assert params["submission"]["size"] is None and params["data"]["root"] == "/data"
-    resolved = params_from_dict(params).recipe(first)
+    resolved = params_from_overlay(params).recipe(first)
     assert resolved.train.epochs == 2 and resolved.train.lr == 0.002
     assert list(recipe.workspace_params(raw, Path("/data"), [0], 3, [second])["models"]) == [second]
     with pytest.raises(SystemExit, match="no model recipe 'nope'"):
@@ -103,7 +103,7 @@ def test_ablation_overrides_set_shared_recipe_and_nested_keys(bench_modules: tup
         ["train.lr=0.02", "models.fpn.train.lr=0.005", "models.fpn.train.losses.ce=0.5", "predict.tta=none"]
     )
 
-    params = params_from_dict(ablation.apply(base, overrides, "--variant v"))
+    params = params_from_overlay(ablation.apply(base, overrides, "--variant v"))
 
     unet, fpn = params.recipe("unet"), params.recipe("fpn")
     assert unet.train.lr == 0.02 and fpn.train.lr == 0.005

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import AugmentParams, params_from_dict
+from pipeline.config import AugmentParams, params_from_overlay
 from pipeline.data import coco
 from pipeline.data.images import (
     ObjectRecord,
@@ -351,7 +351,7 @@ def test_the_training_loader_never_pastes_a_held_out_object(fold_data: FoldPaths
         "train": {"batch_size": 2},
         "models": {"m": {}},
     }  # fmt: skip
-    recipe = params_from_dict(raw).recipe("m")
+    recipe = params_from_overlay(raw).recipe("m")
     data = load_fold_data(recipe, 0, fold_data)
     train_loader, _ = build_loaders(
         recipe.augment, recipe.train, 0, data, fold_data, Runtime(torch.device("cpu"))

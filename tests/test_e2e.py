@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import Run, make_dvc_project, run_command
+from conftest import Run, make_dvc_project, run_command, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ class Reproduced:
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
     """One sequential `dvc repro` of the tiny config, shared by the tests of this module."""
     work = make_dvc_project(tmp_path_factory.mktemp("repro") / "project")
-    (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
+    write_params(work / "params.yaml", _tiny_params())
     # One thread per process: the setting under which CPU training is deterministic (see the parallel test).
     repro = run_command(["dvc", "repro"], work, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
@@ -121,7 +122,7 @@ def test_dvc_repro_runs_every_stage(reproduced: Reproduced, run: Run) -> None:
     edited["runtime"]["num_workers"] = 1
     edited["predict"]["batch_size"] = 2
     edited["submission"]["format"] = "dense"
-    (work / "params.yaml").write_text(yaml.safe_dump(edited))
+    write_params(work / "params.yaml", edited)
     stale = _stale_stages(run, work)
     assert not any(s.startswith("train@") for s in stale), stale
     assert {f"oof@{m}-{k}" for m in ("unet", "fpn") for k in range(2)} <= stale
@@ -130,9 +131,32 @@ def test_dvc_repro_runs_every_stage(reproduced: Reproduced, run: Run) -> None:
     # One recipe's edit re-runs that recipe's train stages only.
     edited = _tiny_params()
     edited["models"]["fpn"]["train"]["lr"] = 0.002
-    (work / "params.yaml").write_text(yaml.safe_dump(edited))
+    write_params(work / "params.yaml", edited)
     stale = _stale_stages(run, work)
     assert {s for s in stale if s.startswith("train@")} == {"train@fpn-0", "train@fpn-1"}
+
+
+@pytest.mark.slow
+def test_editing_messages_leaves_every_train_stage_up_to_date_and_resumable(
+    reproduced: Reproduced, tmp_path: Path, run: Run
+) -> None:
+    # Messages, parsing and params checking shape no weights (what they decide reaches training through
+    # the params and the data bytes): an edit of one re-runs no train stage, and a train stage forced to
+    # run anyway finds its finished state (the same fingerprint) instead of training again.
+    work = tmp_path / "project"
+    shutil.copytree(reproduced.work, work, symlinks=True)
+    for module, old, new in [
+        ("pipeline/data/coco.py", "not valid JSON", "not a valid JSON file"),  # the COCO validator
+        ("pipeline/config.py", "must be a mapping", "must be a YAML mapping"),  # params checking
+    ]:
+        text = (work / module).read_text()
+        assert old in text, (module, old)
+        (work / module).write_text(text.replace(old, new))
+    stale = _stale_stages(run, work)
+    assert stale and not any(s.startswith("train@") for s in stale), stale  # masks reads coco.py
+    forced = run(["dvc", "repro", "--force", "--single-item", "train@unet-0"], work)
+    assert forced.returncode == 0, forced.stdout[-2000:] + forced.stderr[-2000:]
+    assert "unet fold 0: all 1 epochs done; rewriting the outputs from best.pt" in forced.stdout
 
 
 @pytest.mark.slow
@@ -140,7 +164,7 @@ def test_parallel_repro_ends_as_the_sequential_one(reproduced: Reproduced, tmp_p
     # The train and oof stages two at a time on two CPU "devices" of one thread each, as the sequential
     # run had: the outputs (their md5s in dvc.lock) are the same, bit for bit.
     work = make_dvc_project(tmp_path / "project")
-    (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
+    write_params(work / "params.yaml", _tiny_params())
     command = [sys.executable, "-m", "pipeline", "parallel", "--devices", "cpu,cpu", "--threads", "1"]
     parallel = run(command, work)
     assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]

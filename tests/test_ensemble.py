@@ -19,6 +19,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from conftest import write_params
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
@@ -448,7 +450,7 @@ def _stage_project(tmp_path: Path, metric: dict[str, str] | None = None) -> list
     }
     if metric is not None:
         params["metric"] = metric
-    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    write_params(tmp_path / "params.yaml", params)
     return classes
 
 
@@ -524,8 +526,8 @@ def test_ensemble_and_evaluate_stages_by_the_image_average(
     assert "average" not in json.loads((tmp_path / "cv.json").read_text())  # numbers only
 
     # A report fitted by one average, judged by the other: stale, and said so.
-    params = json.loads((tmp_path / "params.yaml").read_text())
-    (tmp_path / "params.yaml").write_text(json.dumps({**params, "metric": {"average": "dataset"}}))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    write_params(tmp_path / "params.yaml", {**params, "metric": {"average": "dataset"}})
     with pytest.raises(SystemExit):
         _run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
     assert "report.json: scored by the image average, params say dataset" in capsys.readouterr().err

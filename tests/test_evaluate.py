@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from conftest import write_params
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
@@ -255,7 +255,7 @@ def _evaluate_project(tmp_path: Path) -> tuple[dict[str, Any], list[str]]:
     presence = np.ones((len(records), 3), dtype=bool)
     write_manifest(tmp_path / "manifest.json", Manifest(CLASSES, [1, 2], records, presence, [], {"used": 0}))
     _write_folds(tmp_path / "folds.csv", FOLDS)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"metric": {"average": "dataset"}}))
+    write_params(tmp_path / "params.yaml", {"metric": {"average": "dataset"}})
     scored = [k for k in FOLDS if FOLDS[k] != 2]  # fold 2 is not in the ensemble's folds
     truth = np.concatenate([pairs[k][0].ravel() for k in scored])
     pred = np.concatenate([pairs[k][1].ravel() for k in scored])
@@ -340,7 +340,7 @@ def test_leaderboard_stage_scores_a_perfect_submission(
     with SubmissionWriter(tmp_path / "sub.csv", "rle", 3, "column") as writer:
         for image in truth.images:
             writer.write(image.file_name, coco.rasterize(truth, image))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submission": {"size": None, "format": "rle"}}))
+    write_params(tmp_path / "params.yaml", {"submission": {"size": None, "format": "rle"}})
     args = ["--submission", "sub.csv", "--truth", "truth.json", "--out", "lb.json", "--report", "r.json"]
     _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "lb.json").read_text()) == {"miou": 1.0}  # the headline only
@@ -360,7 +360,7 @@ def test_leaderboard_stage_scores_by_the_params_average(
             mask = coco.rasterize(truth, image)
             writer.write(image.file_name, np.where(mask == 2, 0, mask).astype(np.uint8))
     params = {"submission": {"size": None}, "metric": {"average": "image"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", params)
     args = ["--submission", "sub.csv", "--truth", "truth.json", "--out", "lb.json", "--report", "r.json"]
     _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
     # t/0.jpg (64 can, 64 bottle, 128 background pixels): background 128 / 192, can 1, bottle 0
@@ -386,7 +386,7 @@ def test_leaderboard_stage_without_test_truth_records_not_scored(
         del test["annotations"]
     (tmp_path / "test.json").write_text(json.dumps(test))
     (tmp_path / "sub.csv").write_text("image_id,class_id,EncodedPixels\n")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submission": {"size": None}}))
+    write_params(tmp_path / "params.yaml", {"submission": {"size": None}})
     args = ["--submission", "sub.csv", "--truth", "test.json", "--out", "lb.json", "--report", "r.json"]
     _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "lb.json").read_text()) == {"miou": None}

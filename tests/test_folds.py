@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_params
 
-from pipeline.data.coco import ImageRecord
 from pipeline.data.folds import fold_class_counts, held_out_mask, make_folds, read_folds
 from pipeline.data.manifest import Manifest, write_manifest
+from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def _run_split(
     tmp: Path, manifest: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str, str]:
     """Run stages/split.py as its command line would, in this process: (exit code, stdout, stderr)."""
-    (tmp / "params.yaml").write_text("split: {n_splits: 3, seed: 7}\nensemble: {folds: [0, 1, 2]}\n")
+    write_params(tmp / "params.yaml", {"split": {"n_splits": 3, "seed": 7}, "ensemble": {"folds": [0, 1, 2]}})
     args = ["--manifest", str(manifest), "--out", str(tmp / "folds.csv")]
     args += ["--counts", str(tmp / "reports/folds.json"), "--params", str(tmp / "params.yaml")]
     monkeypatch.setattr(sys, "argv", ["split.py", *args])

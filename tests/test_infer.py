@@ -3,7 +3,6 @@ sizes, streaming, checkpoints."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -18,14 +17,16 @@ import numpy as np
 import pytest
 import torch
 import ttach
+import yaml
+from conftest import write_params
 from PIL import Image
 from torch import nn
 
 from pipeline.config import AugmentParams, ModelParams
-from pipeline.data.coco import ImageRecord
 from pipeline.data.geometry import Geometry
 from pipeline.data.loaders import ImageDataset
 from pipeline.data.manifest import ImageSet, Manifest, write_manifest
+from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 from pipeline.evaluation.submission import iter_submission
 from pipeline.inference import infer
@@ -140,7 +141,7 @@ def test_a_member_s_fold_models_are_averaged_equally(tmp_path: Path) -> None:
 
 def _member(name: str, logits: list[list[float]], size: int) -> infer.Member:
     models = [ConstantLogits(row) for row in logits]
-    augment = dataclasses.asdict(AugmentParams(size=size))
+    augment = AugmentParams(size=size).model_dump()
     folds = infer.Ensemble(
         models, ["background", "can", "bottle"], Geometry("squash", size), [augment] * len(models)
     )
@@ -266,7 +267,7 @@ def test_load_ensemble_rebuilds_models_and_checks_classes(tmp_path: Path) -> Non
     ensemble = infer.load_ensemble([tmp_path / "f0.pt", tmp_path / "f1.pt"])
     models = ensemble.models
     assert (ensemble.classes, ensemble.geometry, len(models)) == (classes, Geometry("squash", 64), 2)
-    assert ensemble.augments == [dataclasses.asdict(AUG64)] * 2
+    assert ensemble.augments == [AUG64.model_dump()] * 2
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(models[1](x), model(x))
@@ -290,7 +291,7 @@ _MEMORY_PROBE = textwrap.dedent(
     import numpy as np, psutil, torch
     from PIL import Image
     from pipeline.inference import infer
-    from pipeline.data.coco import ImageRecord
+    from pipeline.data.records import ImageRecord
     from pipeline.data.loaders import ImageDataset
     from pipeline.data.geometry import Geometry
 
@@ -358,7 +359,7 @@ def _stage_project(tmp_path: Path, weights: list[list[float]], tta: str = "flips
         "predict": {"tta": tta, "batch_size": 2, "num_workers": 0},
         "submission": {"format": "rle", "size": None},
     }
-    (tmp_path / "params.yaml").write_text(json.dumps(config))  # JSON is YAML
+    write_params(tmp_path / "params.yaml", config)  # JSON is YAML
     return records
 
 
@@ -410,9 +411,9 @@ def test_predict_stage_predicts_in_sliding_windows_when_switched_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     records = _stage_project(tmp_path, [[0.5] * 3, [0.5] * 3], tta="none")
-    config = json.loads((tmp_path / "params.yaml").read_text())
+    config = yaml.safe_load((tmp_path / "params.yaml").read_text())
     config["predict"].update(sliding_window=True, window_overlap=0.25)
-    (tmp_path / "params.yaml").write_text(json.dumps(config))
+    write_params(tmp_path / "params.yaml", config)
     real, overlaps = infer.predict_members, []
 
     def spy(*args, **kwargs):

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_params
 
 from pipeline.config import DemoParams
 from pipeline.data import coco
-from pipeline.data.coco import ImageRecord
 from pipeline.data.demo import generate_demo
 from pipeline.data.images import mask_relpath, read_mask
 from pipeline.data.manifest import ImageSet, Manifest, read_manifest, write_manifest
+from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def test_masks_stage_manifest_matches_the_masks_it_wrote(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     generate_demo(tmp_path / "demo", DemoParams(n_train=6, n_test=2, image_size=32, max_objects=3))
-    (tmp_path / "params.yaml").write_text("data: {root: demo}\n")
+    write_params(tmp_path / "params.yaml", {"data": {"root": "demo"}})
     args = ["--root", "demo", "--train-json", "demo/train.json", "--test-json", "demo/test.json"]
     args += ["--out", "masks", "--manifest", "manifest.json"]
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import Run
+from conftest import Run, write_params
 from PIL import Image
 
 from pipeline.data.geometry import Geometry
@@ -91,7 +91,7 @@ def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, r
         test_json="data/photos/test.json",
         test_truth_json="data/photos/test_truth.json",
     )
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(work / "params.yaml", params)
 
     repro = run(["dvc", "repro", "evaluate", "leaderboard"], work)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]

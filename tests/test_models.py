@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,36 +41,36 @@ def test_build_model_outputs_one_logit_map_per_class() -> None:
 
 def test_unknown_arch_lists_valid_ones() -> None:
     with pytest.raises(UserError, match=r"model.arch 'Unet3'.*valid: Unet, UnetPlusPlus"):
-        build_model(dataclasses.replace(SMALL, arch="Unet3"), n_classes=3)
+        build_model(SMALL.model_copy(update=dict(arch="Unet3")), n_classes=3)
 
 
 def test_unknown_encoder_is_a_user_error() -> None:
     with pytest.raises(UserError, match=r"model.encoder 'resnet7'.*resnet18"):
-        build_model(dataclasses.replace(SMALL, encoder="resnet7"), n_classes=3)
+        build_model(SMALL.model_copy(update=dict(encoder="resnet7")), n_classes=3)
 
 
 @pytest.mark.parametrize("arch", ["FPN", "Segformer"])
 def test_decoder_channels_on_an_arch_without_them_is_refused(arch: str) -> None:
     # smp would pass them on to the encoder, which ignores them without a word.
     with pytest.raises(UserError, match=rf"decoder_channels is not a setting of model.arch '{arch}'"):
-        build_model(dataclasses.replace(SMALL, arch=arch), n_classes=3)
+        build_model(SMALL.model_copy(update=dict(arch=arch)), n_classes=3)
 
 
 def test_decoder_channels_on_an_arch_with_one_decoder_width_is_refused() -> None:
     # UPerNet's decoder_channels is an int: smp would fail on the list with a TypeError traceback.
     with pytest.raises(UserError, match=r"model.arch 'UPerNet' takes a single decoder width"):
-        build_model(dataclasses.replace(SMALL, arch="UPerNet"), n_classes=3)
+        build_model(SMALL.model_copy(update=dict(arch="UPerNet")), n_classes=3)
 
 
 @pytest.mark.parametrize("arch", ["Segformer", "upernet"])  # smp's names, in any case
 def test_segformer_and_upernet_output_one_logit_map_per_class(arch: str) -> None:
-    model = build_model(dataclasses.replace(SMALL, arch=arch, decoder_channels=None), n_classes=3).eval()
+    model = build_model(SMALL.model_copy(update=dict(arch=arch, decoder_channels=None)), n_classes=3).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3, 64, 64)
 
 
 def test_timm_encoder_by_tu_name() -> None:
-    model = build_model(dataclasses.replace(SMALL, encoder="tu-resnet18"), n_classes=3).eval()
+    model = build_model(SMALL.model_copy(update=dict(encoder="tu-resnet18")), n_classes=3).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
@@ -82,7 +81,7 @@ def test_timm_encoder_by_tu_name() -> None:
 )
 def test_unknown_timm_encoder_is_a_user_error(encoder: str, message: str) -> None:
     with pytest.raises(UserError, match=rf"params: model.encoder '{encoder}' .*{message}"):
-        build_model(dataclasses.replace(SMALL, encoder=encoder), n_classes=3)
+        build_model(SMALL.model_copy(update=dict(encoder=encoder)), n_classes=3)
 
 
 def test_parameter_groups_put_each_parameter_in_one_group() -> None:
@@ -130,7 +129,7 @@ def test_local_encoder_weights_are_loaded(tmp_path: Path, suffix: str) -> None:
         torch.save(donor_file, path)
 
     torch.manual_seed(2)
-    model = build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), n_classes=3)
+    model = build_model(SMALL.model_copy(update=dict(encoder_weights=str(path))), n_classes=3)
     loaded = model.encoder.state_dict()
     assert loaded.keys() == donor.keys()
     for key, tensor in donor.items():
@@ -141,15 +140,15 @@ def test_local_encoder_weights_are_loaded(tmp_path: Path, suffix: str) -> None:
 def test_missing_encoder_weights_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pth"
     with pytest.raises(UserError, match=r"nope.pth: encoder weights file not found"):
-        build_model(dataclasses.replace(SMALL, encoder_weights=str(missing)), n_classes=3)
+        build_model(SMALL.model_copy(update=dict(encoder_weights=str(missing))), n_classes=3)
 
 
 def test_encoder_weights_for_another_encoder_are_refused(tmp_path: Path) -> None:
-    other = build_model(dataclasses.replace(SMALL, encoder="resnet34"), n_classes=3).encoder.state_dict()
+    other = build_model(SMALL.model_copy(update=dict(encoder="resnet34")), n_classes=3).encoder.state_dict()
     path = tmp_path / "resnet34.pth"
     torch.save(other, path)
     with pytest.raises(UserError, match=r"resnet34.pth: weights do not match: .*unexpected.*resnet18"):
-        build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), n_classes=3)
+        build_model(SMALL.model_copy(update=dict(encoder_weights=str(path))), n_classes=3)
 
 
 def test_checkpoint_round_trip_rebuilds_from_its_own_params(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_params
 from PIL import Image
 
 from pipeline.config import AugmentParams, ModelParams, PredictParams
-from pipeline.data.coco import ImageRecord
 from pipeline.data.geometry import Geometry
 from pipeline.data.loaders import ImageDataset
 from pipeline.data.manifest import ImageSet, Manifest, write_manifest
@@ -25,6 +25,7 @@ from pipeline.data.probstore import (
     read_probabilities,
     write_probabilities,
 )
+from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 from pipeline.evaluation.submission import iter_submission
 from pipeline.inference.infer import (
@@ -270,7 +271,7 @@ def test_predict_stage_stores_the_merged_test_probabilities_at_the_largest_membe
     manifest = Manifest(CLASSES, [1, 2], [], np.zeros((0, 3), dtype=bool), images, {"used": 0})
     write_manifest(tmp_path / "data/manifest.json", manifest)
     config = {"predict": {"tta": "auto", "batch_size": 2}, "submission": {"format": "rle", "size": None}}
-    (tmp_path / "params.yaml").write_text(json.dumps(config))  # JSON is YAML
+    write_params(tmp_path / "params.yaml", config)  # JSON is YAML
     args = ["--models", "models", "--weights", "weights.json", "--root", "data"]
     args += [
         "--manifest",

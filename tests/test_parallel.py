@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import TOY_STAGES, make_toy_project, run_command, venv_env
+from conftest import TOY_STAGES, make_toy_project, run_command, venv_env, write_params
 
 from pipeline.errors import UserError
 from pipeline.orchestration.parallel import Device, Job, Plan, parse_devices, plan_stages, select_jobs
@@ -269,7 +269,7 @@ def test_parallel_outside_a_dvc_project_is_a_user_error(tmp_path: Path) -> None:
 
 def test_parallel_refuses_ddp_stages_it_would_squeeze_onto_one_device(tmp_path: Path) -> None:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"runtime": {"nproc": 2}}))
+    write_params(tmp_path / "params.yaml", {"runtime": {"nproc": 2}})
     run = subprocess.run(
         [sys.executable, "-m", "pipeline", "parallel", "--devices", "0,1"],
         cwd=tmp_path, env=venv_env(), capture_output=True, text=True,

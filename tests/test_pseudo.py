@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import write_params
 
-from pipeline.data.coco import ImageRecord
 from pipeline.data.geometry import confident_argmax
 from pipeline.data.images import IGNORE_INDEX, read_mask
 from pipeline.data.manifest import Manifest, write_manifest
 from pipeline.data.probstore import read_probabilities, write_probabilities
 from pipeline.data.pseudo import pseudo_mask, read_pseudo
+from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 from pipeline.orchestration import cli
 
@@ -67,7 +68,7 @@ def _project(tmp_path: Path, enabled: bool, threshold: float = 0.5) -> Path:
     manifest = Manifest(CLASSES, [1, 2], [], np.zeros((0, 3), dtype=bool), TEST, {"used": 0})
     write_manifest(tmp_path / "data/manifest.json", manifest)
     config = {"pseudo": {"enabled": enabled, "threshold": threshold}}
-    (tmp_path / "params.yaml").write_text(json.dumps(config))  # JSON is YAML
+    write_params(tmp_path / "params.yaml", config)  # JSON is YAML
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher/README.md").write_text("the teacher\n")
     return tmp_path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TOY_STAGES, make_toy_project, run_command, venv_env
+from conftest import TOY_STAGES, make_toy_project, run_command, venv_env, write_params
 
 # SLURM's sbatch, as far as the submission script can tell: it records each job, runs it at once (a
 # job's dependencies were submitted, and so have run, before it) and prints a job id.
@@ -87,7 +87,7 @@ def test_submitted_jobs_reproduce_the_project_as_dvc_repro_does(tmp_path: Path) 
 @pytest.mark.slow
 def test_a_multi_node_train_stage_is_one_launcher_per_node(tmp_path: Path) -> None:
     project = make_toy_project(tmp_path / "p")
-    (project / "params.yaml").write_text(yaml.safe_dump({"runtime": {"nnodes": 2, "nproc": 4}}))
+    write_params(project / "params.yaml", {"runtime": {"nnodes": 2, "nproc": 4}})
     run = _slurm(project, "--dry-run")
     assert run.returncode == 0, run.stderr
     train = run.stdout.split("train_a_0=$(", 1)[1].split("\nJOB\n", 1)[0]
@@ -102,7 +102,7 @@ def test_a_multi_node_train_stage_is_one_launcher_per_node(tmp_path: Path) -> No
 def test_node_zero_runs_the_stage_under_dvc_and_the_other_node_its_command(tmp_path: Path) -> None:
     # Two "nodes" on this machine, sharing the project folder as nodes share a cluster filesystem.
     project = make_toy_project(tmp_path / "p", epochs=1, sleep=0.1)
-    (project / "params.yaml").write_text(yaml.safe_dump({"runtime": {"nnodes": 2}}))
+    write_params(project / "params.yaml", {"runtime": {"nnodes": 2}})
     assert run_command(["dvc", "repro", "prep"], project).returncode == 0
     command = [sys.executable, "-m", "pipeline", "node", "train@a-0"]
     procs = [
@@ -129,7 +129,7 @@ def test_node_without_a_rank_is_a_one_line_user_error(tmp_path: Path) -> None:
     project = tmp_path / "p"
     project.mkdir()
     (project / "dvc.yaml").write_text("stages: {}\n")
-    (project / "params.yaml").write_text(yaml.safe_dump({"runtime": {"nnodes": 2}}))
+    write_params(project / "params.yaml", {"runtime": {"nnodes": 2}})
     env = {k: v for k, v in venv_env().items() if k not in ("TRASHSEG_NODE_RANK", "SLURM_NODEID")}
     run = subprocess.run(
         [sys.executable, "-m", "pipeline", "node", "train@a-0"],

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import sklearn.metrics
 import yaml
+from conftest import write_params
 
 from pipeline import metrics
 from pipeline.data import coco
-from pipeline.data.coco import CocoSet
+from pipeline.data.records import CocoSet
 from pipeline.errors import UserError
 from pipeline.evaluation import rle
 from pipeline.evaluation.submission import (
@@ -573,7 +574,7 @@ def test_cli_average_defaults_to_the_params_file(
     args = ["score", str(submission), "--truth", str(path), "--size", "native"]
     # No params.yaml: the built-in default, dataset.
     assert _cli(args, capsys)[1].startswith(f"mIoU {HAND_DATASET_MIOU:.4f} (dataset average)")
-    Path("params.yaml").write_text(yaml.safe_dump({"metric": {"average": "image"}}))
+    write_params(Path("params.yaml"), {"metric": {"average": "image"}})
     assert _cli(args, capsys)[1].startswith(f"mIoU {HAND_IMAGE_MIOU:.4f} (image average)")
     assert _cli([*args, "--average", "dataset"], capsys)[1].startswith(
         f"mIoU {HAND_DATASET_MIOU:.4f} (dataset"
@@ -637,7 +638,7 @@ def test_cli_size_defaults_to_the_params_file(
     args = ["validate", str(small), "--test", str(files["test"])]
     # No params.yaml: the built-in default size (256) applies, so 4x4 rows are the wrong length.
     assert _cli(args, capsys)[0] == 1
-    Path("params.yaml").write_text(yaml.safe_dump({"submission": {"size": 4}}))
+    write_params(Path("params.yaml"), {"submission": {"size": 4}})
     assert _cli(args, capsys) == (0, "valid: 3 rows (dense, 3 images)\n")
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"submission": {"size": 5}}))

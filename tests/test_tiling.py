@@ -16,9 +16,9 @@ from PIL import Image
 from torch import nn
 
 from pipeline.config import PredictParams
-from pipeline.data.coco import ImageRecord
 from pipeline.data.geometry import Geometry
 from pipeline.data.loaders import ImageDataset
+from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 from pipeline.inference import infer
 from pipeline.inference.tiling import (

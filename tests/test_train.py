@@ -32,7 +32,7 @@ from pipeline.config import (
     Recipe,
     RuntimeParams,
     TrainParams,
-    params_from_dict,
+    params_from_overlay,
     params_to_dict,
 )
 from pipeline.data import coco
@@ -131,7 +131,7 @@ def _params(runtime: dict | None = None, **train: object) -> Params:
     raw = {section: dict(values) for section, values in TINY.items()}
     raw["runtime"].update(runtime or {})
     raw["models"] = {MODEL: {"train": dict(train)}}
-    return params_from_dict(raw)
+    return params_from_overlay(raw)
 
 
 def _recipe(**train: object) -> Recipe:
@@ -323,7 +323,7 @@ def test_fingerprint_is_what_shapes_the_weights(dataset: Path) -> None:
         )
 
     base = fingerprint(_recipe())
-    assert fingerprint(dataclasses.replace(_recipe(), name="renamed")) == base
+    assert fingerprint(_recipe().model_copy(update=dict(name="renamed"))) == base
     # Runtime, ensemble and predict settings are no part of a recipe: they change neither it nor its
     # fingerprint (DVC does not re-run the train stages for them either).
     raw = {section: dict(values) for section, values in TINY.items()}
@@ -331,11 +331,11 @@ def test_fingerprint_is_what_shapes_the_weights(dataset: Path) -> None:
     raw["ensemble"] = {"folds": [0, 1], "grid_step": 0.5, "per_class": True}
     raw["predict"] = {"tta": "hflip", "batch_size": 1, "num_workers": 2, "amp": False}
     raw["models"] = {MODEL: {}}
-    assert fingerprint(params_from_dict(raw).recipe(MODEL)) == base
+    assert fingerprint(params_from_overlay(raw).recipe(MODEL)) == base
     assert fingerprint(_recipe(lr=0.001)) != base
     assert fingerprint(_recipe(), fold=1) != base
     assert fingerprint(_recipe(), world_size=2) != base
-    other_model = params_from_dict(
+    other_model = params_from_overlay(
         {**raw, "models": {MODEL: {"model": {"arch": "FPN", "decoder_channels": None}}}}
     )
     assert fingerprint(other_model.recipe(MODEL)) != base
@@ -696,7 +696,7 @@ def test_resolve_nodes_refuses_a_missing_or_bad_setting_in_one_line(
 )
 def test_a_bad_rdzv_endpoint_is_refused_when_params_load(endpoint: str) -> None:
     with pytest.raises(UserError) as info:
-        params_from_dict({"runtime": {"nnodes": 2, "rdzv_endpoint": endpoint}})
+        params_from_overlay({"runtime": {"nnodes": 2, "rdzv_endpoint": endpoint}})
     expected = f"params: 'runtime.rdzv_endpoint' must be host:port of node 0 (port 1-65535), got {endpoint!r}"
     assert str(info.value) == expected
 
@@ -840,7 +840,7 @@ def _u3p_params(**train: object) -> Params:
     options = {"deep_supervision": True, "cgm": True, "cgm_gate": True, "cat_channels": 8}
     model = {"arch": "UNet3Plus", "decoder_channels": None, "options": options}
     raw["models"] = {MODEL: {"model": model, "train": dict(train)}}
-    return params_from_dict(raw)
+    return params_from_overlay(raw)
 
 
 def test_unet3plus_with_side_outputs_cgm_and_boundary_weights_trains_and_rebuilds(

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.data import coco
+from pipeline.data import records
 from pipeline.data.geometry import Geometry, build_resize, pad_to_multiple, padded_shape
 from pipeline.data.images import image_path, mask_relpath, read_image, read_mask
 
@@ -53,7 +53,7 @@ class ImageDataset(Dataset):
     def __init__(
         self,
         root: str | Path,
-        images: Sequence[coco.ImageRecord],
+        images: Sequence[records.ImageRecord],
         geometry: Geometry,
         masks_dir: str | Path | None = None,
     ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import write_json
-from pipeline.data.coco import CocoSet, ImageRecord
+from pipeline.data.records import CocoSet, ImageRecord
 from pipeline.errors import UserError
 
 

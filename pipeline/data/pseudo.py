@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.data.coco import ImageRecord
 from pipeline.data.geometry import confident_argmax
 from pipeline.data.images import IGNORE_INDEX, mask_relpath, write_mask
 from pipeline.data.probstore import StoredProbabilities
+from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 
 # The teacher folder's file (`python -m pipeline teacher` writes it) and the pseudo-label folder's layout.

@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from pipeline import metrics
 from pipeline.atomic import atomic_path
-from pipeline.data import coco
-from pipeline.data.coco import CocoSet
+from pipeline.data import coco, records
 from pipeline.data.manifest import ImageSet
+from pipeline.data.records import CocoSet
 from pipeline.errors import UserError
 from pipeline.evaluation import rle
 
@@ -335,7 +335,7 @@ def score_submission(
     path: str | Path,
     truth: CocoSet,
     size: int | None,
-    overlap: coco.Overlap,
+    overlap: records.Overlap,
     order: str = "column",
     average: metrics.Average = "dataset",
 ) -> dict[str, Any]:

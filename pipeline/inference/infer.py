@@ -16,7 +16,7 @@ import ttach
 from torch import nn
 
 from pipeline.config import PredictParams
-from pipeline.data import coco
+from pipeline.data import records
 from pipeline.data.geometry import SIZE_MULTIPLE, Geometry, resize_argmax, resize_bilinear
 from pipeline.data.loaders import ImageDataset, build_inference_loader
 from pipeline.ensemble.merge import merge_probabilities
@@ -218,7 +218,7 @@ def predict_members(
     members: Sequence[Member],
     weights: torch.Tensor,
     root: str | Path,
-    images: Sequence[coco.ImageRecord],
+    images: Sequence[records.ImageRecord],
     scales: Sequence[float],
     batch_size: int,
     num_workers: int,
@@ -254,7 +254,7 @@ def predict_members(
         yield index, merge_probabilities([probs for _, probs in outputs], weights.to(device))
 
 
-def output_shape(record: coco.ImageRecord, out_size: int | None) -> tuple[int, int]:
+def output_shape(record: records.ImageRecord, out_size: int | None) -> tuple[int, int]:
     """(H, W) of a prediction: out_size x out_size, or the image's own size when out_size is None."""
     return (record.height, record.width) if out_size is None else (out_size, out_size)
 

@@ -10,10 +10,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import PredictParams
-from pipeline.data.coco import ImageRecord
 from pipeline.data.geometry import Geometry
 from pipeline.data.loaders import ImageDataset
 from pipeline.data.probstore import write_probabilities
+from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 from pipeline.inference.infer import predict_probabilities, resolve_tta, window_overlap_of
 from pipeline.models.checkpoints import load_checkpoint, model_from_checkpoint

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import re
 import zipfile
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from pipeline.atomic import atomic_path
@@ -74,10 +74,10 @@ def checkpoint_state(
     """
     state = {
         "model_state": strip_wrapper_prefixes(model.state_dict()),
-        "model_params": dataclasses.asdict(model_params),
+        "model_params": model_params.model_dump(),
         "classes": list(classes),
         "geometry": geometry_of(augment).to_dict(),
-        "augment": dataclasses.asdict(augment),
+        "augment": augment.model_dump(),
         "epoch": int(epoch),
         "score": float(score),
         "fold": int(fold),
@@ -103,15 +103,17 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> n
         model = model_from_smp_config(dict(ckpt["smp_config"]), n_classes, source)
     else:
         try:
-            model_params = ModelParams(**ckpt["model_params"])
-        except TypeError as exc:
+            model_params = ModelParams.model_validate(ckpt["model_params"])
+        except ValidationError as exc:
+            problem = exc.errors()[0]
             raise UserError(
-                f"{source}: model_params do not match this version's ModelParams ({exc})"
+                f"{source}: model_params do not match this version's ModelParams "
+                f"({'.'.join(map(str, problem['loc']))}: {problem['msg']})"
             ) from None
         if model_params.from_pretrained is not None:
             raise UserError(f"{source}: a from_pretrained model's checkpoint needs its 'smp_config'")
         # Never download or read the encoder's init weights again.
-        model = build_model(dataclasses.replace(model_params, encoder_weights=None), n_classes)
+        model = build_model(model_params.model_copy(update={"encoder_weights": None}), n_classes)
     state = strip_wrapper_prefixes(ckpt["model_state"])
     try:
         model.load_state_dict(state)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 import json
@@ -106,7 +105,7 @@ def check_model_params(model_params: ModelParams) -> None:
     if local and not Path(weights).is_file():
         raise UserError(f"{weights}: encoder weights file not found (params: model.encoder_weights)")
     # A random-init build catches every arch/encoder/setting mismatch in about a second, offline.
-    build_model(dataclasses.replace(model_params, encoder_weights=None), n_classes=2)
+    build_model(model_params.model_copy(update={"encoder_weights": None}), n_classes=2)
 
 
 def check_arch(arch: str, where: str) -> None:

@@ -1,5 +1,5 @@
 """`python -m pipeline COMMAND`: score and check submissions; run the stages in parallel or on SLURM;
-freeze a pseudo-label teacher."""
+freeze a pseudo-label teacher; write a complete params file from an overlay."""
 
 from __future__ import annotations
 
@@ -13,8 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json, write_text
-from pipeline.config import Params, load_params
-from pipeline.data import coco
+from pipeline.config import (
+    Params,
+    complete,
+    load_params,
+    overlay_of,
+    params_from_dict,
+    params_from_overlay,
+    read_yaml,
+    render_params,
+)
+from pipeline.data import coco, records
 from pipeline.data.probstore import read_probabilities
 from pipeline.data.pseudo import TEACHER_FILE
 from pipeline.errors import UserError
@@ -88,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         "node", help="one node's part of a multi-node train stage (under srun; see README)"
     )
     node.add_argument("stage", help="e.g. train@unet-0")
+
+    params = commands.add_parser(
+        "params", help="write a complete params file: an overlay (only what differs) over the defaults"
+    )
+    params.add_argument("overlay", type=Path, help="e.g. configs/trash.yaml")
+    params.add_argument(
+        "--out", type=Path, default=Path("params.yaml"), help="where to write it (default: %(default)s)"
+    )
 
     teacher = commands.add_parser(
         "teacher", help="freeze the predict stage's test probabilities as the pseudo-label teacher"
@@ -236,6 +253,26 @@ def _dvc_root(command: str) -> Path:
 
 
 # Explicit registry: subcommand name -> handler.
+def write_params(args: argparse.Namespace) -> None:
+    """Write the overlay completed with every default, checked, commented from the fields' descriptions."""
+    overlay = read_yaml(args.overlay) or {}
+    full = complete(overlay)
+    params_from_dict(full, source=str(args.overlay))
+    leading = []
+    for line in args.overlay.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        leading.append(line.removeprefix("#").removeprefix(" "))
+    header = [
+        *leading,
+        f"Written by `python -m pipeline params {args.overlay.as_posix()}`: that overlay over the",
+        "defaults in pipeline/config.py, every key spelled out. Edit the overlay and write this file again.",
+    ]
+    write_text(args.out, render_params(full, header))
+    changed = sum(len(v) if k != "models" else 1 for k, v in overlay_of(full).items())
+    print(f"wrote {args.out}: {changed} settings from {args.overlay}, the rest defaults")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "score": score,
     "validate": validate,
@@ -243,6 +280,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "slurm": slurm,
     "node": node,
     "teacher": teacher,
+    "params": write_params,
 }
 
 
@@ -263,10 +301,10 @@ def _load_params(path: Path | None) -> Params:
     if path is not None:
         return load_params(path)
     default = Path("params.yaml")
-    return load_params(default) if default.is_file() else Params()
+    return load_params(default) if default.is_file() else params_from_overlay({})
 
 
-def _load_with_classes(path: Path, train_json: Path | None, params: Params) -> coco.CocoSet:
+def _load_with_classes(path: Path, train_json: Path | None, params: Params) -> records.CocoSet:
     data = params.data
     return coco.load_with_training_classes(
         path, train_json, on_bad=data.on_bad_annotation, unused=data.unused_categories

@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 
 from pipeline.config import AugmentParams
-from pipeline.data.coco import MIN_OBJECT_PIXELS
 from pipeline.data.images import (
     MAX_INSTANCES,
     ObjectRecord,
@@ -21,6 +20,7 @@ from pipeline.data.images import (
     read_instance_map,
     read_objects,
 )
+from pipeline.data.records import MIN_OBJECT_PIXELS
 from pipeline.errors import UserError
 
 # Positions placement "background" tries; the one covering the fewest foreground pixels wins. A few

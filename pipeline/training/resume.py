@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -21,15 +20,13 @@ from pipeline.models.checkpoints import load_checkpoint
 
 # The pipeline modules (paths under pipeline/) whose code shapes the trained weights. Inference, OOF and
 # ensembling modules are left out on purpose: they only shape what is computed from best.pt, which their
-# own stages redo.
+# own stages redo. So are parsing and checking (params, the COCO json, the manifest) and messages: what
+# they decide reaches the weights through the resolved recipe and the data bytes, which are hashed.
 WEIGHT_MODULES = (
-    "config.py",
-    "data/coco.py",
     "data/folds.py",
     "data/geometry.py",
     "data/images.py",
     "data/loaders.py",
-    "data/manifest.py",
     "data/pseudo.py",
     "metrics.py",
     "models/architectures.py",
@@ -97,7 +94,7 @@ def run_fingerprint(
         data.update(sha256_file(path).encode())
     package = Path(__file__).parents[1]
     relevant = {
-        "recipe": dataclasses.asdict(recipe) | {"name": None},  # renaming a model does not change it
+        "recipe": recipe.model_dump() | {"name": None},  # renaming a model does not change it
         "fold": fold,
         "average": average,
         "world_size": world_size,

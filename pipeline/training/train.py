@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import write_json
 from pipeline.config import AugmentParams, Recipe, TrainParams
-from pipeline.data import coco
+from pipeline.data import records
 from pipeline.data.folds import held_out_mask, read_folds
 from pipeline.data.geometry import geometry_of, resize_argmax
 from pipeline.data.images import image_path, objects_path
@@ -67,7 +67,7 @@ class FoldData:
 
     classes: list[str]  # background first
     train_names: list[str]  # file_names of the training images
-    val_images: list[coco.ImageRecord]  # the held-out fold
+    val_images: list[records.ImageRecord]  # the held-out fold
     presence: np.ndarray  # bool (len(train_names), len(classes)): classes in each training mask
     # Pseudo-labelled test images that join the training part (never the held-out fold); None: none.
     pseudo: PseudoSet | None = None
