@@ -36,7 +36,7 @@ from pipeline.data.images import (
 from pipeline.data.loaders import normalize
 from pipeline.errors import run_main
 from pipeline.training.dataset import SegmentationDataset, build_train_loader
-from pipeline.training.train import training_set
+from pipeline.training.fold_data import training_set
 from pipeline.training.weightmap import BoundaryWeighting
 
 TARGET_IMAGES_PER_S = 40.0

@@ -36,8 +36,10 @@ from pipeline.config import Params, Recipe, TrainParams, load_overlay
 from pipeline.errors import run_main
 from pipeline.models.losses import build_loss
 from pipeline.training.dataset import SegmentationDataset, build_train_loader
+from pipeline.training.fold_data import training_set
 from pipeline.training.runtime import Runtime, setup_runtime
-from pipeline.training.train import TrainState, build_train_state, train_one_epoch, training_set
+from pipeline.training.state import TrainState, build_train_state
+from pipeline.training.train import train_one_epoch
 
 TARGET_RATIO = 0.9
 EPOCH_IMAGES = 2617 * 4 // 5  # one fold's training images in the competition (5 folds)
@@ -81,7 +83,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset, weights, n_classes = demo_dataset(Path(tmp), recipe, args.images, steps * train.batch_size)
-        state = build_train_state(recipe, n_classes, runtime, total_steps=10**6, resume=None)
+        state = build_train_state(
+            recipe.model, recipe.train, n_classes, runtime, total_steps=10**6, resume=None
+        )
         loss_fn = build_loss(train.losses, train.class_weights).to(runtime.device)
         synthetic = synthetic_batches(runtime, train.batch_size, recipe.augment.size, n_classes, steps)
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from pipeline.config import Recipe, load_params
 from pipeline.errors import UserError, run_main
 from pipeline.models.factory import check_model_params
+from pipeline.training.fold_data import FoldPaths, check_train_params, load_fold_data
 from pipeline.training.runtime import launch_workers, resolve_nodes, setup_runtime, teardown, under_torchrun
-from pipeline.training.train import FoldPaths, fit, load_fold_data
+from pipeline.training.train import fit
 
 
 def main() -> None:
@@ -50,7 +51,8 @@ def main() -> None:
     if (nproc > 1 or nnodes > 1) and not under_torchrun():
         # Check the params and data here, where a mistake still prints one line, then start the workers.
         nodes = resolve_nodes(params.runtime, os.environ)
-        load_fold_data(recipe, args.fold, paths)
+        data = load_fold_data(args.fold, paths)
+        check_train_params(recipe.train, recipe.name, len(data.classes))
         code = launch_workers(nproc, [__file__, *sys.argv[1:]], nodes)
         if code != 0:
             nodes_part = "" if nodes is None else f" on {nnodes} nodes (this is node {nodes.node_rank})"

@@ -311,6 +311,7 @@ def test_the_training_fingerprint_covers_the_code_that_shapes_the_weights() -> N
         "pipeline/config.py",  # parsing and checking params: the resolved recipe is hashed instead
         "pipeline/data/manifest.py",  # parsing the manifest, whose bytes are hashed
         "pipeline/data/records.py",  # the parsed records' types
+        "pipeline/training/live.py",  # curves and the metrics file, written after the weights
         "pipeline/__init__.py",
         "pipeline/data/__init__.py",
         "pipeline/models/__init__.py",

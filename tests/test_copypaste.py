@@ -30,8 +30,8 @@ from pipeline.errors import UserError
 from pipeline.training.augment import build_train_transform, rarity_weights
 from pipeline.training.copypaste import CopyPaste, load_cut
 from pipeline.training.dataset import SegmentationDataset, _Streams
+from pipeline.training.fold_data import FoldPaths, build_loaders, load_fold_data
 from pipeline.training.runtime import Runtime
-from pipeline.training.train import FoldPaths, build_loaders, load_fold_data
 from pipeline.training.weightmap import BoundaryWeighting, boundary_weights
 
 # pycocotools 2.0.x's decoder trips numpy 2's copy-keyword deprecation on every call; not ours to fix.
@@ -352,7 +352,7 @@ def test_the_training_loader_never_pastes_a_held_out_object(fold_data: FoldPaths
         "models": {"m": {}},
     }  # fmt: skip
     recipe = params_from_overlay(raw).recipe("m")
-    data = load_fold_data(recipe, 0, fold_data)
+    data = load_fold_data(0, fold_data)
     train_loader, _ = build_loaders(
         recipe.augment, recipe.train, 0, data, fold_data, Runtime(torch.device("cpu"))
     )

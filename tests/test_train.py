@@ -49,6 +49,7 @@ from pipeline.metrics import confusion_matrix, mean_iou
 from pipeline.models.checkpoints import load_checkpoint, model_from_checkpoint
 from pipeline.models.losses import TrainingObjective, build_loss
 from pipeline.training import runtime as runtime_module
+from pipeline.training.fold_data import FoldPaths, build_loaders, load_fold_data
 from pipeline.training.resume import run_fingerprint
 from pipeline.training.runtime import (
     NodeSpec,
@@ -58,16 +59,8 @@ from pipeline.training.runtime import (
     seed_everything,
     setup_runtime,
 )
-from pipeline.training.train import (
-    FoldPaths,
-    build_loaders,
-    build_train_state,
-    evaluate,
-    fit,
-    load_fold_data,
-    lr_factor,
-    train_one_epoch,
-)
+from pipeline.training.state import build_train_state, lr_factor
+from pipeline.training.train import evaluate, fit, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 12
@@ -357,7 +350,9 @@ def test_train_one_epoch_learns_a_fixed_batch(precision: str) -> None:
     runtime = PRECISIONS[precision]
     torch.manual_seed(0)
     recipe = _recipe(lr=3e-3, warmup_epochs=0.0, grad_clip=1.0, accumulate=2)
-    state = build_train_state(recipe, n_classes=3, runtime=runtime, total_steps=10**6, resume=None)
+    state = build_train_state(
+        recipe.model, recipe.train, n_classes=3, runtime=runtime, total_steps=10**6, resume=None
+    )
     if runtime.channels_last:
         assert state.raw.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     images = torch.randn(2, 3, 64, 64)
@@ -381,7 +376,9 @@ def test_compiled_model_trains_evaluates_and_checkpoints_plain_weights() -> None
     """train.compile on CPU (inductor): the loop runs the compiled model, checkpoints read the plain one."""
     recipe = _recipe(compile=True, warmup_epochs=0.0)
     runtime = PRECISIONS["float32"]
-    state = build_train_state(recipe, n_classes=3, runtime=runtime, total_steps=10, resume=None)
+    state = build_train_state(
+        recipe.model, recipe.train, n_classes=3, runtime=runtime, total_steps=10, resume=None
+    )
     assert state.net is not state.raw and state.model is state.net
     before = {k: v.clone() for k, v in state.raw.state_dict().items()}
     images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
@@ -403,7 +400,7 @@ def test_ema_follows_every_optimizer_step_of_the_raw_weights() -> None:
     recipe = _recipe(ema=decay, lr=0.05, warmup_epochs=0.0, grad_clip=None)
     runtime = _cpu(recipe)
     seed_everything(0)
-    state = build_train_state(recipe, 3, runtime, total_steps=4, resume=None)
+    state = build_train_state(recipe.model, recipe.train, 3, runtime, total_steps=4, resume=None)
     loss_fn = TrainingObjective(build_loss({"ce": 1.0}))
     images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
     snapshots = []
@@ -915,7 +912,7 @@ def test_pseudo_labelled_images_train_but_never_validate(dataset: Path, tmp_path
     recipe = _recipe()
     pseudo = _pseudo_folder(dataset, tmp_path / "pseudo")
     paths = dataclasses.replace(_paths(dataset, tmp_path / "run"), pseudo=pseudo)
-    data = load_fold_data(recipe, 0, paths)
+    data = load_fold_data(0, paths)
     test_names = {image.file_name for image in read_manifest(dataset / "manifest.json").test}
     runtime = _cpu(recipe)
     train_loader, val_loader = build_loaders(recipe.augment, recipe.train, 0, data, paths, runtime)
@@ -947,8 +944,7 @@ def test_an_empty_pseudo_set_trains_exactly_as_without_one(dataset: Path, tmp_pa
     (empty / "pseudo.json").write_text(
         json.dumps({"threshold": None, "classes": manifest.classes, "images": []})
     )
-    recipe = _recipe()
-    data = load_fold_data(recipe, 0, dataclasses.replace(_paths(dataset, tmp_path), pseudo=empty))
-    without = load_fold_data(recipe, 0, _paths(dataset, tmp_path))
+    data = load_fold_data(0, dataclasses.replace(_paths(dataset, tmp_path), pseudo=empty))
+    without = load_fold_data(0, _paths(dataset, tmp_path))
     assert data.pseudo is None and data.train_names == without.train_names
     assert np.array_equal(data.all_presence, without.presence)

@@ -36,8 +36,10 @@ WEIGHT_MODULES = (
     "training/augment.py",
     "training/copypaste.py",
     "training/dataset.py",
+    "training/fold_data.py",
     "training/resume.py",
     "training/runtime.py",
+    "training/state.py",
     "training/train.py",
     "training/weightmap.py",
 )
