@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import write_params
 from PIL import Image
 
 from pipeline.data import coco
@@ -91,7 +92,7 @@ def ds(tmp_path: Path) -> Dataset:
     test_images = [{"id": 0, "file_name": "imgs/t0.jpg", "height": H, "width": W}]
     test = {"images": test_images, "categories": CATEGORIES}
     params = tmp_path / "params.yaml"
-    params.write_text("data:\n  on_bad_annotation: error\n")
+    write_params(params, {"data": {"on_bad_annotation": "error"}})
     out = tmp_path / "masks"
     out.mkdir()
     (out / "classes.json").write_text('{"classes": ["from", "an", "earlier", "run"]}')
@@ -284,7 +285,7 @@ def test_out_of_image_coordinates_are_clipped_and_counted(ds: Dataset) -> None:
 def test_skip_bad_annotations_counts_them(ds: Dataset) -> None:
     first_ann(ds)["category_id"] = 7
     ds.train["annotations"][1]["segmentation"] = [[1, 2, 3]]
-    ds.params.write_text("data:\n  on_bad_annotation: skip\n")
+    write_params(ds.params, {"data": {"on_bad_annotation": "skip"}})
     result = ds.run_stage()
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -312,8 +313,9 @@ def test_split_skips_what_masks_skipped(ds: Dataset, tmp_path: Path) -> None:
     # on_bad_annotation is applied once, by the masks stage: the split reads its manifest, never the json,
     # so it splits what the masks stage kept instead of failing on the annotation it skipped.
     ds.train["annotations"][1]["segmentation"] = [[1, 2, 3, 4]]
-    ds.params.write_text(
-        "data:\n  on_bad_annotation: skip\nsplit:\n  n_splits: 2\nensemble:\n  folds: [0, 1]\n"
+    write_params(
+        ds.params,
+        {"data": {"on_bad_annotation": "skip"}, "split": {"n_splits": 2}, "ensemble": {"folds": [0, 1]}},
     )
     assert ds.run_stage().returncode == 0
     assert read_manifest(ds.manifest).annotations["skipped"] == 1
@@ -355,8 +357,9 @@ def test_roboflow_export_with_an_unused_category_named_like_a_class(
     # Roboflow adds an id-0 category named after the dataset that no annotation uses; here it is "Paper".
     roboflow = [{"id": 0, "name": "Paper", "supercategory": "none"}, *CATEGORIES]
     ds.train["categories"] = ds.test["categories"] = roboflow
-    ds.params.write_text(
-        f"data:\n  unused_categories: {unused}\nsplit:\n  n_splits: 2\nensemble:\n  folds: [0, 1]\n"
+    write_params(
+        ds.params,
+        {"data": {"unused_categories": unused}, "split": {"n_splits": 2}, "ensemble": {"folds": [0, 1]}},
     )
     result = ds.run_stage()
     assert result.returncode == 0, result.stderr

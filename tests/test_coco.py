@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import write_params
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -672,8 +673,8 @@ def test_cli_validate_uses_the_training_classes(tmp_path: Path, capsys: pytest.C
         out.write("a/img.jpg", np.full((H, W), 3, dtype=np.uint8))
     args = ["validate", str(submission), "--test", str(test), "--size", "native"]
     keep, drop = tmp_path / "keep.yaml", tmp_path / "drop.yaml"
-    keep.write_text("data:\n  unused_categories: keep\n")
-    drop.write_text("data:\n  unused_categories: drop\n")
+    write_params(keep, {"data": {"unused_categories": "keep"}})
+    write_params(drop, {"data": {"unused_categories": "drop"}})
     cli.main([*args, "--params", str(keep)])
     assert capsys.readouterr().out.startswith("valid: 1 rows")
     with pytest.raises(UserError, match="--train-json"):

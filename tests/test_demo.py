@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_params
 
 from pipeline.config import DemoParams, params_from_overlay
 from pipeline.data import coco, demo
@@ -125,7 +126,7 @@ def test_rare_objects_are_large_enough_to_learn(frequent: coco.CocoSet) -> None:
 
 def test_demo_stage_writes_the_dataset(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("demo:\n  seed: 3\n  n_train: 8\n  n_test: 4\n  image_size: 64\n  max_objects: 4\n")
+    write_params(params, {"demo": {"seed": 3, "n_train": 8, "n_test": 4, "image_size": 64, "max_objects": 4}})
     out = tmp_path / "data" / "demo"
     out.mkdir(parents=True)
     (out / "stale.txt").write_text("from an earlier run")
@@ -139,7 +140,7 @@ def test_demo_stage_writes_the_dataset(tmp_path: Path) -> None:
 
 def test_demo_stage_reports_bad_params(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("demo:\n  n_trian: 8\n")
+    write_params(params, {"demo": {"n_trian": 8}})
     out = tmp_path / "demo"
     command = [sys.executable, str(REPO / "stages" / "demo.py"), "--out", str(out), "--params", str(params)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)

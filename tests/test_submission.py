@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import pytest
 import sklearn.metrics
-import yaml
 from conftest import write_params
 
 from pipeline import metrics
@@ -641,7 +640,7 @@ def test_cli_size_defaults_to_the_params_file(
     write_params(Path("params.yaml"), {"submission": {"size": 4}})
     assert _cli(args, capsys) == (0, "valid: 3 rows (dense, 3 images)\n")
     other = tmp_path / "other.yaml"
-    other.write_text(yaml.safe_dump({"submission": {"size": 5}}))
+    write_params(other, {"submission": {"size": 5}})
     assert _cli([*args, "--params", str(other)], capsys)[0] == 1
 
 
