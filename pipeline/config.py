@@ -115,15 +115,6 @@ class AugmentParams(Section):
             raise ValueError("[low, high] with 0 < low <= high")
         return value
 
-    @model_validator(mode="after")
-    def _elastic_range(self) -> AugmentParams:
-        # "{at}": the section's key, filled in by the message (augment, or models.<name>.augment).
-        if self.size % 32:
-            raise ValueError(f"'{{at}}.size' must be divisible by 32 (encoder strides), got {self.size}")
-        if self.elastic_p_min > self.elastic_p_max:
-            raise ValueError("need 0 <= {at}.elastic_p_min <= {at}.elastic_p_max <= 1")
-        return self
-
 
 class ModelParams(Section):
     """The segmentation-models-pytorch model."""
@@ -352,6 +343,17 @@ class Params(Section):
                 f"'ensemble.folds' needs at least 2 folds to fit the weights of {len(self.models)} models "
                 f"honestly (cross-validated), got {folds}"
             )
+        for recipe in self.models.values():
+            # Rules of a model's input, not of augmentation code: unit tests build tiny AugmentParams.
+            prefix, augment = f"models.{recipe.name}.", recipe.augment
+            if augment.size % 32:
+                raise ValueError(
+                    f"'{prefix}augment.size' must be divisible by 32 (encoder strides), got {augment.size}"
+                )
+            if augment.elastic_p_min > augment.elastic_p_max:
+                raise ValueError(
+                    f"need 0 <= {prefix}augment.elastic_p_min <= {prefix}augment.elastic_p_max <= 1"
+                )
         for recipe in self.models.values() if self.pseudo.enabled else ():
             prefix = f"models.{recipe.name}."
             if "ms_ssim" in recipe.train.losses:
@@ -599,8 +601,8 @@ def _user_error(exc: ValidationError, cls: type[BaseModel], raw: dict, source: s
     error = exc.errors()[0]
     loc = [part for part in error["loc"] if isinstance(part, str)]
     if not loc or (loc[0] not in cls.model_fields and error["type"] != "extra_forbidden"):
-        # A model-level rule (a model validator's ValueError): its message names its keys, "{at}" this one.
-        return UserError(f"{source}: {_reason(error).replace('{at}', key)}")
+        # A model-level rule (a model validator's ValueError): its message names its keys.
+        return UserError(f"{source}: {_reason(error)}")
     name = loc[0]
     where = f"{key}.{name}" if key else name
     if error["type"] == "extra_forbidden":
