@@ -76,6 +76,10 @@ def test_quantise_round_trip_is_within_half_a_level() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("resize", "shapes"),
+    [("squash", [(32, 32)] * 3), ("crop", [(32, 58), (32, 32), (53, 32)])],  # short side scaled to 32
+)
 def test_write_oof_stores_each_held_out_image_at_the_model_s_inference_shape(
     tmp_path: Path, resize: str, shapes: list[tuple[int, int]]
 ) -> None:
