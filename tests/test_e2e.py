@@ -145,6 +145,7 @@ def test_editing_messages_leaves_every_train_stage_up_to_date_and_resumable(
     # run anyway finds its finished state (the same fingerprint) instead of training again.
     work = tmp_path / "project"
     shutil.copytree(reproduced.work, work, symlinks=True)
+    write_params(work / "params.yaml", _tiny_params())  # as reproduced (another test may have edited it)
     for module, old, new in [
         ("pipeline/data/coco.py", "not valid JSON", "not a valid JSON file"),  # the COCO validator
         ("pipeline/config.py", "must be a mapping", "must be a YAML mapping"),  # params checking
