@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import complete
+from pipeline.config import ModelParams, complete
 
 ROOT = Path(__file__).resolve().parents[1]
 Run = Callable[[list[str], Path], subprocess.CompletedProcess[str]]
@@ -134,3 +135,15 @@ def write_params(path: Path, overlay: dict) -> Path:
     as `python -m pipeline params` writes one (stages refuse a params file that leaves a key out)."""
     path.write_text(yaml.safe_dump(complete(overlay), sort_keys=False))
     return path
+
+
+def run_stage(script: str, args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `stages/<script>` as its command line in dvc.yaml would, but in this process (torch is
+    imported once for the whole test session)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(ROOT / "stages" / script), run_name="__main__")
+
+
+# The smallest real smp model the tests build: a U-Net on ResNet-18 with a narrow decoder.
+TINY_MODEL = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])

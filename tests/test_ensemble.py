@@ -9,8 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import runpy
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import write_params
+from conftest import run_stage, write_params
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
@@ -411,13 +409,6 @@ def _save_oof(path: Path, names: list[str], classes: list[str], probs: list[np.n
     np.savez_compressed(path, file_names=np.array(names), classes=np.array(classes), **arrays)
 
 
-def _run_stage(script: str, args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run a stage script as its command line would, but in this process."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(str(ROOT / "stages" / script), run_name="__main__")
-
-
 ENSEMBLE_ARGS = ["--oof", "oof", "--manifest", "manifest.json", "--masks", "masks", "--weights", "w.json"]
 ENSEMBLE_ARGS += ["--report", "report.json", "--labels", "labels"]
 EVALUATE_ARGS = ["--labels", "labels", "--report", "report.json", "--manifest", "manifest.json"]
@@ -458,7 +449,7 @@ def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     classes = _stage_project(tmp_path)
-    _run_stage("ensemble.py", ENSEMBLE_ARGS, tmp_path, monkeypatch)
+    run_stage("ensemble.py", ENSEMBLE_ARGS, tmp_path, monkeypatch)
 
     fitted = json.loads((tmp_path / "w.json").read_text())
     assert fitted == {
@@ -486,7 +477,7 @@ def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
     assert report["models"]["a"]["oof_miou"] == pytest.approx(0.5)  # a alone beats the honest ensemble here
     assert report["in_sample_miou"] == pytest.approx((6 / 8 + 4 / 6) / 2)
 
-    _run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
+    run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
     cv = json.loads((tmp_path / "cv.json").read_text())
     assert cv["oof_miou"] == pytest.approx(sk_miou)
     assert cv["weights"] == {"a": 0.5, "b": 0.5}
@@ -497,7 +488,7 @@ def test_ensemble_and_evaluate_stages_by_the_image_average(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _stage_project(tmp_path, {"average": "image"})
-    _run_stage("ensemble.py", ENSEMBLE_ARGS, tmp_path, monkeypatch)
+    run_stage("ensemble.py", ENSEMBLE_ARGS, tmp_path, monkeypatch)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["average"] == "image"
     # Image mIoUs by hand (one image per fold) of a alone / the mix / b alone:
@@ -519,7 +510,7 @@ def test_ensemble_and_evaluate_stages_by_the_image_average(
     assert report["models"]["a"]["oof_miou"] == pytest.approx(2 / 3)
     assert report["in_sample_miou"] == pytest.approx(3 / 4)
 
-    _run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
+    run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
     details = json.loads((tmp_path / "details.json").read_text())
     assert details["average"] == "image"
     assert details["oof_miou"] == pytest.approx(report["ensemble"]["oof_miou"])
@@ -529,5 +520,5 @@ def test_ensemble_and_evaluate_stages_by_the_image_average(
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     write_params(tmp_path / "params.yaml", {**params, "metric": {"average": "dataset"}})
     with pytest.raises(SystemExit):
-        _run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
+        run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
     assert "report.json: scored by the image average, params say dataset" in capsys.readouterr().err

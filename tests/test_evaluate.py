@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_params
+from conftest import run_stage, write_params
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
@@ -231,13 +229,6 @@ def _write_coco(path: Path, images: list[tuple[str, int, int]], squares: dict[st
     path.write_text(json.dumps(data))
 
 
-def _run_stage(script: str, args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run a stage script as its command line would, but in this process (torch is imported once)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(str(ROOT / "stages" / script), run_name="__main__")
-
-
 def _write_folds(path: Path, folds: dict[str, int]) -> None:
     pd.DataFrame({"image_id": list(folds), "fold": list(folds.values())}).to_csv(path, index=False)
 
@@ -279,7 +270,7 @@ def test_evaluate_stage_writes_metrics_plot_and_overlays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     report, args = _evaluate_project(tmp_path)
-    _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+    run_stage("evaluate.py", args, tmp_path, monkeypatch)
     details = json.loads((tmp_path / "reports/cv.json").read_text())
     assert (details["n_images"], details["n_skipped"], set(details["folds"])) == (4, 1, {"0", "1"})
     assert set(details["iou"]) == set(CLASSES)
@@ -297,7 +288,7 @@ def test_evaluate_stage_writes_metrics_plot_and_overlays(
 
     oof_path(tmp_path / "ensemble/oof", "a/1.jpg", 0).unlink()
     with pytest.raises(SystemExit) as exit_info:
-        _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+        run_stage("evaluate.py", args, tmp_path, monkeypatch)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ensemble/oof/fold0/a/1.png: ")
 
@@ -309,7 +300,7 @@ def test_evaluate_stage_refuses_labels_that_disagree_with_the_report(
     report["ensemble"]["oof_miou"] += 0.01  # labels from another run than the report
     (tmp_path / "ensemble/report.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit) as exit_info:
-        _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+        run_stage("evaluate.py", args, tmp_path, monkeypatch)
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ensemble/oof: scores ") and "ensemble/report.json" in last
@@ -326,7 +317,7 @@ def test_evaluate_stage_keeps_per_class_weights_out_of_the_headline(
     }
     report["weights"] = per_class
     (tmp_path / "ensemble/report.json").write_text(json.dumps(report))
-    _run_stage("evaluate.py", args, tmp_path, monkeypatch)
+    run_stage("evaluate.py", args, tmp_path, monkeypatch)
     assert "weights" not in json.loads((tmp_path / "metrics/cv.json").read_text())
     assert json.loads((tmp_path / "reports/cv.json").read_text())["weights"] == per_class
 
@@ -342,7 +333,7 @@ def test_leaderboard_stage_scores_a_perfect_submission(
             writer.write(image.file_name, coco.rasterize(truth, image))
     write_params(tmp_path / "params.yaml", {"submission": {"size": None, "format": "rle"}})
     args = ["--submission", "sub.csv", "--truth", "truth.json", "--out", "lb.json", "--report", "r.json"]
-    _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
+    run_stage("leaderboard.py", args, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "lb.json").read_text()) == {"miou": 1.0}  # the headline only
     board = json.loads((tmp_path / "r.json").read_text())
     assert board == {"miou": 1.0, "iou": {"background": 1.0, "can": 1.0, "bottle": 1.0}, "average": "dataset"}
@@ -362,7 +353,7 @@ def test_leaderboard_stage_scores_by_the_params_average(
     params = {"submission": {"size": None}, "metric": {"average": "image"}}
     write_params(tmp_path / "params.yaml", params)
     args = ["--submission", "sub.csv", "--truth", "truth.json", "--out", "lb.json", "--report", "r.json"]
-    _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
+    run_stage("leaderboard.py", args, tmp_path, monkeypatch)
     # t/0.jpg (64 can, 64 bottle, 128 background pixels): background 128 / 192, can 1, bottle 0
     # -> (2/3 + 1 + 0) / 3; t/1.jpg: background only, 1. (The dataset average: (384/448 + 1 + 0) / 3.)
     expected = ((2 / 3 + 1 + 0) / 3 + 1) / 2
@@ -388,7 +379,7 @@ def test_leaderboard_stage_without_test_truth_records_not_scored(
     (tmp_path / "sub.csv").write_text("image_id,class_id,EncodedPixels\n")
     write_params(tmp_path / "params.yaml", {"submission": {"size": None}})
     args = ["--submission", "sub.csv", "--truth", "test.json", "--out", "lb.json", "--report", "r.json"]
-    _run_stage("leaderboard.py", args, tmp_path, monkeypatch)
+    run_stage("leaderboard.py", args, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "lb.json").read_text()) == {"miou": None}
     board = json.loads((tmp_path / "r.json").read_text())
     assert board["miou"] is None and board["scored"] is False and "test.json" in board["reason"]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import ttach
 import yaml
-from conftest import write_params
+from conftest import TINY_MODEL, write_params
 from PIL import Image
 from torch import nn
 
@@ -331,7 +331,6 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> 
 
 
 CLASSES = ["background", "can", "bottle"]
-TINY_MODEL = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
 MEMBERS = {  # trained with both flips, so the stage may run flips TTA; one squashes, one crops
     "unet": AugmentParams(size=32, vflip=0.5),
     "crop": AugmentParams(size=32, vflip=0.5, resize="crop"),

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_params
+from conftest import TINY_MODEL, write_params
 from PIL import Image
 
-from pipeline.config import AugmentParams, ModelParams, PredictParams
+from pipeline.config import AugmentParams, PredictParams
 from pipeline.data.geometry import Geometry
 from pipeline.data.loaders import ImageDataset
 from pipeline.data.manifest import ImageSet, Manifest, write_manifest
@@ -42,7 +42,6 @@ from pipeline.models.factory import build_model
 CPU = torch.device("cpu")
 STAGES = Path(__file__).resolve().parents[1] / "stages"
 CLASSES = ["background", "can", "bottle"]
-TINY_MODEL = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
 SIZES = [(40, 72), (64, 64), (50, 30)]  # native (height, width), three aspect ratios
 
 

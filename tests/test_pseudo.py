@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import write_params
+from conftest import run_stage, write_params
 
 from pipeline.data.geometry import confident_argmax
 from pipeline.data.images import IGNORE_INDEX, read_mask
@@ -87,9 +85,7 @@ def _teacher(path: Path, images: list[ImageRecord], classes: list[str] = CLASSES
 def _run_stage(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """stages/pseudo.py as dvc.yaml runs it, in this process."""
     args = ["--teacher", "teacher", "--manifest", "data/manifest.json", "--out", "data/pseudo"]
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["pseudo.py", *args])
-    runpy.run_path(str(STAGE), run_name="__main__")
+    run_stage("pseudo.py", args, cwd, monkeypatch)
 
 
 def _stage_error(cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
