@@ -1,6 +1,6 @@
 """Benchmark: parameter count and forward/backward time of UNet3Plus vs smp's Unet and UnetPlusPlus at 512 px.
 
-Every model is built as trashseg builds it (pipeline.models.build_model: the arch, --encoder with random
+Every model is built as trashseg builds it (models.factory.build_model: the arch, --encoder with random
 init, --classes logits, model.options), on the CPU with --threads torch threads. Variants: smp's Unet and
 UnetPlusPlus (trashseg's, which without deep supervision is smp's), UnetPlusPlus with deep supervision,
 UNet3Plus, and UNet3Plus with deep supervision and the classification-guided module. Figures are medians

@@ -77,7 +77,7 @@ def main() -> None:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """`models.check_model_params` of one recipe, its errors naming the recipe's key."""
+    """`models.factory.check_model_params` of one recipe, its errors naming the recipe's key."""
     try:
         check_model_params(recipe.model)
     except UserError as exc:

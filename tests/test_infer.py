@@ -226,7 +226,7 @@ def _masks(
 
 
 @pytest.mark.parametrize("out_size", [48, None])
-def test_predict_images_output_sizes(tmp_path: Path, out_size: int | None) -> None:
+def test_predicted_masks_have_the_output_sizes(tmp_path: Path, out_size: int | None) -> None:
     sizes = [(40, 72), (96, 64), (33, 33)]  # native sizes, non-square
     records = _write_images(tmp_path, sizes)
     dataset = ImageDataset(tmp_path, records, Geometry("squash", 32))
@@ -241,7 +241,7 @@ def test_predict_images_output_sizes(tmp_path: Path, out_size: int | None) -> No
         assert (mask[:, -expected_w // 3 :] == 2).all()
 
 
-def test_predict_images_is_a_generator_that_runs_one_batch_at_a_time(tmp_path: Path) -> None:
+def test_prediction_is_a_generator_that_runs_one_batch_at_a_time(tmp_path: Path) -> None:
     dataset = ImageDataset(tmp_path, _write_images(tmp_path, [(32, 32)] * 8), Geometry("squash", 32))
     model = ChannelLogits()
     stream = _masks([model], dataset, None, "none", 2)
@@ -358,7 +358,7 @@ def _stage_project(tmp_path: Path, weights: list[list[float]], tta: str = "flips
         "predict": {"tta": tta, "batch_size": 2, "num_workers": 0},
         "submission": {"format": "rle", "size": None},
     }
-    write_params(tmp_path / "params.yaml", config)  # JSON is YAML
+    write_params(tmp_path / "params.yaml", config)
     return records
 
 

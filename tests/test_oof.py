@@ -274,7 +274,7 @@ def test_predict_stage_stores_the_merged_test_probabilities_at_the_largest_membe
     manifest = Manifest(CLASSES, [1, 2], [], np.zeros((0, 3), dtype=bool), images, {"used": 0})
     write_manifest(tmp_path / "data/manifest.json", manifest)
     config = {"predict": {"tta": "auto", "batch_size": 2}, "submission": {"format": "rle", "size": None}}
-    write_params(tmp_path / "params.yaml", config)  # JSON is YAML
+    write_params(tmp_path / "params.yaml", config)
     args = ["--models", "models", "--weights", "weights.json", "--root", "data"]
     args += [
         "--manifest",

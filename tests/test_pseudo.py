@@ -66,7 +66,7 @@ def _project(tmp_path: Path, enabled: bool, threshold: float = 0.5) -> Path:
     manifest = Manifest(CLASSES, [1, 2], [], np.zeros((0, 3), dtype=bool), TEST, {"used": 0})
     write_manifest(tmp_path / "data/manifest.json", manifest)
     config = {"pseudo": {"enabled": enabled, "threshold": threshold}}
-    write_params(tmp_path / "params.yaml", config)  # JSON is YAML
+    write_params(tmp_path / "params.yaml", config)
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher/README.md").write_text("the teacher\n")
     return tmp_path

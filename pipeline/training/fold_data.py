@@ -18,7 +18,7 @@ from pipeline.data.loaders import ImageDataset, build_inference_loader
 from pipeline.data.manifest import read_manifest
 from pipeline.data.pseudo import PseudoSet, read_pseudo
 from pipeline.errors import UserError
-from pipeline.models.losses import PIXEL_WEIGHTED_LOSSES
+from pipeline.models.losses import PIXEL_WEIGHTED_LOSSES, WEIGHTED_LOSSES
 from pipeline.training import augment
 from pipeline.training.copypaste import CopyPaste
 from pipeline.training.dataset import ConcatSegmentation, SegmentationDataset, build_train_loader
@@ -103,6 +103,12 @@ def check_train_params(train: TrainParams, name: str, n_classes: int) -> None:
         raise UserError(
             f"params: models.{name}: train.class_weights has {len(weights)} weights for "
             f"{n_classes} classes (background first)"
+        )
+    unweighted = sorted(loss for loss, w in train.losses.items() if w > 0 and loss not in WEIGHTED_LOSSES)
+    if weights is not None and unweighted:
+        raise UserError(
+            f"params: models.{name}: train.class_weights weights only {', '.join(sorted(WEIGHTED_LOSSES))}; "
+            f"train.losses also names {', '.join(unweighted)}, which has no per-class weighting"
         )
     weighted = boundary_weighting(train, n_classes) is not None
     if weighted and not PIXEL_WEIGHTED_LOSSES & set(train.losses):

@@ -59,7 +59,7 @@ def build_train_state(
     if runtime.distributed and runtime.device.type == "cuda":
         # Per-GPU batches are small at 512 px; statistics over the global batch are steadier.
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    # Encoder and decoder at their own lrs; weight decay on weights only (models.parameter_groups).
+    # Encoder and decoder at their own lrs; weight decay on weights only (models.factory.parameter_groups).
     groups = parameter_groups(raw, train.lr, train.encoder_lr, train.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=train.lr, fused=runtime.device.type == "cuda")
     warmup_steps = round(train.warmup_epochs * total_steps / train.epochs)
