@@ -49,7 +49,7 @@ from pipeline.metrics import confusion_matrix, mean_iou
 from pipeline.models.checkpoints import load_checkpoint, model_from_checkpoint
 from pipeline.models.losses import TrainingObjective, build_loss
 from pipeline.training import runtime as runtime_module
-from pipeline.training.fold_data import FoldPaths, build_loaders, load_fold_data
+from pipeline.training.fold_data import FoldPaths, build_loaders, check_train_params, load_fold_data
 from pipeline.training.resume import run_fingerprint
 from pipeline.training.runtime import (
     NodeSpec,
@@ -948,3 +948,12 @@ def test_an_empty_pseudo_set_trains_exactly_as_without_one(dataset: Path, tmp_pa
     without = load_fold_data(0, _paths(dataset, tmp_path))
     assert data.pseudo is None and data.train_names == without.train_names
     assert np.array_equal(data.all_presence, without.presence)
+
+
+def test_class_weights_a_loss_would_drop_are_refused_before_any_worker_starts() -> None:
+    # check_train_params runs in the stage before torchrun starts workers, and again in fit.
+    train = TrainParams(losses={"ce": 1.0, "lovasz": 1.0}, class_weights=[1.0, 2.0, 3.0])
+    expected = r"params: models\.m: train\.class_weights weights only ce, dice, focal; .* names lovasz"
+    with pytest.raises(UserError, match=expected):
+        check_train_params(train, "m", 3)
+    check_train_params(train.model_copy(update={"losses": {"ce": 1.0, "dice": 1.0}}), "m", 3)
