@@ -235,7 +235,7 @@ def test_dvc_locks_held_by_another_process_are_waited_out_not_failures(tmp_path:
     project = make_toy_project(tmp_path / "p")
     # Another DVC process (this test, alive) "writes" oof@a-0's output: first while the runner asks
     # `dvc status` (which read-locks every output), then again while oof@a-0 would start.
-    rwlock = project / ".dvc/tmp/rwlock"
+    rwlock = project / ".dvc" / "tmp" / "rwlock"
     held = {"write": {str(project / "out/a/oof0.txt"): {"pid": os.getpid(), "cmd": "dvc repro (another)"}}}
     (project / ".dvc/tmp").mkdir(exist_ok=True)
     rwlock.write_text(json.dumps(held))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# An absolute path under a machine's own folders; ".dvc/tmp/rwlock" (a path inside a project) is not one.
+# An absolute path under a machine's own folders; a path inside a project (DVC's lock file) is not one.
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|home|root|tmp|Users|mnt)/[\w.-]")
 
 
