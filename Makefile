@@ -26,8 +26,9 @@ demo: install
 	dvc repro
 	dvc metrics show
 
+# Two workers (this machine's cores); a test file stays on one worker, so its module fixtures run once.
 test: install
-	pytest -q
+	pytest -q -n 2 --dist loadfile
 
 # `dvc repro` with the train and oof stages one per device: make parallel DEVICES=0,1,2,3 (or cpu,cpu).
 DEVICES ?= cpu
@@ -36,7 +37,7 @@ parallel: install
 
 # The unit tests only: the `slow` ones (real stages under dvc, real training runs) are left out.
 test-fast: install
-	pytest -q -m "not slow"
+	pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: install
 	ruff check .

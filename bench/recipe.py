@@ -41,7 +41,7 @@ from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 # What a workspace needs to run the stages, as tests/conftest.py's make_dvc_project copies.
-COPIED = ["dvc.yaml", "pipeline", "stages", "teacher"]
+COPIED = ["dvc.yaml", "pipeline", "stages", "teacher", ".dvcignore"]
 # The stages every train stage needs, run once with `dvc repro -s` before a train stage alone is.
 DATA_STAGES = ("masks", "split", "pseudo")
 PLAIN_SIZE = 128

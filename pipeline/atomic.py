@@ -1,10 +1,11 @@
-"""Crash-safe file writes: write beside the target, then rename, so readers see old or new, never half."""
+"""Crash-safe file writes: write beside the target, fsync, rename, so readers see old or new, never half."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -18,13 +19,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The temporary file sits in the same folder so the final `os.replace` is a same-filesystem rename,
     which POSIX makes atomic. The suffix is kept so libraries that infer a format from it still work.
+    The file is fsynced before the rename and the folder after it: after a power cut or a node crash
+    the target is the old file or the whole new one. Temporary files that killed writes of the same
+    target left behind are removed first.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh(target, ".tmp" + target.suffix, _create_file)
+    suffix = ".tmp" + target.suffix
+    _remove_stale(target, suffix)
+    tmp = _fresh(target, suffix, _create_file)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, target)
+        _fsync(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -35,13 +43,19 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty folder beside `path`; on success it replaces `path` whole, on error it is removed.
 
     Two renames (old out of the way, new in) leave a window where `path` is absent but never one where
-    it is half-filled; no file of an earlier run survives beside the new ones.
+    it is half-filled; no file of an earlier run survives beside the new ones. Every file in the new
+    folder is fsynced before the renames, and the parent folder after them.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target, ".tmp")
     tmp = _fresh(target, ".tmp", _create_dir)
     try:
         yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(Path(folder, name))
+            _fsync(Path(folder))
         if target.exists():
             # Old copies a killed swap left behind (a live writer's is gone within the swap, and if
             # removed early its rename simply recreates it).
@@ -52,22 +66,58 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             old = _fresh(target, ".old", _create_dir)
             target.rename(old)
             tmp.rename(target)
+            _fsync(target.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
+            _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fresh(target: Path, suffix: str, create: Callable[[Path], None]) -> Path:
-    """Create (with `create`) and return an unused hidden path `.{name}.{random}{suffix}` beside `target`."""
+    """Create (with `create`) and return an unused hidden path `.{name}.{pid}-{random}{suffix}` beside
+    `target`; the pid tells a later writer whether the one that made it is still alive."""
     while True:
-        candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}{suffix}")
+        candidate = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
         try:
             create(candidate)
         except FileExistsError:
             continue
         return candidate
+
+
+def _remove_stale(target: Path, suffix: str) -> None:
+    """Remove the temporary paths of `target` (files or folders) whose writer process is gone: what a
+    killed write leaves. A live writer's (this process's, or another's) is left alone."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)-[0-9a-f]{{8}}{re.escape(suffix)}")
+    for stale in target.parent.glob(f".{target.name}.*{suffix}"):
+        match = pattern.fullmatch(stale.name)
+        if match and not _alive(int(match.group(1))):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's data and metadata to the disk (a folder: the names in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # The ordinary modes, so the process umask applies as to any other output. tempfile's files are private

@@ -61,6 +61,10 @@ class DataParams(Section):
     unused_categories: Literal["keep", "drop"] = Field(
         "keep", description="categories no training annotation uses: keep (indexes never shift) | drop"
     )
+    # Decompression bombs: a tiny file can claim gigapixels. PIL refuses more than this by itself.
+    max_image_pixels: int = Field(
+        178_956_970, ge=1, le=178_956_970, description="refuse an image of more pixels (height x width)"
+    )
 
 
 class SplitParams(Section):

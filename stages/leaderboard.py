@@ -9,6 +9,7 @@ from pipeline.atomic import write_json
 from pipeline.config import load_params
 from pipeline.data import coco
 from pipeline.errors import run_main
+from pipeline.evaluation.sidecar import resolve_encoding
 from pipeline.evaluation.submission import score_submission
 
 
@@ -42,10 +43,12 @@ def main() -> None:
         write_json(args.out, {"miou": None})
         print(f"leaderboard: not scored, {args.truth} has no annotations (the organisers hold the truth)")
         return
+    # The sidecar predict wrote says the CSV's order and size (params may have changed since).
     submission = params.submission
-    result = score_submission(
-        args.submission, truth, submission.size, data.overlap, order=submission.rle_order, average=average
+    order, size = resolve_encoding(
+        args.submission, None, submission.size, submission.rle_order, size_given=False
     )
+    result = score_submission(args.submission, truth, size, data.overlap, order=order, average=average)
     write_json(args.report, result)  # with the average it was scored by
     # Headline only, numbers only: per-class columns would make `dvc metrics show` unreadable.
     write_json(args.out, {"miou": result["miou"]})

@@ -32,6 +32,8 @@ def main() -> None:
     )
     test = coco.load_coco(args.test_json, args.root, on_bad, classes_from=train)
     coco.check_same_classes(train, test)
+    coco.check_pixel_cap(train, data.max_image_pixels)
+    coco.check_pixel_cap(test, data.max_image_pixels)
     report = coco.unused_report(train)
     if report is not None:
         print(report)

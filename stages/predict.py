@@ -4,6 +4,7 @@ and the test probabilities."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from pipeline.data.manifest import read_manifest
 from pipeline.data.probstore import probabilities_writer
 from pipeline.ensemble.fit import read_weights
 from pipeline.errors import UserError, run_main
+from pipeline.evaluation.sidecar import describe, write_sidecar
 from pipeline.evaluation.submission import SubmissionWriter, validate_submission
 from pipeline.inference.infer import (
     Member,
@@ -88,7 +90,14 @@ def main() -> None:
             raise UserError(
                 f"{args.out}: invalid submission ({len(problems)} problems), first: {problems[0]}"
             )
-    print(f"wrote {args.out}: {len(test)} images, {writer.rows} rows ({submission.format})")
+    # How the CSV is encoded, which it cannot say itself (validate and score read it).
+    params_sha256 = hashlib.sha256(args.params.read_bytes()).hexdigest()
+    encoding = describe(
+        args.out, submission.format, submission.rle_order, submission.size, manifest.classes, params_sha256
+    )
+    sidecar = write_sidecar(args.out, encoding)
+    rows = f"{len(test)} images, {writer.rows} rows ({submission.format})"
+    print(f"wrote {args.out}: {rows}; how it is encoded: {sidecar}")
     print(f"wrote {args.probabilities}: their merged probabilities (python -m pipeline teacher freezes them)")
 
 

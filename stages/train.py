@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -13,9 +14,13 @@ from pipeline.models.factory import check_model_params
 from pipeline.training.fold_data import FoldPaths, check_train_params, load_fold_data
 from pipeline.training.runtime import launch_workers, resolve_nodes, setup_runtime, teardown, under_torchrun
 from pipeline.training.train import fit
+from pipeline.writer import die_with_parent, exclusive_writer
 
 
 def main() -> None:
+    # Killed with its dvc (or, as a DDP worker, with its launcher): never an orphan writing on beside
+    # the re-run that comes next.
+    die_with_parent()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="the recipe's name in params.yaml's `models`")
     parser.add_argument("--fold", type=int, required=True, help="the held-out fold")
@@ -48,28 +53,33 @@ def main() -> None:
     )
 
     nproc, nnodes = params.runtime.nproc, params.runtime.nnodes
-    if (nproc > 1 or nnodes > 1) and not under_torchrun():
-        # Check the params and data here, where a mistake still prints one line, then start the workers.
-        nodes = resolve_nodes(params.runtime, os.environ)
-        data = load_fold_data(args.fold, paths)
-        check_train_params(recipe.train, recipe.name, len(data.classes))
-        code = launch_workers(nproc, [__file__, *sys.argv[1:]], nodes)
-        if code != 0:
-            nodes_part = "" if nodes is None else f" on {nnodes} nodes (this is node {nodes.node_rank})"
-            logs = "" if nodes is None else " and the other nodes' logs"
-            raise UserError(
-                f"train@{args.model}-{args.fold}: the {nproc * nnodes} DDP workers{nodes_part} failed "
-                f"(exit code {code}); see above{logs}"
-            )
-        return
+    launching = (nproc > 1 or nnodes > 1) and not under_torchrun()
+    nodes = resolve_nodes(params.runtime, os.environ) if launching else None
+    # One writer per fold: this process holds the model folder for its whole run (under DDP the
+    # launcher holds it; its workers write under its lock, and other nodes' launchers write nothing).
+    holds = not under_torchrun() and (nodes is None or nodes.node_rank == 0)
+    with exclusive_writer(args.model_dir) if holds else contextlib.nullcontext():
+        if launching:
+            # Check the params and data here, where a mistake still prints one line, then start the workers.
+            data = load_fold_data(args.fold, paths)
+            check_train_params(recipe.train, recipe.name, len(data.classes))
+            code = launch_workers(nproc, [__file__, *sys.argv[1:]], nodes)
+            if code != 0:
+                nodes_part = "" if nodes is None else f" on {nnodes} nodes (this is node {nodes.node_rank})"
+                logs = "" if nodes is None else " and the other nodes' logs"
+                raise UserError(
+                    f"train@{args.model}-{args.fold}: the {nproc * nnodes} DDP workers{nodes_part} failed "
+                    f"(exit code {code}); see above{logs}"
+                )
+            return
 
-    runtime = setup_runtime(recipe.train, params.runtime.num_workers)
-    try:
-        result = fit(
-            recipe, params.runtime.num_workers, args.fold, paths, runtime, average=params.metric.average
-        )
-    finally:
-        teardown(runtime)
+        runtime = setup_runtime(recipe.train, params.runtime.num_workers)
+        try:
+            result = fit(
+                recipe, params.runtime.num_workers, args.fold, paths, runtime, average=params.metric.average
+            )
+        finally:
+            teardown(runtime)
     if runtime.is_main:
         print(
             f"{args.model} fold {args.fold}: best val mIoU {result['miou']:.4f} (epoch {result['epoch'] + 1})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import runpy
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ModelParams, complete
+from pipeline.config import DemoParams, ModelParams, complete
+from pipeline.data.demo import generate_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 Run = Callable[[list[str], Path], subprocess.CompletedProcess[str]]
@@ -45,10 +47,10 @@ def dvc_project(tmp_path: Path) -> Path:
 
 
 def make_dvc_project(work: Path) -> Path:
-    """`work` made a DVC project (no git) holding this repository's dvc.yaml, pipeline/, stages/ and
-    teacher/ (the pseudo stage's dependency: its README, no frozen teacher)."""
+    """`work` made a DVC project (no git) holding this repository's dvc.yaml, pipeline/, stages/,
+    teacher/ (the pseudo stage's dependency: its README, no frozen teacher) and .dvcignore."""
     work.mkdir(parents=True)
-    for name in ["dvc.yaml", "pipeline", "stages", "teacher"]:
+    for name in ["dvc.yaml", "pipeline", "stages", "teacher", ".dvcignore"]:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -62,8 +64,10 @@ def make_dvc_project(work: Path) -> Path:
 # print epoch lines, fail when told and write small files.
 
 STEP = '''\
-"""A toy stage: logs epoch lines, sleeps, fails when told, writes its output."""
+"""A toy stage: logs epoch lines, sleeps, fails when told, writes its output; dies with its dvc."""
 import json, os, pathlib, sys, time
+from pipeline.writer import die_with_parent
+die_with_parent()
 kind, model, fold = sys.argv[1], sys.argv[2], sys.argv[3]
 name = f"{kind}@{model}-{fold}"
 control = json.loads(pathlib.Path("control.json").read_text())
@@ -128,6 +132,49 @@ def make_toy_project(path: Path, **control: object) -> Path:
     init = subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=path, env=venv_env(), capture_output=True)
     assert init.returncode == 0, init.stderr
     return path
+
+
+# The tiny recipe every test that runs real stages or benchmarks starts from: a 15-image 64 px demo, one
+# epoch of a narrow U-Net, two folds, no TTA. A test overlays only what it is about (tiny_overlay).
+TINY = {
+    "demo": {"n_train": 12, "n_test": 3, "image_size": 64, "max_objects": 2},
+    "augment": {"size": 64},
+    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
+    "train": {"epochs": 1, "batch_size": 4},
+    "runtime": {"num_workers": 0},
+    "split": {"n_splits": 2},
+    "ensemble": {"folds": [0, 1], "grid_step": 0.5},
+    "predict": {"batch_size": 4, "num_workers": 0, "tta": "none"},
+    "submission": {"size": 32},
+    "models": {"unet": {}},
+}
+
+
+def tiny_overlay(*changes: dict) -> dict:
+    """TINY with each of `changes` merged over it in turn: a section's keys one by one, `models` and any
+    non-mapping value whole. A fresh copy: tests may edit what this returns."""
+    overlay = copy.deepcopy(TINY)
+    for change in changes:
+        for section, values in copy.deepcopy(change).items():
+            if section != "models" and isinstance(values, dict) and isinstance(overlay.get(section), dict):
+                overlay[section].update(values)
+            else:
+                overlay[section] = values
+    return overlay
+
+
+def tiny_params(*changes: dict) -> dict:
+    """tiny_overlay(*changes) completed over the defaults: a whole params file's content."""
+    return complete(tiny_overlay(*changes))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo generator's set at TINY's sizes (train.json, test.json, test_truth.json, images),
+    generated once per session. Read only: a test that writes into a set copies it first."""
+    root = tmp_path_factory.mktemp("tiny-demo") / "demo"
+    generate_demo(root, DemoParams(**TINY["demo"]))
+    return root
 
 
 def write_params(path: Path, overlay: dict) -> Path:

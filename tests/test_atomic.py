@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from pipeline import atomic
 from pipeline.atomic import atomic_dir, atomic_path, write_json
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path: Path) -> None:
@@ -84,3 +94,69 @@ def test_atomic_dir_removes_old_copies_a_killed_swap_left(tmp_path: Path) -> Non
 def test_write_json_writes_nan_as_null(tmp_path: Path) -> None:
     write_json(tmp_path / "m.json", {"miou": float("nan"), "iou": [0.5, float("nan")]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"miou": None, "iou": [0.5, None]}
+
+
+def test_writes_fsync_the_file_before_the_rename_and_the_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    fsync, replace, rename = os.fsync, os.replace, Path.rename
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("rename", str(dst)))
+        replace(src, dst)
+
+    def recording_rename(self: Path, dst: str | os.PathLike[str]) -> Path:
+        events.append(("rename", str(dst)))
+        return rename(self, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(Path, "rename", recording_rename)
+    target = tmp_path / "a.json"
+    write_json(target, {"x": 1})
+    (written,) = [path for kind, path in events if kind == "fsync" and path != str(tmp_path)]
+    assert Path(written).name.startswith(".a.json.") and Path(written).parent == tmp_path
+    assert events == [("fsync", written), ("rename", str(target)), ("fsync", str(tmp_path))]
+
+    events.clear()
+    with atomic_dir(tmp_path / "oof") as staging:
+        (staging / "sub").mkdir()
+        (staging / "sub" / "p.png").write_text("1")
+    synced = [Path(path) for kind, path in events if kind == "fsync"]
+    renamed = events.index(("rename", str(tmp_path / "oof")))
+    assert any(p.name == "p.png" for p in synced[:renamed])  # every file before the rename
+    assert events[-1] == ("fsync", str(tmp_path))  # the new name itself after it
+
+
+def test_the_next_write_removes_what_a_killed_write_left_and_spares_a_live_one(tmp_path: Path) -> None:
+    dead, alive = _dead_pid(), os.getppid()
+    killed_file = tmp_path / f".last.pt.{dead}-0123abcd.tmp.pt"
+    killed_file.write_text("half")
+    live_file = tmp_path / f".last.pt.{alive}-4567cdef.tmp.pt"
+    live_file.write_text("in flight")
+    other_output = tmp_path / f".best.pt.{dead}-89abcdef.tmp.pt"
+    other_output.write_text("another output's")
+    killed_dir = tmp_path / f".oof.{dead}-0123abcd.tmp"
+    killed_dir.mkdir()
+    (killed_dir / "0.npz").write_text("half")
+
+    with atomic_path(tmp_path / "last.pt") as tmp:
+        tmp.write_text("whole")
+    with atomic_dir(tmp_path / "oof") as staging:
+        (staging / "0.npz").write_text("whole")
+
+    assert not killed_file.exists() and not killed_dir.exists()
+    assert live_file.exists() and other_output.exists()  # a live writer's; another output's
+    assert (tmp_path / "last.pt").read_text() == "whole"
+
+
+def test_temporary_names_carry_the_writer_pid(tmp_path: Path) -> None:
+    with atomic_path(tmp_path / "a.txt") as tmp:
+        assert tmp.name.startswith(f".a.txt.{os.getpid()}-") and tmp.name.endswith(".tmp.txt")
+        tmp.write_text("x")
+    assert atomic._alive(os.getpid()) and not atomic._alive(_dead_pid())

@@ -8,8 +8,10 @@ as they were.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,17 @@ def test_duplicate_file_name(ds: Dataset) -> None:
     expect_error(ds, "train.json", "image id 1", "'imgs/0.jpg' appears twice")
 
 
+def test_file_names_differing_only_by_case(ds: Dataset) -> None:
+    # One file on macOS and Windows: the second image's mask would overwrite the first's.
+    ds.train["images"][1]["file_name"] = "IMGS/0.jpg"
+    expect_error(ds, "train.json", "image id 1", "'IMGS/0.jpg' and 'imgs/0.jpg' differ only by case")
+
+
+def test_deeply_nested_json(ds: Dataset) -> None:
+    ds.train = "[" * 100_000 + "]" * 100_000
+    expect_error(ds, "train.json", "nested too deeply")
+
+
 def test_absolute_file_name(ds: Dataset) -> None:
     ds.train["images"][0]["file_name"] = str(ds.root / "imgs" / "0.jpg")
     expect_error(ds, "train.json", "image id 0", "is absolute")
@@ -253,6 +266,30 @@ def test_file_that_is_not_an_image(ds: Dataset) -> None:
 def test_image_size_differs_from_the_json(ds: Dataset) -> None:
     write_jpeg(ds.root / "imgs" / "1.jpg", height=H, width=W + 2)
     expect_error(ds, "imgs/1.jpg", f"image is {H}x{W + 2}", f"json says {H}x{W}")
+
+
+def _png_claiming(path: Path, height: int, width: int) -> None:
+    """A valid PNG header that claims height x width pixels, in a file of under 100 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+@pytest.mark.parametrize("claimed", [20000, 9000])
+def test_a_tiny_file_claiming_a_huge_image_is_refused_before_decoding(ds: Dataset, claimed: int) -> None:
+    # 20000 x 20000 is over PIL's own limit; 9000 x 9000 is under it, but not the size the json says.
+    _png_claiming(ds.root / "imgs" / "t0.jpg", claimed, claimed)
+    line = expect_error(ds, "imgs/t0.jpg")
+    assert "too many pixels" in line if claimed == 20000 else f"image is {claimed}x{claimed}" in line
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_json(ds: Dataset) -> None:
+    write_params(ds.params, {"data": {"max_image_pixels": 100}})
+    expect_error(ds, "train.json", "image id 0 (imgs/0.jpg)", "over data.max_image_pixels (100)")
 
 
 def test_failure_mid_write_creates_no_output(ds: Dataset) -> None:

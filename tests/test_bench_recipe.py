@@ -11,35 +11,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from pipeline.config import DemoParams
-from pipeline.data.demo import generate_demo
+from conftest import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The repository's params at tiny sizes, one model recipe; the benchmark sets data.*, the fold, epochs
-# and submission.size.
-TINY = {
-    "augment": {"size": 64},
-    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"batch_size": 4},
-    "runtime": {"num_workers": 0},
-    "predict": {"batch_size": 4, "num_workers": 0, "tta": "none"},
-}
 
-
-def _tiny_project(tmp_path: Path, **augment: float) -> tuple[Path, Path]:
-    """A tiny generated dataset and the repository's params at tiny sizes -> (data dir, params file)."""
-    data = tmp_path / "data"
-    generate_demo(data, DemoParams(n_train=12, n_test=3, image_size=64, max_objects=2))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    params["models"] = {"unet": {}}
-    params["augment"].update(augment)
+def _params_file(tmp_path: Path, **augment: float) -> Path:
+    """The tiny params (one model recipe) as a file; the benchmark sets data.*, the fold, epochs and
+    submission.size."""
     params_file = tmp_path / "tiny.yaml"
-    params_file.write_text(yaml.safe_dump(params))
-    return data, params_file
+    params_file.write_text(yaml.safe_dump(tiny_params({"augment": augment})))
+    return params_file
 
 
 def _bench(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -54,8 +36,8 @@ def _bench(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_recipe_benchmark_scores_both_recipes(tmp_path: Path) -> None:
-    data, params_file = _tiny_project(tmp_path)
+def test_recipe_benchmark_scores_both_recipes(tiny_demo: Path, tmp_path: Path) -> None:
+    data, params_file = tiny_demo, _params_file(tmp_path)
     out = tmp_path / "recipe.json"
 
     args = [str(data), "--params", str(params_file), "--minutes", "0.05", "--n-splits", "3"]
@@ -77,9 +59,11 @@ def test_recipe_benchmark_scores_both_recipes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ablation_trains_each_variant_and_reuses_the_baseline_for_predict_only_ones(tmp_path: Path) -> None:
+def test_ablation_trains_each_variant_and_reuses_the_baseline_for_predict_only_ones(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
     # vflip 0, so that the tta-hflip variant below is not what `auto` picks already
-    data, params_file = _tiny_project(tmp_path, vflip=0.0)
+    data, params_file = tiny_demo, _params_file(tmp_path, vflip=0.0)
     out = tmp_path / "ablation.json"
 
     args = [str(data), "--params", str(params_file), "--epochs", "1", "--n-splits", "3", "--json", str(out)]

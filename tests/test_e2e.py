@@ -4,34 +4,32 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import Run, make_dvc_project, run_command, write_params
+from conftest import Run, make_dvc_project, run_command, tiny_params, venv_env, write_params
 
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.writer import LOCK_NAME, exclusive_writer
 
-TINY = {
-    "demo": {"n_train": 18, "n_test": 5, "image_size": 64, "max_objects": 3},
-    "augment": {"size": 64},
-    "model": {"encoder": "resnet18"},
-    "train": {"epochs": 1, "batch_size": 4},
+# Two recipes over the tiny config, as the demo has: the ensemble fits their weights on the OOF.
+E2E = {
+    "demo": {"n_train": 18, "n_test": 5, "max_objects": 3},
+    "augment": {"vflip": 0.5},  # predict.tta flips needs both flips in training
+    "model": {"decoder_channels": None},
     "models": {
         "unet": {"model": {"arch": "Unet", "decoder_channels": [32, 16, 16, 8, 8]}},
         "fpn": {"model": {"arch": "FPN"}, "train": {"lr": 0.005}},
     },
-    # Two folds: the fewest that fit ensemble weights honestly, and 8 train/oof stages instead of 12.
-    "ensemble": {"folds": [0, 1], "grid_step": 0.5},
-    "runtime": {"num_workers": 0},
-    "split": {"n_splits": 2},
-    "predict": {"batch_size": 4, "num_workers": 0, "tta": "flips"},
-    "submission": {"size": 32},
+    "predict": {"tta": "flips"},
 }
 
 
@@ -46,13 +44,15 @@ def _without_output(lock: dict, path: str) -> dict:
 
 
 def _tiny_params() -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in copy.deepcopy(TINY).items():  # a copy: tests edit what this returns
-        if section == "models":
-            params[section] = values
-        else:
-            params[section].update(values)
-    return params
+    return tiny_params(E2E)
+
+
+def _copy_of(reproduced: Reproduced, work: Path) -> Path:
+    """A copy of the reproduced project at `work`, with its params as reproduced (a test may have edited
+    the original's)."""
+    shutil.copytree(reproduced.work, work, symlinks=True)
+    write_params(work / "params.yaml", _tiny_params())
+    return work
 
 
 def _stale_stages(run: Run, work: Path) -> set[str]:
@@ -143,9 +143,7 @@ def test_editing_messages_leaves_every_train_stage_up_to_date_and_resumable(
     # Messages, parsing and params checking shape no weights (what they decide reaches training through
     # the params and the data bytes): an edit of one re-runs no train stage, and a train stage forced to
     # run anyway finds its finished state (the same fingerprint) instead of training again.
-    work = tmp_path / "project"
-    shutil.copytree(reproduced.work, work, symlinks=True)
-    write_params(work / "params.yaml", _tiny_params())  # as reproduced (another test may have edited it)
+    work = _copy_of(reproduced, tmp_path / "project")
     for module, old, new in [
         ("pipeline/data/coco.py", "not valid JSON", "not a valid JSON file"),  # the COCO validator
         ("pipeline/config.py", "must be a mapping", "must be a YAML mapping"),  # params checking
@@ -190,3 +188,59 @@ def test_parallel_repro_ends_as_the_sequential_one(reproduced: Reproduced, tmp_p
     again = run(command, work)
     assert again.returncode == 0 and "== 0 stages on 2 devices (8 up to date)" in again.stdout
     assert "Running stage" not in again.stdout + again.stderr
+
+
+def _stage_outs(lock: dict, stage: str) -> dict[str, str]:
+    """{path: md5} of a stage's outputs in a parsed dvc.lock."""
+    return {out["path"]: out["md5"] for out in lock["stages"][stage]["outs"]}
+
+
+@pytest.mark.slow
+def test_killing_dvc_mid_training_kills_the_stage_and_the_rerun_ends_as_an_uninterrupted_one(
+    reproduced: Reproduced, tmp_path: Path, run: Run
+) -> None:
+    # DVC's lock belongs to the dvc process: a train stage that outlived a killed dvc would be a second
+    # writer of its fold beside the re-run. It dies with dvc instead, and the re-run ends bit for bit
+    # where the uninterrupted run did (one thread, as there).
+    work = _copy_of(reproduced, tmp_path / "project")
+    fold = work / "models" / "unet" / "fold0"
+    shutil.rmtree(fold)  # train@unet-0 must train again
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", "train@unet-0"]
+    dvc = subprocess.Popen(command, cwd=work, env={**venv_env(), **threads}, stdout=subprocess.DEVNULL)
+    lock = fold / LOCK_NAME
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text().strip()):
+        assert dvc.poll() is None and time.monotonic() < deadline, "the train stage never took its folder"
+        time.sleep(0.02)
+    trainer = int(lock.read_text().split()[1])  # "pid N on HOST"
+    assert _alive(trainer)
+    dvc.kill()
+    dvc.wait()
+    deadline = time.monotonic() + 15
+    while _alive(trainer):
+        assert time.monotonic() < deadline, f"train stage {trainer} outlived its dvc"
+        time.sleep(0.05)
+
+    # While another process holds the folder, a train stage refuses to start, in one line.
+    with exclusive_writer(fold):
+        held = run(["dvc", "repro", "--single-item", "train@unet-0"], work)
+    assert held.returncode != 0
+    assert f"{fold.relative_to(work)}: another process is writing this folder (pid {os.getpid()}" in (
+        held.stdout + held.stderr
+    )
+
+    again = run_command(["dvc", "repro", "--single-item", "train@unet-0"], work, threads)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    ours = _stage_outs(yaml.safe_load((work / "dvc.lock").read_text()), "train@unet-0")
+    assert ours == _stage_outs(reproduced.lock, "train@unet-0")
+    assert sorted(p.name for p in fold.iterdir()) == ["best.pt", "last.pt"]  # no temp file, no lock
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()
+    except FileNotFoundError:
+        return False

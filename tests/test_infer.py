@@ -22,7 +22,7 @@ from conftest import TINY_MODEL, write_params
 from PIL import Image
 from torch import nn
 
-from pipeline.config import AugmentParams, ModelParams
+from pipeline.config import AugmentParams
 from pipeline.data.geometry import Geometry
 from pipeline.data.loaders import ImageDataset
 from pipeline.data.manifest import ImageSet, Manifest, write_manifest
@@ -256,7 +256,7 @@ def test_prediction_is_a_generator_that_runs_one_batch_at_a_time(tmp_path: Path)
 
 
 def test_load_ensemble_rebuilds_models_and_checks_classes(tmp_path: Path) -> None:
-    params = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
+    params = TINY_MODEL
     classes = ["background", "can", "bottle"]
     torch.manual_seed(0)
     model = build_model(params, len(classes)).eval()

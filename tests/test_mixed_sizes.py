@@ -9,28 +9,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import Run, write_params
+from conftest import Run, tiny_params, write_params
 from PIL import Image
 
 from pipeline.data.geometry import Geometry
 from pipeline.data.images import mask_relpath, read_mask
 from pipeline.data.probstore import read_probabilities
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(480, 640), (640, 480), (768, 1024)]  # (height, width): 640x480, 480x640 and 1024x768 photos
 # As a Roboflow export: an id-0 supercategory no annotation uses, named like a real class.
 CATEGORIES = [{"id": 0, "name": "can"}, {"id": 1, "name": "can"}, {"id": 2, "name": "bottle"}]
 
-TINY = {
-    "augment": {"size": 64, "resize": "crop", "short_side": 96, "vflip": 0.0},
-    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": None},
-    "train": {"epochs": 1, "batch_size": 2},
-    "runtime": {"num_workers": 0},
-    "ensemble": {"folds": [0, 1], "grid_step": 0.5},
-    "split": {"n_splits": 2},
-    "predict": {"batch_size": 2, "num_workers": 0, "tta": "auto"},
+# The tiny config, cropped from each photo's short side, scored at each image's own size.
+MIXED = {
+    "augment": {"resize": "crop", "short_side": 96, "vflip": 0.0},
+    "model": {"decoder_channels": None},
+    "train": {"batch_size": 2},
+    "predict": {"batch_size": 2, "tta": "auto"},
     "submission": {"size": None},
+    "data": {
+        "root": "data/photos",
+        "train_json": "data/photos/train.json",
+        "test_json": "data/photos/test.json",
+        "test_truth_json": "data/photos/test_truth.json",
+    },
 }
 # Two recipes whose inference shapes differ for every image (short side 96 and 128): the ensemble merges
 # their probabilities and scores them at each image's own size.
@@ -81,16 +83,7 @@ def test_mixed_sizes_train_predict_and_score_at_native_size(dvc_project: Path, r
     for name, content in sets.items():
         (data / f"{name}.json").write_text(json.dumps({**content, "categories": CATEGORIES}))
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    params["models"] = MODELS
-    params["data"].update(
-        root="data/photos",
-        train_json="data/photos/train.json",
-        test_json="data/photos/test.json",
-        test_truth_json="data/photos/test_truth.json",
-    )
+    params = tiny_params(MIXED, {"models": MODELS})
     write_params(work / "params.yaml", params)
 
     repro = run(["dvc", "repro", "evaluate", "leaderboard"], work)

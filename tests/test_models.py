@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -259,9 +260,65 @@ def test_load_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+class _CallsSystem:
+    """Unpickling this would call os.system: torch words its refusal differently from other globals."""
+
+    def __reduce__(self) -> tuple:
+        return (os.system, ("true",))
+
+
+def test_load_checkpoint_refuses_a_system_call_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state": {}, "payload": _CallsSystem()}, path)
+    with pytest.raises(UserError, match=r"evil.pt: refused: .* pickled Python object \(posix.system\)"):
+        load_checkpoint(path)
+
+
+def test_a_hub_encoder_in_a_checkpoint_is_refused_rather_than_fetched() -> None:
+    config = {"_model_class": "Unet", "encoder_name": "tu-hf-hub:timm/resnet18.a1_in1k", "in_channels": 3}
+    with pytest.raises(UserError, match=r"best\.pt: encoder tu-hf-hub:timm/resnet18\.a1_in1k is fetched"):
+        model_from_smp_config(config, 3, "best.pt")
+
+
+def _saved_checkpoint(path: Path) -> bytes:
+    state = checkpoint_state(build_model(SMALL, n_classes=3), SMALL, ["bg", "a", "b"], AUG64, 0, 0.0, 0)
+    save_checkpoint(path, state)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["zeroed pages", "cut", "garbage after the header"])
+def test_load_checkpoint_finds_damage_torch_load_would_miss(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "last.pt"
+    good = _saved_checkpoint(path)
+    if damage == "zeroed pages":  # what a power cut leaves: 64 KiB of zeros inside a tensor's data
+        middle = len(good) // 2
+        path.write_bytes(good[:middle] + bytes(65536) + good[middle + 65536 :])
+    elif damage == "cut":
+        path.write_bytes(good[: len(good) // 3])
+    else:
+        path.write_bytes(good[:64] + os.urandom(4096))
+    with pytest.raises(UserError, match=r"last.pt: damaged") as raised:
+        load_checkpoint(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_zeroed_pages_would_load_silently_without_the_check(tmp_path: Path) -> None:
+    # Why the CRC check exists: torch.load itself reads the damaged file without a word.
+    path = tmp_path / "last.pt"
+    good = _saved_checkpoint(path)
+    middle = len(good) // 2
+    path.write_bytes(good[:middle] + bytes(65536) + good[middle + 65536 :])
+    torch.load(path, map_location="cpu", weights_only=True)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "checkpoint not found"), (b"", "not a"), (b"not a zip file at all", "not a")],
+    [
+        (None, "checkpoint not found"),
+        (b"", "damaged or not a torch checkpoint"),
+        (b"not a zip file at all", "damaged or not a torch checkpoint"),
+        (b"PK\x05\x06" + bytes(18), "not a torch checkpoint"),  # an empty zip: whole, no torch file in it
+    ],
 )
 def test_load_checkpoint_bad_files(tmp_path: Path, content: bytes | None, message: str) -> None:
     path = tmp_path / "bad.pt"

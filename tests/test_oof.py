@@ -133,6 +133,20 @@ def test_write_oof_refuses_a_tta_the_checkpoint_never_trained_with(tmp_path: Pat
     assert not out.exists()
 
 
+def test_write_oof_of_a_damaged_best_checkpoint_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    images = _images(tmp_path / "data")
+    best = tmp_path / "best.pt"
+    _checkpoint(best, AugmentParams(size=32))
+    data = best.read_bytes()
+    middle = len(data) // 2  # zeroed pages: torch.load alone would read them as weights
+    best.write_bytes(data[:middle] + bytes(4096) + data[middle + 4096 :])
+    out = tmp_path / "fold0.npz"
+    with pytest.raises(UserError) as raised:
+        write_oof(best, images, tmp_path / "data", PredictParams(tta="none"), CPU, out)
+    assert str(raised.value).startswith(f"{best}: damaged checkpoint") and "\n" not in str(raised.value)
+    assert not out.exists()
+
+
 def test_read_probabilities_reads_the_documented_format(tmp_path: Path) -> None:
     # Written by numpy itself, as the module docstring describes: names, classes, p<i> uint8 (C, h, w).
     stored = [np.array([[[0, 255]], [[255, 0]]], np.uint8), np.full((2, 3, 1), 51, np.uint8)]

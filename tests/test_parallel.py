@@ -202,22 +202,47 @@ def test_a_failed_stage_stops_nothing_else_and_is_reported_with_its_log(tmp_path
     assert (project / "final.txt").is_file()
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_every_stage_and_the_next_run_finishes_the_job(tmp_path: Path) -> None:
-    project = make_toy_project(tmp_path / "p", epochs=4, sleep=0.5)
+def _started_runner(project: Path, stdout: int) -> subprocess.Popen[str]:
+    """`python -m pipeline parallel` on two CPU slots in `project`, once both its stages have started."""
     runner = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "parallel", "--devices", "cpu,cpu", "--threads", "1"],
-        cwd=project, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=project, env=venv_env(), stdout=stdout, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while len(list((project / "events").glob("*.start"))) < 2 if (project / "events").exists() else True:
         assert runner.poll() is None and time.monotonic() < deadline, "two stages never started"
         time.sleep(0.1)
     time.sleep(0.5)
-    runner.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
+    return runner
+
+
+@pytest.mark.slow
+def test_a_runner_killed_outright_takes_its_stages_with_it(tmp_path: Path) -> None:
+    # SIGKILL gives the runner no chance to stop anything: its stages' dvc processes get the death
+    # signal, and each stage in turn (the toy stage asks for it as stages/train.py does).
+    project = make_toy_project(tmp_path / "p", epochs=20, sleep=0.5)
+    runner = _started_runner(project, subprocess.DEVNULL)
+    runner.kill()
+    runner.wait()
+    deadline = time.monotonic() + 20
+    while _project_processes(project):
+        assert time.monotonic() < deadline, _project_processes(project)
+        time.sleep(0.1)
+    assert not list((project / "events").glob("*.end"))  # none went on to finish its stage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_stops_every_stage_and_the_next_run_finishes_the_job(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    # SIGINT is what Ctrl-C in its terminal sends; SIGHUP what closing the terminal sends.
+    project = make_toy_project(tmp_path / "p", epochs=4, sleep=0.5)
+    runner = _started_runner(project, subprocess.PIPE)
+    runner.send_signal(sig)
     output, _ = runner.communicate(timeout=120)
-    assert runner.returncode == 130, output
-    assert "SIGINT: stopping 2 running stages" in output
+    assert runner.returncode == code, output
+    assert f"{sig.name}: stopping 2 running stages" in output
     assert _project_processes(project) == []
     assert not list((project / "events").glob("*.end"))  # stopped mid-way, not left to finish
 

@@ -21,7 +21,8 @@ from pipeline.models.checkpoints import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from pipeline.models.factory import build_model
+from pipeline.models.factory import build_model, check_model_params
+from pipeline.training.resume import weights_files
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -116,22 +117,49 @@ def test_a_hub_id_is_fetched_through_the_hub(
     folder, donor = saved
     fetched = []
 
-    def fake_download(repo_id: str, filename: str) -> str:  # stands in for the network
-        fetched.append((repo_id, filename))
+    def fake_download(repo_id: str, filename: str, revision: str | None = None) -> str:  # the network
+        fetched.append((repo_id, filename, revision))
         return str(folder / filename)
 
     monkeypatch.setattr(pipeline.models.factory, "hf_hub_download", fake_download)
     model = build_model(_from("smp-hub/tiny-unet"), n_classes=3).eval()
-    assert fetched == [("smp-hub/tiny-unet", "config.json"), ("smp-hub/tiny-unet", "model.safetensors")]
+    assert fetched == [("smp-hub/tiny-unet", f, None) for f in ("config.json", "model.safetensors")]
+    fetched.clear()
+    check_model_params(_from("smp-hub/tiny-unet@3f2a9c1"))  # pinned to a commit
+    build_model(_from("smp-hub/tiny-unet@v1.0"), n_classes=3)  # or a tag
+    assert fetched == [("smp-hub/tiny-unet", f, "v1.0") for f in ("config.json", "model.safetensors")]
     with torch.no_grad():
         torch.testing.assert_close(model(X), donor(X), rtol=0, atol=0)
 
-    def offline(repo_id: str, filename: str) -> str:
+    def offline(repo_id: str, filename: str, revision: str | None = None) -> str:
         raise LocalEntryNotFoundError("cannot reach the hub and the file is not in the cache")
 
     monkeypatch.setattr(pipeline.models.factory, "hf_hub_download", offline)
     with pytest.raises(UserError, match=r"smp-hub/tiny-unet: no such local folder, and cannot fetch it"):
         build_model(_from("smp-hub/tiny-unet"), n_classes=3)
+
+
+def test_the_resume_fingerprint_holds_the_hashes_of_what_a_hub_id_resolves_to(
+    saved: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    folder, _ = saved
+    served = tmp_path / "served"  # what the hub serves for the unpinned id today
+    shutil.copytree(folder, served)
+
+    def download(repo_id: str, filename: str, revision: str | None = None) -> str:
+        return str(served / filename)
+
+    monkeypatch.setattr(pipeline.models.factory, "hf_hub_download", download)
+    before = weights_files(_from("smp-hub/tiny-unet"))
+    assert set(before) == {
+        "from_pretrained",
+        "from_pretrained/config.json",
+        "from_pretrained/model.safetensors",
+    }
+    weights = served / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")  # new weights behind the same id
+    after = weights_files(_from("smp-hub/tiny-unet"))
+    assert after["from_pretrained/model.safetensors"] != before["from_pretrained/model.safetensors"]
 
 
 def test_checkpoint_rebuilds_without_the_folder(tmp_path: Path, saved: tuple[Path, torch.nn.Module]) -> None:

@@ -19,10 +19,12 @@ from pipeline.data import coco
 from pipeline.data.records import CocoSet
 from pipeline.errors import UserError
 from pipeline.evaluation import rle
+from pipeline.evaluation.sidecar import describe, read_sidecar, write_sidecar
 from pipeline.evaluation.submission import (
     HEADERS,
     SubmissionWriter,
     check_submission,
+    field_limit,
     iter_submission,
     score_submission,
     validate_submission,
@@ -586,9 +588,10 @@ def test_cli_score_of_a_malformed_file_fails_in_one_line(tmp_path: Path, files: 
     out = tmp_path / "score.json"
     done = _run_cli(["score", str(bad), "--truth", str(files["truth"]), "--json", str(out)], tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0
-    assert done.stderr.startswith(f"error: {bad}: invalid submission")
-    assert "row 4" in done.stderr
+    # Besides the warning that no sidecar says the file's order, one line: the error.
+    (error,) = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]
+    assert error.startswith(f"error: {bad}: invalid submission")
+    assert "row 4" in error
     assert not out.exists()
 
 
@@ -658,3 +661,73 @@ def test_cli_rejects_a_bad_size(files: dict[str, Path], capsys: pytest.CaptureFi
         cli.main(["validate", "s.csv", "--test", str(files["test"]), "--size", "big"])
     assert info.value.code == 2
     assert "expected a positive integer or 'native'" in capsys.readouterr().err
+
+
+# --- the sidecar: how a CSV is encoded ---------------------------------------------------------------------
+
+
+def _cli_with_err(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    """Run the CLI in-process, asserting success; (stdout, stderr)."""
+    cli.main(args)
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_a_row_major_file_is_read_by_its_sidecar_and_warned_about_without_one(
+    tmp_path: Path, files: dict[str, Path], truth: CocoSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    submission = _write(tmp_path / "s.csv", "rle", _truth_masks(truth), order="row")
+    score = ["score", str(submission), "--truth", str(files["truth"]), "--size", "native"]
+
+    # No sidecar: read as the params' column-major order, which silently scores the file wrong; so say so.
+    out, err = _cli_with_err(score, capsys)
+    assert not out.startswith("mIoU 1.0000")
+    assert err.startswith(f"warning: {submission}: no sidecar s.json; reading it as RLE column-major")
+
+    sidecar = write_sidecar(
+        submission, describe(submission, "rle", "row", None, list(truth.classes), "0" * 64)
+    )
+    assert sidecar == tmp_path / "s.json"
+    out, err = _cli_with_err(score, capsys)
+    assert out.startswith("mIoU 1.0000") and "warning" not in err
+    out, _ = _cli_with_err(["validate", str(submission), "--test", str(files["test"])], capsys)
+    assert out.startswith("valid: 9 rows (rle")  # the sidecar's size (native), not the default 256
+
+    with pytest.raises(
+        UserError, match=r"s\.json: the submission is RLE row-major, not column-major as asked"
+    ):
+        cli.main([*score, "--order", "column"])
+    with pytest.raises(
+        UserError, match=r"s\.json: the submission's masks are at size native, not 32x32 as asked"
+    ):
+        cli.main(["validate", str(submission), "--test", str(files["test"]), "--size", "32"])
+
+
+def test_a_sidecar_of_another_file_is_refused(tmp_path: Path, files: dict[str, Path], truth: CocoSet) -> None:
+    submission = _write(tmp_path / "s.csv", "rle", _truth_masks(truth))
+    write_sidecar(submission, describe(submission, "rle", "column", None, list(truth.classes), "0" * 64))
+    _write(tmp_path / "s.csv", "rle", _truth_masks(truth), order="row")  # replaced after predict
+    with pytest.raises(
+        UserError, match=r"s\.json: describes another file than .*s\.csv \(its SHA-256 differs\)"
+    ):
+        cli.main(["score", str(submission), "--truth", str(files["truth"])])
+    (tmp_path / "s.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"s\.json: not a submission sidecar"):
+        read_sidecar(submission)
+
+
+def test_a_field_longer_than_any_valid_row_stops_the_read_before_it_is_held(
+    tmp_path: Path, truth: CocoSet
+) -> None:
+    # The largest test image here is small: no valid row of it can be 1 MB long.
+    assert field_limit((h, w) for _, h, w in IMAGES) == 131072  # the floor, for small images
+    path = tmp_path / "long.csv"
+    lines = _rle_lines()
+    path.write_text("\n".join([*lines[:2], "b/1.jpg,2," + "1 1 " * 300_000, *lines[3:]]) + "\n")
+    report = check_submission(path, truth, None)
+    assert report.problems[0] == (
+        "row 3: a field longer than any valid row of these images can hold (131072 characters); "
+        "the rest was not read"
+    )
+    # A 512 x 512 dense row (~0.5 MB) is within the limit of its shape.
+    assert field_limit([(512, 512)]) >= 4 * 512 * 512

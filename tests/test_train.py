@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import TINY, tiny_overlay
 
 from pipeline.config import (
-    DemoParams,
     Params,
     PredictParams,
     Recipe,
@@ -36,7 +36,6 @@ from pipeline.config import (
     params_to_dict,
 )
 from pipeline.data import coco
-from pipeline.data.demo import generate_demo
 from pipeline.data.folds import held_out_mask
 from pipeline.data.geometry import Geometry, resize_argmax
 from pipeline.data.images import IGNORE_INDEX, mask_relpath, read_mask, write_mask
@@ -46,9 +45,10 @@ from pipeline.data.probstore import read_probabilities
 from pipeline.errors import UserError
 from pipeline.inference.oof import write_oof
 from pipeline.metrics import confusion_matrix, mean_iou
-from pipeline.models.checkpoints import load_checkpoint, model_from_checkpoint
+from pipeline.models.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.models.losses import TrainingObjective, build_loss
 from pipeline.training import runtime as runtime_module
+from pipeline.training import train as train_module
 from pipeline.training.fold_data import FoldPaths, build_loaders, check_train_params, load_fold_data
 from pipeline.training.resume import run_fingerprint
 from pipeline.training.runtime import (
@@ -63,18 +63,16 @@ from pipeline.training.state import build_train_state, lr_factor
 from pipeline.training.train import evaluate, fit, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
-N_TRAIN = 12
-MODEL = "unet"  # the one recipe of TINY; _params puts its train overrides in models.unet.train
+N_TRAIN = TINY["demo"]["n_train"]
+MODEL = "unet"  # the one recipe of the tiny config; _params puts its train overrides in models.unet.train
 
-TINY = {
-    "augment": {"size": 64, "oversample": True, "vflip": 0.0},
-    "model": {"arch": "Unet", "encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"epochs": 1, "batch_size": 4, "lr": 0.003, "amp": False},
-    "runtime": {"nproc": 1, "num_workers": 0},
+# The tiny config with rare-class oversampling, three folds (4 images each), fp32 and no TTA.
+TRAIN = {
+    "augment": {"oversample": True, "vflip": 0.0},
+    "train": {"lr": 0.003, "amp": False},
+    "runtime": {"nproc": 1},
     "ensemble": {"folds": [0, 1, 2]},
     "split": {"n_splits": 3},
-    "predict": {"batch_size": 4, "num_workers": 0, "tta": "none"},
-    "submission": {"size": 32},
 }
 
 
@@ -91,11 +89,11 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Demo images, masks, the manifest and a 3-fold folds.csv (4 images per fold): what the masks and
-    split stages leave for training."""
+def dataset(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo (as `demo/`), its masks, the manifest and a 3-fold folds.csv (4 images per fold):
+    what the masks and split stages leave for training."""
     root = tmp_path_factory.mktemp("data")
-    generate_demo(root / "demo", DemoParams(n_train=N_TRAIN, n_test=4, image_size=64))
+    (root / "demo").symlink_to(tiny_demo, target_is_directory=True)
     train = coco.load_coco(root / "demo" / "train.json", require_annotations=True)
     test = coco.load_coco(root / "demo" / "test.json", classes_from=train)
     presence = coco.write_masks(train, root / "masks")
@@ -120,10 +118,8 @@ def _paths(data: Path, out: Path, fold: int = 0) -> FoldPaths:
 
 
 def _params(runtime: dict | None = None, **train: object) -> Params:
-    """TINY with `train` overriding the recipe's train settings and `runtime` the runtime section."""
-    raw = {section: dict(values) for section, values in TINY.items()}
-    raw["runtime"].update(runtime or {})
-    raw["models"] = {MODEL: {"train": dict(train)}}
+    """The tiny config, `train` overriding the recipe's train settings and `runtime` the runtime section."""
+    raw = tiny_overlay(TRAIN, {"runtime": runtime or {}, "models": {MODEL: {"train": dict(train)}}})
     return params_from_overlay(raw)
 
 
@@ -306,28 +302,118 @@ def test_finished_run_trains_again_when_a_mask_changes(
     assert "all 1 epochs done" not in out and f"{MODEL} fold 0 epoch 1/1: train loss" in out
 
 
+def _same_checkpoints(a_dir: Path, b_dir: Path) -> None:
+    """best.pt and last.pt of two runs agree: epochs, scores, history and every weight bit for bit."""
+    for name in ("best.pt", "last.pt"):
+        a, b = load_checkpoint(a_dir / name), load_checkpoint(b_dir / name)
+        for key in ("epoch", "score", "iou", "history", "best_score", "best_epoch", "best_iou"):
+            assert a.get(key) == b.get(key), (name, key)
+        for key in a["model_state"]:
+            torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=0, atol=0, msg=key)
+
+
+def test_a_kill_between_last_and_best_leaves_a_run_that_ends_as_an_uninterrupted_one(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first validation always writes best.pt: kill the run just before that write, after last.pt.
+    recipe = _recipe(epochs=2, max_batches=1)
+    killed, straight = _paths(dataset, tmp_path / "killed"), _paths(dataset, tmp_path / "straight")
+
+    def killed_before_best(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "write_best", killed_before_best)
+        with pytest.raises(KeyboardInterrupt):
+            fit(recipe, 0, 0, killed, _cpu(recipe), average="dataset")
+    assert sorted(p.name for p in killed.model_dir.iterdir()) == ["last.pt"]
+    assert load_checkpoint(killed.model_dir / "last.pt")["best_epoch"] == 0
+
+    fit(recipe, 0, 0, killed, _cpu(recipe), average="dataset")
+    out = capsys.readouterr().out
+    assert f"{MODEL} fold 0: best.pt rewritten from last.pt (epoch 1)" in out
+    assert f"resuming {MODEL} fold 0 from epoch 2/2" in out
+    fit(recipe, 0, 0, straight, _cpu(recipe), average="dataset")
+    _same_checkpoints(killed.model_dir, straight.model_dir)
+
+
+def test_a_run_killed_before_its_first_validation_resumes(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # train.val_every 2: epoch 1 writes last.pt and no best.pt; a kill then must not mean a fresh start.
+    recipe = _recipe(epochs=2, val_every=2, max_batches=1)
+    paths = _paths(dataset, tmp_path / "killed")
+    saves = []
+
+    def killed_after_the_first_save(path: Path, state: dict) -> None:
+        save_checkpoint(path, state)
+        saves.append(path.name)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "save_checkpoint", killed_after_the_first_save)
+        with pytest.raises(KeyboardInterrupt):
+            fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
+    assert saves == ["last.pt"] and load_checkpoint(paths.model_dir / "last.pt")["best_epoch"] is None
+    fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
+    assert f"resuming {MODEL} fold 0 from epoch 2/2" in capsys.readouterr().out
+    straight = _paths(dataset, tmp_path / "straight")
+    fit(recipe, 0, 0, straight, _cpu(recipe), average="dataset")
+    _same_checkpoints(paths.model_dir, straight.model_dir)
+
+
+def test_a_damaged_last_checkpoint_means_a_fresh_start_said_in_one_line(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _recipe(epochs=2, max_batches=1)
+    paths = _paths(dataset, tmp_path)
+    fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
+    first = load_checkpoint(paths.model_dir / "best.pt")
+    path = paths.model_dir / "last.pt"
+    data = path.read_bytes()
+    middle = len(data) // 2  # zeroed pages, as a power cut leaves them: torch.load alone would not notice
+    path.write_bytes(data[:middle] + bytes(65536) + data[middle + 65536 :])
+    capsys.readouterr()
+
+    fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "starting this fold fresh" in line]
+    assert line.startswith(f"{path}: damaged checkpoint")
+    assert f"{MODEL} fold 0 epoch 1/2:" in out  # trained again from the start
+    again = load_checkpoint(paths.model_dir / "best.pt")
+    for key in first["model_state"]:  # the same run, redone: the same weights
+        torch.testing.assert_close(again["model_state"][key], first["model_state"][key], rtol=0, atol=0)
+
+
 def test_fingerprint_is_what_shapes_the_weights(dataset: Path) -> None:
     names = read_manifest(dataset / "manifest.json").train_names()
     inputs = [dataset / "folds.csv", dataset / "manifest.json"]
 
-    def fingerprint(recipe: Recipe, fold: int = 0, world_size: int = 1) -> str:
+    cpu_fp32 = Runtime(torch.device("cpu")).execution()
+
+    def fingerprint(recipe: Recipe, fold: int = 0, world_size: int = 1, execution: dict = cpu_fp32) -> str:
+        root, masks = dataset / "demo", dataset / "masks"
         return run_fingerprint(
-            recipe, fold, world_size, inputs, dataset / "demo", dataset / "masks", names, average="dataset"
+            recipe, fold, world_size, inputs, root, masks, names, average="dataset", execution=execution
         )
 
     base = fingerprint(_recipe())
     assert fingerprint(_recipe().model_copy(update=dict(name="renamed"))) == base
     # Runtime, ensemble and predict settings are no part of a recipe: they change neither it nor its
     # fingerprint (DVC does not re-run the train stages for them either).
-    raw = {section: dict(values) for section, values in TINY.items()}
+    raw = tiny_overlay(TRAIN, {"models": {MODEL: {}}})
     raw["runtime"] = {"nproc": 1, "num_workers": 3}
     raw["ensemble"] = {"folds": [0, 1], "grid_step": 0.5, "per_class": True}
     raw["predict"] = {"tta": "hflip", "batch_size": 1, "num_workers": 2, "amp": False}
-    raw["models"] = {MODEL: {}}
     assert fingerprint(params_from_overlay(raw).recipe(MODEL)) == base
     assert fingerprint(_recipe(lr=0.001)) != base
     assert fingerprint(_recipe(), fold=1) != base
     assert fingerprint(_recipe(), world_size=2) != base
+    # A CPU float32 run is not continued on a GPU in bf16, nor in another memory format.
+    gpu_bf16 = Runtime(torch.device("cuda", 0), amp_dtype=torch.bfloat16).execution()
+    assert gpu_bf16 == {"device": "cuda", "amp": "bfloat16", "channels_last": False}
+    assert fingerprint(_recipe(), execution=gpu_bf16) != base
+    assert fingerprint(_recipe(), execution={**cpu_fp32, "channels_last": True}) != base
     other_model = params_from_overlay(
         {**raw, "models": {MODEL: {"model": {"arch": "FPN", "decoder_channels": None}}}}
     )
@@ -832,8 +918,8 @@ def test_sigterm_to_the_launcher_stops_its_workers(tmp_path: Path) -> None:
 
 
 def _u3p_params(**train: object) -> Params:
-    """TINY with one U-Net 3+ recipe: deep supervision and a gated CGM, 8-wide decoder stages."""
-    raw = {section: dict(values) for section, values in TINY.items()}
+    """The tiny config with one U-Net 3+ recipe: deep supervision and a gated CGM, 8-wide decoder stages."""
+    raw = tiny_overlay(TRAIN)
     options = {"deep_supervision": True, "cgm": True, "cgm_gate": True, "cat_channels": 8}
     model = {"arch": "UNet3Plus", "decoder_channels": None, "options": options}
     raw["models"] = {MODEL: {"model": model, "train": dict(train)}}

@@ -381,6 +381,19 @@ def _read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:  # thousands of nested brackets: no COCO file is nested more than a few levels
+        raise UserError(f"{path}: not a COCO file (JSON nested too deeply to read)") from None
+
+
+def check_pixel_cap(coco: CocoSet, max_pixels: int) -> None:
+    """A one-line UserError for the first image whose json size exceeds `max_pixels` (params
+    data.max_image_pixels), before any image is decoded."""
+    for image in coco.images:
+        if image.height * image.width > max_pixels:
+            raise UserError(
+                f"{coco.path}: image id {image.id} ({image.file_name}) is {image.height}x{image.width}, "
+                f"{image.height * image.width} pixels, over data.max_image_pixels ({max_pixels})"
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -467,10 +480,16 @@ def _parse_images(path: Path, raw: list) -> list[ImageRecord]:
         if problem is not None:
             raise UserError(f"{path}: image id {image_id}: file_name {file_name!r} {problem}")
         # Masks are stored by mask_relpath, so `a.jpg` and `a.png` would collide as well as exact duplicates.
-        key = mask_relpath(file_name)
+        # Keyed case-folded: `A.jpg` and `a.jpg` are one file on macOS and Windows file systems.
+        key = mask_relpath(file_name).casefold()
         if key in seen_masks:
             other = seen_masks[key]
-            what = "appears twice" if other == file_name else f"and {other!r} would share mask file {key}"
+            if other == file_name:
+                what = "appears twice"
+            elif mask_relpath(other) == mask_relpath(file_name):
+                what = f"and {other!r} would share mask file {mask_relpath(other)}"
+            else:
+                what = f"and {other!r} differ only by case: one file on macOS and Windows file systems"
             raise UserError(f"{path}: image id {image_id}: file_name {file_name!r} {what}")
         seen_ids.add(image_id)
         seen_masks[key] = file_name

@@ -139,16 +139,22 @@ def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
     if path.stat().st_size == 0:
         raise UserError(f"{path}: image file is empty (0 bytes)")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            # A file that claims another size than its json is refused before it is decoded: a 68-byte
+            # PNG can claim 20000 x 20000 pixels (1.2 GB decoded).
+            if expected_hw is not None and (img.height, img.width) != tuple(expected_hw):
+                raise UserError(
+                    f"{path}: image is {img.height}x{img.width} (HxW) but the json says "
+                    f"{expected_hw[0]}x{expected_hw[1]}"
+                )
             img.load()  # decode now, so a truncated file fails here rather than later in a worker
             array = np.asarray(img.convert("RGB"))
     except UnidentifiedImageError:
         raise UserError(f"{path}: not an image (format not recognised)") from None
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{path}: refused, too many pixels to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: truncated or corrupt image ({exc})") from None
-    if expected_hw is not None and array.shape[:2] != tuple(expected_hw):
-        h, w = array.shape[:2]
-        raise UserError(f"{path}: image is {h}x{w} (HxW) but the json says {expected_hw[0]}x{expected_hw[1]}")
     return array
 
 
@@ -211,7 +217,7 @@ def _read_png(path: str | Path, dtype: type, modes: tuple[str, ...], what: str, 
                     f"{path}: {what} must be a {bits}-bit grayscale PNG, got mode {img.mode} ({hint})"
                 )
             return np.asarray(img).astype(dtype)  # native byte order, writable
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: unreadable {what} ({exc}); {hint}") from None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -155,7 +155,7 @@ def check_submission(path: str | Path, test: ImageSet | CocoSet, size: int | Non
     """
     shapes = _target_shapes(test, size)
     report = SubmissionReport(fmt=None, n_rows=0)
-    rows = _read_rows(Path(path))
+    rows = _read_rows(Path(path), field_limit(shapes.values()))
     try:
         first = next(rows, None)
         if first is None:
@@ -301,7 +301,7 @@ def iter_submission(
     shapes = _target_shapes(test, size)
     n_classes = test.n_classes
     pending: dict[str, tuple[np.ndarray, int]] = {}  # rle image_id -> (mask so far, rows read)
-    rows = _read_rows(path)
+    rows = _read_rows(path, field_limit(shapes.values()))
     try:
         _, header = next(rows, (1, []))
         fmt = next((fmt for fmt, names in HEADERS.items() if header == names), None)
@@ -383,16 +383,15 @@ class _MalformedCsv(Exception):
     """The csv module gave up on the file (message names the row)."""
 
 
-def _read_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+def _read_rows(path: Path, limit: int) -> Iterator[tuple[int, list[str]]]:
     """(row number, fields) of each non-blank CSV record; the header is row 1.
 
+    A field longer than `limit` characters stops the read with one problem before it is held whole
+    (a 64 MiB line would otherwise cost many times its size in memory before any shape check).
     Undecodable bytes become U+FFFD (flagged per row by `_text_problem`) rather than stopping the read.
     """
     if not path.is_file():
         raise UserError(f"{path}: submission file not found")
-    # A dense row of a 512x512 mask is ~0.5 MB, beyond the csv module's default field limit; no field
-    # can be longer than the file, so that is a safe limit for this read.
-    limit = max(path.stat().st_size + 1, 131072)
     with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle, _csv_field_limit(limit):
         reader = csv.reader(handle)
         row = 0
@@ -402,7 +401,21 @@ def _read_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
                 if fields:
                     yield start, fields
         except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                raise _MalformedCsv(
+                    f"row {row + 1}: a field longer than any valid row of these images can hold "
+                    f"({limit} characters); the rest was not read"
+                ) from None
             raise _MalformedCsv(f"row {row + 1}: malformed CSV ({exc}); the rest was not read") from None
+
+
+def field_limit(shapes: Iterable[tuple[int, int]]) -> int:
+    """The longest field a valid row can have for masks of these shapes: a dense row of 3-digit class
+    indexes, or an RLE of single-pixel runs (each "start length " pair at most twice the digits of
+    H x W, plus spaces). A dense 512 x 512 row is ~0.5 MB, beyond the csv module's default limit."""
+    pixels = max((height * width for height, width in shapes), default=1)
+    pair = 2 * (len(str(pixels)) + 1)
+    return max(4 * pixels, (pixels // 2 + 1) * pair, 131072)
 
 
 @contextlib.contextmanager

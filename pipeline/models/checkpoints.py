@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,26 +36,44 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU, refusing any pickled object other than tensors and builtins."""
+    """Read a checkpoint on the CPU: its zip's CRCs checked first (torch.load does not check them, so
+    a file with zeroed pages would load with wrong weights), any pickled object other than tensors and
+    builtins refused. Every problem is a one-line UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    verify_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only's unpickler stops at the first global it does not allow, before calling anything.
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # weights_only's unpickler stops at the first global it does not allow, before calling anything;
+        # torch words it "Unsupported global: GLOBAL x.y ..." or "... unsupported GLOBAL posix.system ...".
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
         if unsafe:
             raise UserError(
                 f"{path}: refused: the checkpoint holds a pickled Python object ({unsafe.group(1)}), "
                 "not only tensors and builtins"
             ) from None
         raise UserError(f"{path}: not a torch checkpoint (unreadable pickle data)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable torch checkpoint ({first_line(exc)})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: a checkpoint must be a dict, got {type(state).__name__}")
     return state
+
+
+def verify_archive(path: Path) -> None:
+    """Check that `path` is a whole zip archive (torch.save's format) whose every member matches its
+    CRC; a one-line UserError naming the file and the first damage found otherwise."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"{path}: damaged or not a torch checkpoint (not a whole zip: {exc})") from None
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise UserError(f"{path}: damaged checkpoint ({first_line(exc)})") from None
+    if damaged is not None:
+        raise UserError(f"{path}: damaged checkpoint (member {damaged} fails its CRC check)")
 
 
 def checkpoint_state(

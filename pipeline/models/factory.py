@@ -54,7 +54,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
 # A Hugging Face hub repo id: owner/name, no leading "." "/" "~" (those are local paths).
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# owner/name, optionally pinned to a revision (a commit hash, tag or branch): owner/name@revision.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
 def build_model(model_params: ModelParams, n_classes: int) -> nn.Module:
@@ -202,7 +203,7 @@ def load_pretrained(source: str, n_classes: int) -> nn.Module:
     initialise every layer; when the saved model has another number of classes, the head keeps a
     fresh initialisation, as `smp.from_pretrained(source, classes=n, strict=False)` does.
     """
-    config_file, weights_file = _pretrained_files(source)
+    config_file, weights_file = pretrained_files(source)
     where = f"{source} (params: model.from_pretrained)"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -229,8 +230,9 @@ def load_pretrained(source: str, n_classes: int) -> nn.Module:
     return model
 
 
-def _pretrained_files(source: str) -> tuple[Path, Path]:
-    """(config.json, model.safetensors) of a local save_pretrained folder, or fetched for a hub id."""
+def pretrained_files(source: str) -> tuple[Path, Path]:
+    """(config.json, model.safetensors) of a local save_pretrained folder, or fetched for a hub id
+    (`owner/name`, or `owner/name@revision` to pin a commit, tag or branch)."""
     folder = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(source)
     if folder.exists() or looks_local:
@@ -247,8 +249,9 @@ def _pretrained_files(source: str) -> tuple[Path, Path]:
         return files
     try:
         # Cached after the first run; HF_HUB_OFFLINE=1 then reads the cache without the network.
-        config_file = hf_hub_download(source, _CONFIG_FILE)
-        weights_file = hf_hub_download(source, _WEIGHTS_FILE)
+        repo_id, _, revision = source.partition("@")
+        config_file = hf_hub_download(repo_id, _CONFIG_FILE, revision=revision or None)
+        weights_file = hf_hub_download(repo_id, _WEIGHTS_FILE, revision=revision or None)
     except (OSError, ValueError, EntryNotFoundError) as exc:
         raise UserError(
             f"{source}: no such local folder, and cannot fetch it from the Hugging Face hub "
@@ -269,6 +272,14 @@ def model_from_smp_config(config: dict[str, Any], n_classes: int, where: str) ->
     init = {key: value for key, value in config.items() if not key.startswith("_")}
     if init.get("in_channels", 3) != 3:
         raise UserError(f"{where}: the model takes {init['in_channels']} input channels; images are RGB (3)")
+    encoder = str(init.get("encoder_name", ""))
+    if encoder.startswith("tu-hf-hub:"):
+        # timm fetches a hub encoder's config from the network even without its weights: rebuilding one
+        # would download at load time (and fail offline, as on Kaggle).
+        raise UserError(
+            f"{where}: encoder {encoder} is fetched from the Hugging Face hub to be rebuilt; refused "
+            "(a checkpoint must rebuild offline)"
+        )
     init.update(encoder_weights=None, classes=n_classes)
     # trashseg's own architectures have neither an activation nor smp's classification head to turn off.
     accepted = inspect.signature(ARCHITECTURES[arch.lower()]).parameters

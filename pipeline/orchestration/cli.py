@@ -27,6 +27,8 @@ from pipeline.data import coco, records
 from pipeline.data.probstore import read_probabilities
 from pipeline.data.pseudo import TEACHER_FILE
 from pipeline.errors import UserError
+from pipeline.evaluation.rle import ORDERS
+from pipeline.evaluation.sidecar import read_sidecar, resolve_encoding
 from pipeline.evaluation.submission import check_submission, score_submission
 from pipeline.metrics import AVERAGES
 from pipeline.orchestration.parallel import parse_devices, plan_stages, read_graph, run_parallel, stale_stages
@@ -137,6 +139,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help=f"mask size N (N x N) or '{NATIVE}' (each image's own size); default: submission.size",
     )
     parser.add_argument(
+        "--order",
+        choices=ORDERS,
+        help="RLE pixel order; default: the submission's sidecar (NAME.json beside it, written by predict), "
+        "else submission.rle_order",
+    )
+    parser.add_argument(
         "--params",
         type=Path,
         help="params file for the defaults (submission.size, submission.rle_order, data.overlap, "
@@ -148,14 +156,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def score(args: argparse.Namespace) -> None:
     """Print mIoU and a per-class IoU table; write them to --json if asked."""
     params = _load_params(args.params)
-    size = _resolve_size(args.size, params)
+    order, size = _encoding(args, params)
     truth = _load_with_classes(args.truth, args.train_json, params)
     if not truth.has_annotations:
         raise UserError(f"{args.truth}: no annotations; --truth must be the test set's ground truth")
     average = args.average or params.metric.average
-    result = score_submission(
-        args.submission, truth, size, params.data.overlap, order=params.submission.rle_order, average=average
-    )
+    result = score_submission(args.submission, truth, size, params.data.overlap, order=order, average=average)
     absent = sum(math.isnan(v) for v in result["iou"].values())
     classes = f"{len(result['iou']) - absent} classes ({absent} absent)"
     print(f"mIoU {result['miou']:.4f} ({average} average) over {classes}")
@@ -170,9 +176,14 @@ def score(args: argparse.Namespace) -> None:
 def validate(args: argparse.Namespace) -> None:
     """Print "valid: N rows" (exit 0), or one line per problem and exit 1."""
     params = _load_params(args.params)
-    size = _resolve_size(args.size, params)
+    _, size = _encoding(args, params)
     test = _load_with_classes(args.test, args.train_json, params)
     report = check_submission(args.submission, test, size)
+    recorded = read_sidecar(args.submission)
+    if recorded is not None and report.fmt is not None and recorded["format"] != report.fmt:
+        report.problems.insert(
+            0, f"the sidecar says format {recorded['format']}, the header is {report.fmt}'s"
+        )
     if not report.problems:
         print(f"valid: {report.n_rows} rows ({report.fmt}, {len(test.images)} images)")
         return
@@ -308,6 +319,15 @@ def _load_with_classes(path: Path, train_json: Path | None, params: Params) -> r
     data = params.data
     return coco.load_with_training_classes(
         path, train_json, on_bad=data.on_bad_annotation, unused=data.unused_categories
+    )
+
+
+def _encoding(args: argparse.Namespace, params: Params) -> tuple[str, int | None]:
+    """(RLE order, size) to read the submission with: its sidecar's, checked against what was asked."""
+    size_given = args.size is not _SIZE_FROM_PARAMS
+    size = _resolve_size(args.size, params)
+    return resolve_encoding(
+        args.submission, args.order, size, params.submission.rle_order, size_given=size_given
     )
 
 

@@ -17,6 +17,7 @@ from typing import IO
 
 from pipeline.errors import UserError
 from pipeline.progress import EpochProgress, parse_epoch_line
+from pipeline.writer import death_signal_preexec
 
 # The stage groups (DVC `matrix` stages) worth running side by side: one (model, fold) each.
 PARALLEL_GROUPS = ("train", "oof")
@@ -233,7 +234,7 @@ class Job:
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM reached the runner."""
+    """Ctrl-C, SIGTERM or SIGHUP reached the runner."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -255,7 +256,8 @@ def run_parallel(
        starting once those it needs have succeeded. DVC itself runs, locks and commits each one.
     3. If all succeeded, a plain `dvc repro` for the rest (ensemble, predict, evaluate...).
     A failed stage stops nothing already running; its dependents are skipped; the exit code is 1.
-    Ctrl-C or SIGTERM stops every running stage (SIGINT, then SIGTERM, then SIGKILL to its process group).
+    Ctrl-C, SIGTERM or SIGHUP stops every running stage (SIGINT, then SIGTERM, then SIGKILL to its process
+    group); a runner killed outright takes its stages with it (their death signal).
     """
     env = _child_env()
     plan = plan_stages(read_graph(root))
@@ -346,6 +348,9 @@ class _Scheduler:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    # Killed with the runner (SIGKILL gives it no chance to stop them): the stage's
+                    # dvc gets SIGTERM, and its train stage dies with it in turn.
+                    preexec_fn=death_signal_preexec,
                 )
 
     def _poll(self, job: Job) -> None:
@@ -456,7 +461,7 @@ def _report_failures(jobs: list[Job], out: IO[str]) -> None:
 
 def _run_foreground(args: list[str], root: Path, env: dict[str, str]) -> int:
     """A DVC command in the runner's own process group (Ctrl-C reaches it as it would in a shell)."""
-    proc = subprocess.Popen(args, cwd=root, env=env)
+    proc = subprocess.Popen(args, cwd=root, env=env, preexec_fn=death_signal_preexec)
     try:
         return proc.wait()
     except Interrupted:
@@ -466,13 +471,15 @@ def _run_foreground(args: list[str], root: Path, env: dict[str, str]) -> int:
 
 
 class _Signals:
-    """SIGINT/SIGTERM handling of the runner: raise Interrupted, except inside `deferred()`, which raises
-    it at its end (a child being started is then recorded first and cannot be orphaned)."""
+    """SIGINT/SIGTERM/SIGHUP handling of the runner: raise Interrupted, except inside `deferred()`, which
+    raises it at its end (a child being started is then recorded first and cannot be orphaned)."""
 
     def __init__(self) -> None:
         self.depth = 0
         self.pending: int | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP (the terminal closed) as SIGTERM: stop the stages rather than leave them running unseen.
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        self.previous = {s: signal.signal(s, self._handle) for s in handled}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.depth:

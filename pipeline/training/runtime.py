@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from pipeline.config import RuntimeParams, TrainParams, split_endpoint
 from pipeline.errors import UserError
+from pipeline.writer import death_signal_preexec
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def execution(self) -> dict[str, object]:
+        """How this process computes, as far as it shapes the weights: device type, autocast precision,
+        memory format (part of the resume fingerprint)."""
+        amp = "float32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+        return {"device": self.device.type, "amp": amp, "channels_last": self.channels_last}
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         """Move an NCHW float batch to the device in the memory format the model runs in."""
@@ -195,7 +202,8 @@ def launch_workers(nproc: int, argv: list[str], nodes: NodeSpec | None = None) -
             "--rdzv_backend", "static", "--nnodes", str(nodes.nnodes), "--node_rank", str(nodes.node_rank),
             "--nproc_per_node", str(nproc), "--master_addr", nodes.host, "--master_port", str(nodes.port),
         ]  # fmt: skip
-    proc = subprocess.Popen([*command, *argv])
+    # torchrun dies with this launcher however it dies (its workers, in turn, with torchrun).
+    proc = subprocess.Popen([*command, *argv], preexec_fn=death_signal_preexec)
     # A SIGTERM meant for this stage (`kill`, a scheduler, a cancelled job) must stop torchrun too, or
     # its workers would go on writing the fold's checkpoints behind a stage already reported failed.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))

@@ -120,14 +120,22 @@ def check_side_weights(train: TrainParams, name: str, arch: str, model: nn.Modul
 
 
 def resume_state(
-    state: TrainState, fingerprint: str, history: list[dict], best_score: float
+    state: TrainState,
+    fingerprint: str,
+    history: list[dict],
+    best_score: float,
+    best_epoch: int | None,
+    best_iou: dict[str, float] | None,
 ) -> dict[str, Any]:
-    """Everything needed to continue after the last finished epoch (tensors and builtins only)."""
+    """Everything needed to continue after the last finished epoch (tensors and builtins only), and the
+    epoch best.pt holds with its per-class IoU (so best.pt can be rewritten if a kill cut its write)."""
     return {
         "fingerprint": fingerprint,
         "epoch": len(history) - 1,
         "history": history,
         "best_score": best_score,
+        "best_epoch": best_epoch,
+        "best_iou": best_iou,
         "model_state": state.raw.state_dict(),
         "optimizer_state": state.optimizer.state_dict(),
         "scheduler_state": state.scheduler.state_dict(),

@@ -135,6 +135,7 @@ def fit(
         paths.masks,
         all_names,
         average=average,
+        execution=runtime.execution(),
         extra_files=extra_files,
     )
     train_loader, val_loader = build_loaders(recipe.augment, train, num_workers, data, paths, runtime)
@@ -149,6 +150,13 @@ def fit(
     loss_fn = TrainingObjective(loss, train.side_weights, train.presence_weight).to(runtime.device)
     history: list[dict[str, float]] = resume["history"] if resume else []
     best_score = resume["best_score"] if resume else -math.inf
+    best_epoch, best_iou = (resume["best_epoch"], resume["best_iou"]) if resume else (None, None)
+    if resume and resume["rewrite_best"] and runtime.is_main:
+        # Killed between last.pt and best.pt: last.pt's weights, just restored, are best.pt's epoch.
+        print(f"{recipe.name} fold {fold}: best.pt rewritten from last.pt (epoch {best_epoch + 1})")
+        write_best(
+            paths, state.kept, recipe, data.classes, fold, best_epoch, best_score, best_iou, fingerprint
+        )
     if runtime.is_main and resume:  # messages count epochs from 1; files index them from 0 (dvclive's step)
         done = len(history)
         print(
@@ -193,20 +201,40 @@ def fit(
         print(epoch_line(run_name, epoch + 1, train.epochs, loss, val_miou, lr), flush=True)
         log_epoch(live, record)
         # The first validation always saves: even a NaN score leaves a best.pt.
-        if validate and (val_score > best_score or best_score == -math.inf):
-            best_score = val_score
-            best = checkpoint_state(
-                state.kept, recipe.model, data.classes, recipe.augment, epoch, best_score, fold
+        improved = validate and (val_score > best_score or best_score == -math.inf)
+        if improved:
+            best_score, best_epoch = val_score, epoch
+            best_iou = dict(zip(data.classes, class_ious(cms, average).tolist(), strict=True))
+        # last.pt first: it names the epoch best.pt holds, so a kill between the two writes leaves a
+        # best.pt the resumed run rewrites from last.pt's weights (that epoch's) before going on.
+        last = resume_state(state, fingerprint, history, best_score, best_epoch, best_iou)
+        save_checkpoint(paths.model_dir / "last.pt", last)
+        if improved:
+            write_best(
+                paths, state.kept, recipe, data.classes, fold, epoch, best_score, best_iou, fingerprint
             )
-            iou = dict(zip(data.classes, class_ious(cms, average).tolist(), strict=True))
-            extra = {"iou": iou, "fingerprint": fingerprint, "recipe": recipe.name}
-            save_checkpoint(paths.model_dir / "best.pt", {**best, **extra})
-        save_checkpoint(paths.model_dir / "last.pt", resume_state(state, fingerprint, history, best_score))
 
     if not runtime.is_main:
         return {}
     live.end()
     return write_metrics(paths.model_dir, paths.metrics)
+
+
+def write_best(
+    paths: FoldPaths,
+    model: nn.Module,
+    recipe: Recipe,
+    classes: list[str],
+    fold: int,
+    epoch: int,
+    score: float,
+    iou: dict[str, float] | None,
+    fingerprint: str,
+) -> None:
+    """best.pt: `model`'s weights (of `epoch`) with its score and per-class IoU, self-describing."""
+    best = checkpoint_state(model, recipe.model, classes, recipe.augment, epoch, score, fold)
+    extra = {"iou": iou, "fingerprint": fingerprint, "recipe": recipe.name}
+    save_checkpoint(paths.model_dir / "best.pt", {**best, **extra})
 
 
 def batches_per_epoch(loader_len: int, max_batches: int | None) -> int:
