@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import atomic
 from pipeline.atomic import atomic_dir, atomic_path, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _dead_pid() -> int:
@@ -160,3 +165,28 @@ def test_temporary_names_carry_the_writer_pid(tmp_path: Path) -> None:
         assert tmp.name.startswith(f".a.txt.{os.getpid()}-") and tmp.name.endswith(".tmp.txt")
         tmp.write_text("x")
     assert atomic._alive(os.getpid()) and not atomic._alive(_dead_pid())
+
+
+@pytest.mark.slow
+def test_dvc_leaves_what_a_killed_write_left_out_of_an_output(tmp_path: Path) -> None:
+    # A persist: true model folder keeps a killed write's temporary file until the next write of that
+    # file; the repository's .dvcignore keeps it (and the writer lock) out of the hash DVC records.
+    project = tmp_path / "p"
+    project.mkdir()
+    shutil.copy(ROOT / ".dvcignore", project / ".dvcignore")
+    write = (
+        "import pathlib; d = pathlib.Path('out'); d.mkdir(exist_ok=True); (d / 'best.pt').write_text('w'); "
+        "(d / '.last.pt.4242-0123abcd.tmp.pt').write_text('half'); (d / '.writer.lock').write_text('pid')"
+    )
+    (project / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {"stages": {"s": {"cmd": f'python -c "{write}"', "outs": [{"out": {"persist": True}}]}}}
+        )
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for args in (["init", "--no-scm", "-q"], ["repro", "-q"]):
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True)
+        assert done.returncode == 0, done.stderr
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    (out,) = lock["stages"]["s"]["outs"]
+    assert out["nfiles"] == 1  # best.pt alone
