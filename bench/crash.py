@@ -3,23 +3,24 @@
 For a params file, two DVC workspaces of this repository's stages run the whole pipeline side by side,
 one torch thread per process (CPU training is then bit for bit reproducible):
   - the reference: one uninterrupted `dvc repro`;
-  - the crashed one: `dvc repro` started again and again, each time SIGKILLed, with its whole process
-    group (dvc and the stage it runs, as a power cut or an OOM killer would), either after a random
-    delay (up to --max-delay seconds) or the moment a temporary file of an atomic write appears
-    (mid-checkpoint, mid-OOF, mid-submission write); after --kills kills, one last `dvc repro` runs to
-    the end.
+  - the crashed one: `dvc repro` started again and again, each time SIGKILLed with its whole process
+    group (dvc and the stage it runs, as a power cut or an OOM killer would) inside each --targets stage
+    in turn (--kills times each): after a random delay into the stage (up to --max-delay seconds) or
+    the moment a temporary file of an atomic write appears (mid-checkpoint, mid-OOF, mid-submission
+    write); then one last `dvc repro` runs to the end.
 Throughout, every process is watched: two training processes of one (model, fold) at once count as a
 second writer. At the end every output DVC records must have the reference's bytes (dvc.lock md5s), no
 temporary file or writer lock may be left in the workspace, and no run may have failed other than by
 its kill. Printed: the kills per stage they landed in, and the verdict.
 
-  python bench/crash.py --params configs/demo.yaml --kills 8 --max-delay 240   # the demo config
-  python bench/crash.py --params tiny.yaml --kills 3 --max-delay 20     # what the slow test runs
+  python bench/crash.py --params configs/demo.yaml                  # the demo config, 2 kills a stage
+  python bench/crash.py --params tiny.yaml --kills 1 --max-delay 5  # what the slow test runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -49,10 +50,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--params", type=Path, required=True, help="params file (an overlay is completed)")
-    parser.add_argument("--kills", type=int, default=8, help="kills before the last, unkilled run")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=["masks", "train", "oof", "ensemble", "predict", "evaluate"],
+        help="stages (names or name prefixes) to kill in, in pipeline order",
+    )
+    parser.add_argument("--kills", type=int, default=2, help="kills per target stage")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument(
-        "--max-delay", type=float, default=120.0, help="longest wait (s) from a run's start to its kill"
+        "--max-delay", type=float, default=20.0, help="longest wait (s) into a target stage for its kill"
     )
     parser.add_argument("--work", type=Path, help="keep both workspaces here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the report here")
@@ -60,10 +67,10 @@ def main() -> None:
     params = complete(yaml.safe_load(args.params.read_text()) or {})
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
-        report = crash_test(params, args.kills, args.seed, args.max_delay, args.work.resolve())
+        report = crash_test(params, args.targets, args.kills, args.seed, args.max_delay, args.work.resolve())
     else:
         with tempfile.TemporaryDirectory(prefix="crash-") as tmp:
-            report = crash_test(params, args.kills, args.seed, args.max_delay, Path(tmp))
+            report = crash_test(params, args.targets, args.kills, args.seed, args.max_delay, Path(tmp))
     print_report(report)
     if args.json is not None:
         write_json(args.json, report)
@@ -71,7 +78,9 @@ def main() -> None:
         raise SystemExit(1)
 
 
-def crash_test(params: dict[str, Any], kills: int, seed: int, max_delay: float, work: Path) -> dict[str, Any]:
+def crash_test(
+    params: dict[str, Any], targets: list[str], kills: int, seed: int, max_delay: float, work: Path
+) -> dict[str, Any]:
     """Run the reference and the crashed workspace side by side; the report (see the module docstring)."""
     reference, crashed = workspace(work / "reference", params), workspace(work / "crashed", params)
     start = time.monotonic()
@@ -80,20 +89,28 @@ def crash_test(params: dict[str, Any], kills: int, seed: int, max_delay: float, 
 
     rng = random.Random(seed)
     by_stage: Counter[str] = Counter()
+    missed: list[str] = []
     writers: list[str] = []
     failures: list[str] = []
-    for k in range(kills):
-        mode = "mid-write" if k % 2 else "random"
-        stage, code, log_text = _run_until_killed(crashed, mode, rng.uniform(2.0, max_delay), writers)
-        if stage is None:
-            print(f"kill {k + 1}: the run ended (exit code {code}) before its kill", flush=True)
-            if code != 0:
-                failures.append(
-                    f"kill {k + 1}: the run failed by itself (exit code {code}): {log_text[-500:]}"
-                )
-            break
-        by_stage[stage] += 1
-        print(f"kill {k + 1} ({mode}): in {stage}", flush=True)
+    attempt = 0
+    for target in targets:
+        for _ in range(kills):
+            mode = "mid-write" if attempt % 2 else "random"  # alternating over all the kills
+            attempt += 1
+            if not any(stage.startswith(target) for stage in _stale(crashed)):
+                print(f"{target}: up to date, nothing to kill", flush=True)
+                missed.append(target)
+                break
+            delay = rng.uniform(0.5, max_delay)
+            stage, code, log_text = _run_until_killed(crashed, target, mode, delay, writers)
+            if stage is None:
+                print(f"{target} ({mode}): the run ended (exit code {code}) before the kill", flush=True)
+                missed.append(target)
+                if code != 0:
+                    failures.append(f"{target}: the run failed by itself ({code}): {log_text[-500:]}")
+                break
+            by_stage[stage] += 1
+            print(f"kill {sum(by_stage.values())} ({mode}, aimed at {target}): in {stage}", flush=True)
     final = subprocess.run(_repro(), cwd=crashed, env=_env(), capture_output=True, text=True)
     if final.returncode != 0:
         failures.append(f"the last run failed: {final.stdout[-1500:]}{final.stderr[-1500:]}")
@@ -109,6 +126,7 @@ def crash_test(params: dict[str, Any], kills: int, seed: int, max_delay: float, 
     return {
         "kills": sum(by_stage.values()),
         "kills_by_stage": dict(sorted(by_stage.items())),
+        "targets_not_reached": missed,
         "outputs_compared": len(theirs),
         "differing_outputs": differing,
         "leftovers": leftovers,
@@ -129,32 +147,47 @@ def workspace(path: Path, params: dict[str, Any]) -> Path:
 
 
 def _run_until_killed(
-    work: Path, mode: str, delay: float, writers: list[str]
+    work: Path, target: str, mode: str, delay: float, writers: list[str]
 ) -> tuple[str | None, int | None, str]:
-    """Start `dvc repro` in `work`; SIGKILL its process group after `delay` seconds ("random") or the
-    moment a temporary file of an atomic write appears ("mid-write", `delay` at the latest). Returns
-    (the stage it was running, None, log) after a kill, or (None, exit code, log) if it ended first.
-    Meanwhile, any two live training processes of one model folder are recorded in `writers`."""
+    """Start `dvc repro` in `work`; once a stage named `target` (or starting with it) runs, SIGKILL the
+    whole process group after `delay` seconds ("random") or the moment a temporary file of an atomic
+    write appears ("mid-write"), or at the latest when the next stage starts (the target's outputs
+    written, DVC's record of them not yet). Returns (the stage it was in, None, log) after a kill, or
+    (None, exit code, log) if the run ended first. Meanwhile, any two live training processes of one
+    model folder are recorded in `writers`."""
     log_path = work / "crash.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             _repro(), cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        deadline = time.monotonic() + delay
+        deadline = None
         while proc.poll() is None:
             _check_writers(work, writers)
-            due = time.monotonic() >= deadline
-            if mode == "mid-write" and not due:
-                due = any(LEFTOVER.match(p.name) and ".tmp" in p.name for p in _written(work))
-            if due:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                _wait_for_orphans(work)
-                text = log_path.read_text()
-                stages = RUNNING.findall(text)
-                return (stages[-1] if stages else "(before any stage)"), None, text
+            stages = RUNNING.findall(log_path.read_text())
+            if deadline is None and stages and stages[-1].startswith(target):
+                deadline, aimed = time.monotonic() + delay, stages[-1]
+                before = {p.name for p in _written(work)}
+            if deadline is not None:
+                due = time.monotonic() >= deadline or stages[-1] != aimed
+                if mode == "mid-write" and not due:
+                    fresh = (p for p in _written(work) if p.name not in before)
+                    due = any(LEFTOVER.match(p.name) and ".tmp" in p.name for p in fresh)
+                if due:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    _wait_for_orphans(work)
+                    text = log_path.read_text()
+                    return aimed if stages[-1] == aimed else f"{aimed} (at its end)", None, text
             time.sleep(0.01)
     return None, proc.returncode, log_path.read_text()
+
+
+def _stale(work: Path) -> set[str]:
+    """The stages `dvc status` finds out of date in `work`."""
+    status = subprocess.run(
+        _dvc("status", "--json"), cwd=work, env=_env(), capture_output=True, text=True, check=True
+    )
+    return set(json.loads(status.stdout or "{}"))
 
 
 def _written(work: Path) -> list[Path]:
@@ -213,8 +246,13 @@ def _outputs(work: Path) -> dict[str, str]:
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
+def _dvc(*args: str) -> list[str]:
+    """This environment's dvc with `args`, whatever PATH says."""
+    return [sys.executable, "-m", "dvc", *args]
+
+
 def _repro() -> list[str]:
-    return [sys.executable, "-m", "dvc", "repro"]
+    return _dvc("repro")
 
 
 def _env() -> dict[str, str]:

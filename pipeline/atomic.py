@@ -89,15 +89,23 @@ def _fresh(target: Path, suffix: str, create: Callable[[Path], None]) -> Path:
 
 def _remove_stale(target: Path, suffix: str) -> None:
     """Remove the temporary paths of `target` (files or folders) whose writer process is gone: what a
-    killed write leaves. A live writer's (this process's, or another's) is left alone."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)-[0-9a-f]{{8}}{re.escape(suffix)}")
-    for stale in target.parent.glob(f".{target.name}.*{suffix}"):
-        match = pattern.fullmatch(stale.name)
-        if match and not _alive(int(match.group(1))):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+    killed write leaves. A live writer's (this process's, or another's) is left alone.
+
+    Writes nest (a writer that is itself atomic, handed a temporary path): `..NAME.PID-RAND.tmp.csv.PID-
+    RAND.tmp.csv` is a temporary file of a temporary file of NAME, and stale once all its writers are.
+    """
+    stamp = rf"\.(\d+)-[0-9a-f]{{8}}{re.escape(suffix)}"
+    pattern = re.compile(rf"\.+{re.escape(target.name)}(?:{stamp})+")
+    for stale in target.parent.glob(f".*{target.name}.*{suffix}"):
+        if not pattern.fullmatch(stale.name):
+            continue
+        stamps = stale.name.lstrip(".")[len(target.name) :]
+        if any(_alive(int(pid)) for pid in re.findall(stamp, stamps)):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -146,6 +146,12 @@ def test_the_next_write_removes_what_a_killed_write_left_and_spares_a_live_one(t
     live_file.write_text("in flight")
     other_output = tmp_path / f".best.pt.{dead}-89abcdef.tmp.pt"
     other_output.write_text("another output's")
+    # A killed write inside a killed write (an atomic writer handed a temporary path), and one whose
+    # outer writer still lives.
+    nested = tmp_path / f"..last.pt.{dead}-0123abcd.tmp.pt.{dead}-4567cdef.tmp.pt"
+    nested.write_text("half of a half")
+    nested_live = tmp_path / f"..last.pt.{alive}-0123abcd.tmp.pt.{dead}-4567cdef.tmp.pt"
+    nested_live.write_text("in flight")
     killed_dir = tmp_path / f".oof.{dead}-0123abcd.tmp"
     killed_dir.mkdir()
     (killed_dir / "0.npz").write_text("half")
@@ -155,8 +161,9 @@ def test_the_next_write_removes_what_a_killed_write_left_and_spares_a_live_one(t
     with atomic_dir(tmp_path / "oof") as staging:
         (staging / "0.npz").write_text("whole")
 
-    assert not killed_file.exists() and not killed_dir.exists()
+    assert not killed_file.exists() and not killed_dir.exists() and not nested.exists()
     assert live_file.exists() and other_output.exists()  # a live writer's; another output's
+    assert nested_live.exists()
     assert (tmp_path / "last.pt").read_text() == "whole"
 
 

@@ -23,13 +23,19 @@ def test_every_kill_is_survived_with_identical_outputs(tmp_path: Path) -> None:
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(params))
     report_path = tmp_path / "report.json"
     command = [sys.executable, str(ROOT / "bench" / "crash.py"), "--params", str(tmp_path / "tiny.yaml")]
-    command += ["--kills", "3", "--seed", "1", "--max-delay", "20"]
+    command += ["--targets", "train", "oof", "predict", "--kills", "1", "--seed", "1", "--max-delay", "3"]
     command += ["--json", str(report_path), "--work", str(tmp_path / "work")]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    assert report["survived"] and report["kills"] >= 1, report
+    assert report["survived"] and report["kills"] == 3, report
+    # "train@unet-0", or "predict (at its end)" for a kill as the next stage began
+    assert {stage.split()[0].split("@")[0] for stage in report["kills_by_stage"]} == {
+        "train",
+        "oof",
+        "predict",
+    }
     assert report["outputs_compared"] >= 10  # masks, folds, models, oof, ensemble, predictions, submission...
     assert report["differing_outputs"] == report["leftovers"] == report["second_writers"] == []
     assert f"survived: {report['kills']} kills, outputs identical" in run.stdout
