@@ -156,21 +156,25 @@ def _run_until_killed(
     (None, exit code, log) if the run ended first. Meanwhile, any two live training processes of one
     model folder are recorded in `writers`."""
     log_path = work / "crash.log"
-    with log_path.open("w") as log:
+    folders = _output_folders(work)
+    stages: list[str] = []
+    pending = ""  # the log's last, unfinished line: a stage name may arrive in two reads
+    with log_path.open("w") as log, log_path.open() as reader:
         proc = subprocess.Popen(
             _repro(), cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = None
         while proc.poll() is None:
             _check_writers(work, writers)
-            stages = RUNNING.findall(log_path.read_text())
+            finished, _, pending = (pending + reader.read()).rpartition("\n")
+            stages += RUNNING.findall(finished)
             if deadline is None and stages and stages[-1].startswith(target):
                 deadline, aimed = time.monotonic() + delay, stages[-1]
-                before = {p.name for p in _written(work)}
+                before = {p.name for p in _written(work, folders)}
             if deadline is not None:
                 due = time.monotonic() >= deadline or stages[-1] != aimed
                 if mode == "mid-write" and not due:
-                    fresh = (p for p in _written(work) if p.name not in before)
+                    fresh = (p for p in _written(work, folders) if p.name not in before)
                     due = any(LEFTOVER.match(p.name) and ".tmp" in p.name for p in fresh)
                 if due:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -190,10 +194,36 @@ def _stale(work: Path) -> set[str]:
     return set(json.loads(status.stdout or "{}"))
 
 
-def _written(work: Path) -> list[Path]:
-    """Files in the folders the stages write (not the inputs, not DVC's own)."""
-    folders = ["models", "oof", "ensemble", "predictions", "submissions", "data/masks", "data/pseudo"]
-    return [p for name in folders if (work / name).exists() for p in (work / name).rglob(".*")]
+def _output_folders(work: Path) -> dict[str, bool]:
+    """Where the stages of `work/dvc.yaml` write, each with whether to search it recursively: a folder
+    output, and a templated one up to its first `${...}` (`models/${item.model}/fold${item.fold}` ->
+    `models`), whole; a file output's folder only beside it (its temporary file sits there)."""
+    folders: dict[str, bool] = {}
+    for stage in yaml.safe_load((work / "dvc.yaml").read_text())["stages"].values():
+        stage = stage.get("do", stage)
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                fixed = path.split("${")[0]
+                if fixed != path:
+                    folder, recursive = fixed.rpartition("/")[0] or ".", True
+                elif (work / path).is_dir():
+                    folder, recursive = path, True
+                else:
+                    folder, recursive = str(Path(path).parent), False
+                folders[folder] = folders.get(folder, False) or recursive
+    return folders
+
+
+def _written(work: Path, folders: dict[str, bool]) -> set[Path]:
+    """The hidden files (temporaries, locks) where the stages write, none of DVC's own."""
+    found = {
+        p
+        for name, recursive in folders.items()
+        if (work / name).is_dir()
+        for p in ((work / name).rglob(".*") if recursive else (work / name).glob(".*"))
+    }
+    return {p for p in found if ".dvc" not in p.relative_to(work).parts}
 
 
 def _check_writers(work: Path, writers: list[str]) -> None:

@@ -94,7 +94,7 @@ TOY_DVC = {
         "prep": {"cmd": "python -c \"open('data.txt', 'w').write('data')\"", "outs": ["data.txt"]},
         "train": {
             "matrix": {"model": ["a", "b"], "fold": [0, 1]},
-            "cmd": "python step.py train ${item.model} ${item.fold} "
+            "cmd": "exec python step.py train ${item.model} ${item.fold} "
             "out/${item.model}/train${item.fold}.txt data.txt",
             "deps": ["step.py", "data.txt"],
             "params": [{"control.json": ["value"]}],
@@ -119,8 +119,14 @@ TOY_STAGES = [f"{kind}@{m}-{k}" for kind in ("train", "oof") for m in "ab" for k
 
 
 def venv_env() -> dict[str, str]:
-    """os.environ with this venv's executables (dvc, python) first on PATH."""
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    """os.environ with this venv's executables (dvc, python) first on PATH, and SHELL=/bin/sh.
+
+    DVC runs stage commands through $SHELL. A machine without SHELL (CI) gets /bin/sh, which on this
+    image is dash: it keeps itself between dvc and the command unless the command says `exec`. Every
+    test runs under that, the stricter case, whatever shell the person running them uses.
+    """
+    bin_dir = Path(sys.executable).parent
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SHELL="/bin/sh")
 
 
 def make_toy_project(path: Path, **control: object) -> Path:

@@ -9,13 +9,13 @@ settings that contradict it, and warn loudly when there is none.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json
+from pipeline.digest import sha256_file
 from pipeline.errors import UserError
 
 VERSION = 1
@@ -33,7 +33,7 @@ def describe(
     return {
         "version": VERSION,
         "submission": submission.name,
-        "sha256": _sha256(submission),
+        "sha256": sha256_file(submission),
         "format": fmt,
         "rle_order": order if fmt == "rle" else None,
         "size": size,
@@ -62,7 +62,7 @@ def read_sidecar(submission: Path) -> dict[str, Any] | None:
     keys = {"version", "sha256", "format", "rle_order", "size", "classes"}
     if not isinstance(description, dict) or not keys <= set(description):
         raise UserError(f"{path}: not a submission sidecar (it needs the keys {', '.join(sorted(keys))})")
-    if submission.is_file() and description["sha256"] != _sha256(submission):
+    if submission.is_file() and description["sha256"] != sha256_file(submission):
         raise UserError(
             f"{path}: describes another file than {submission} (its SHA-256 differs): the CSV changed after "
             "predict wrote both; re-run predict, or delete the sidecar and give --order and --size"
@@ -101,11 +101,3 @@ def resolve_encoding(
 
 def _size_text(size: int | None) -> str:
     return "native" if size is None else f"{size}x{size}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -15,6 +15,7 @@ import torch
 
 from pipeline.config import ModelParams, Recipe
 from pipeline.data.images import image_path, instance_map_path, mask_relpath
+from pipeline.digest import sha256_file
 from pipeline.errors import UserError
 from pipeline.models.checkpoints import load_checkpoint
 from pipeline.models.factory import pretrained_files
@@ -208,15 +209,3 @@ def _version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes; a missing file is a UserError naming it."""
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    return digest.hexdigest()
