@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test test-fast lint bench install clean-demo parallel
+.PHONY: demo test test-fast lint bench install clean-demo parallel dist bundle
 
 install: $(STAMP)
 
@@ -34,6 +34,17 @@ test: install
 DEVICES ?= cpu
 parallel: install
 	python -m pipeline parallel --devices $(DEVICES)
+
+# trashseg as a wheel in dist/, for an offline notebook: pip install --no-deps dist/trashseg-*.whl
+dist: install
+	rm -rf build dist
+	python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	rm -rf build
+
+# The fitted ensemble as an offline bundle: bundle/ and bundle.zip (python -m pipeline predict-bundle).
+BUNDLE ?= bundle
+bundle: install
+	python -m pipeline export $(BUNDLE)
 
 # The unit tests only: the `slow` ones (real stages under dvc, real training runs) are left out.
 test-fast: install

@@ -62,7 +62,9 @@ For every set (a folder with train.json, test.json, test_truth.json; default: ev
     leaderboard` (oof, one-member ensemble, predict, native-size scoring). Seconds per epoch are
     calibrated once per (set, candidate) by 1- and 2-epoch runs validating every epoch, under the
     same load (so a recipe with train.val_every > 1 gets slightly fewer epochs than it could).
-    A candidate run is reused while its JSON holds the same params.
+    A candidate run is reused while its JSON holds the same params. A candidate named in
+    --reference-epochs (one whose epochs cost what the reference's do) takes the reference's epoch
+    count for the same run instead: no timing, so other load on the machine cannot skew its budget.
 --jobs runs go at once, --threads torch threads each: on 2 cores, 2 jobs of 1 thread. One JSON per run
 goes to --out (set name, manifest hash, full params with data paths relative to the set, never a
 machine path). Then per set: mean test mIoU +- sd, the ratio to the plain loop (geometric mean of the
@@ -119,6 +121,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--reference", help="a candidate every other is compared with, paired")
+    parser.add_argument(
+        "--reference-epochs",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="candidates whose epochs cost what the reference's do (lr, loss, TTA changed): they train "
+        "for the reference's epoch count of the same set, seed and fold instead of calibrating their own",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "realsets")
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "realsets", help="workspaces"
@@ -134,6 +144,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     names = [spec.partition("=")[0] for spec in args.recipe]
     if args.reference is not None and args.reference not in names:
         parser.error(f"--reference {args.reference} is not one of the --recipe names ({', '.join(names)})")
+    if args.reference_epochs and args.reference is None:
+        parser.error("--reference-epochs needs --reference")
+    unknown = [name for name in args.reference_epochs if name not in names or name == args.reference]
+    if unknown:
+        parser.error(f"--reference-epochs {unknown[0]}: not one of the other --recipe names")
     return args
 
 
@@ -406,7 +421,16 @@ def run_candidate(
         write_params(work, params)
         for stage in DATA_STAGES:
             dvc(work, ["repro", "-s", stage], env, log)
-        if seconds_per_epoch is None:
+        epochs_from = None
+        if candidate.name in args.reference_epochs:
+            # Same cost per epoch as the reference: its calibrated count for this very run is the fair
+            # budget, and no timing (which other load on the machine disturbs) is needed.
+            reference = record_path(args.out, args.reference, real.name, seed, fold, args.minutes)
+            if not reference.is_file():
+                raise SystemExit(f"error: {candidate.name}: no {reference.name} to take its epochs from")
+            epochs_from = args.reference
+            epochs = int(json.loads(reference.read_text())["epochs"])
+        elif seconds_per_epoch is None:
             with lock:
                 print(f"{real.name} {candidate.name}: calibrating ({log})")
             # Validating every epoch here: the figure includes a validation per epoch, which a recipe
@@ -415,7 +439,9 @@ def run_candidate(
             one = train_stage(work, every_epoch, model, fold, 1, env)
             two = train_stage(work, every_epoch, model, fold, 2, env)
             seconds_per_epoch = max(two - one, 1.0)
-        epochs = max(1, math.floor(args.minutes * 60 / seconds_per_epoch))
+        if epochs_from is None:
+            assert seconds_per_epoch is not None
+            epochs = max(1, math.floor(args.minutes * 60 / seconds_per_epoch))
         with lock:
             print(f"{real.name} {candidate.name} seed {seed} fold {fold}: {epochs} epochs ({log})")
         train_s = train_stage(work, params, model, fold, epochs, env)
@@ -435,6 +461,7 @@ def run_candidate(
             "fingerprint": fingerprint(base),
             "seconds_per_epoch": seconds_per_epoch,
             "epochs": epochs,
+            "epochs_from": epochs_from,  # None: calibrated; else the candidate whose count it took
             "train_minutes": train_s / 60,
             "miou": score["miou"],
             "iou": score["iou"],

@@ -110,6 +110,16 @@ def test_summary_pairs_runs_by_seed_and_fold(realsets: ModuleType) -> None:
     assert "### s1 (10 min per run)" in text and "| cand | 2 |" in text
 
 
+def test_reference_epochs_need_a_reference_and_another_candidate(realsets: ModuleType) -> None:
+    base = ["--recipe", "a=params.yaml", "--recipe", "b=params.yaml"]
+    assert realsets.parse_args([*base, "--reference", "a", "--reference-epochs", "b"]).reference_epochs == [
+        "b"
+    ]
+    for extra in (["--reference-epochs", "b"], ["--reference", "a", "--reference-epochs", "a"]):
+        with pytest.raises(SystemExit):
+            realsets.parse_args([*base, *extra])
+
+
 def test_bad_recipe_specs_exit_with_one_line(realsets: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="is not NAME=PARAMS_FILE"):
         realsets.read_candidates(["nofile"], [])
@@ -160,3 +170,13 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: P
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stdout and "calibrating" not in again.stdout
+
+    # A candidate whose epochs cost the reference's takes its epoch count instead of calibrating.
+    same = [*command, f"--recipe=b={tmp_path / 'tiny.yaml'}", "--override", "b", "train.lr=0.002"]
+    same += ["--reference", "a", "--reference-epochs", "b"]
+    third = subprocess.run(same, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "b: calibrating" not in third.stdout
+    taken = json.loads((out / "tiny-a-b-s0-f1-0.02min.json").read_text())
+    assert taken["epochs"] == candidate["epochs"] and taken["epochs_from"] == "a"
+    assert taken["seconds_per_epoch"] is None and candidate.get("epochs_from") is None

@@ -250,7 +250,8 @@ FAMILY_IMPORTS = {
     "inference": {"", "data", "models", "ensemble"},
     "ensemble": {"", "data"},
     "evaluation": {"", "data"},
-    "orchestration": {"", "data", "models", "training", "inference", "ensemble", "evaluation"},
+    "bundle": {"", "data", "models", "inference", "ensemble", "evaluation"},
+    "orchestration": {"", "data", "models", "training", "inference", "ensemble", "evaluation", "bundle"},
 }
 
 

@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import Run, make_dvc_project, run_command, tiny_params, venv_env, write_params
+from conftest import ROOT, Run, make_dvc_project, run_command, tiny_params, venv_env, write_params
 
+from pipeline.data.coco import load_image_list
+from pipeline.data.manifest import ImageSet
+from pipeline.evaluation.submission import iter_submission
 from pipeline.writer import LOCK_NAME, exclusive_writer
 
 # Two recipes over the tiny config, as the demo has: the ensemble fits their weights on the OOF.
@@ -235,6 +238,123 @@ def test_killing_dvc_mid_training_kills_the_stage_and_the_rerun_ends_as_an_unint
     ours = _stage_outs(yaml.safe_load((work / "dvc.lock").read_text()), "train@unet-0")
     assert ours == _stage_outs(reproduced.lock, "train@unet-0")
     assert sorted(p.name for p in fold.iterdir()) == ["best.pt", "last.pt"]  # no temp file, no lock
+
+
+@pytest.mark.slow
+def test_an_exported_bundle_predicts_the_same_submission_offline(
+    reproduced: Reproduced, tmp_path: Path, run: Run
+) -> None:
+    # A code competition's notebook: the bundle's zip, the test images and trashseg installed from its
+    # wheel; no checkout, no DVC, no params file. Its CSV must be the predict stage's, byte for byte.
+    work = _copy_of(reproduced, tmp_path / "project")
+    exported = run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "bundle")], work)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    notebook = tmp_path / "notebook"
+    (notebook / "test").mkdir(parents=True)
+    shutil.copy(tmp_path / "bundle.zip", notebook)
+    test_json = work / "data/demo/test.json"
+    for image in json.loads(test_json.read_text())["images"]:
+        (notebook / "test" / image["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / "data/demo" / image["file_name"], notebook / "test" / image["file_name"])
+    shutil.copy(test_json, notebook / "test")
+    site = _installed_wheel(tmp_path / "wheel")
+    offline = _offline(site)
+
+    done = offline(["predict-bundle", "bundle.zip", "test/test.json", "submission.csv"], notebook)
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = (work / "submissions/submission.csv").read_bytes()
+    assert (notebook / "submission.csv").read_bytes() == expected
+    assert json.loads((notebook / "submission.json").read_text())["rle_order"] == "column"
+    # A folder of images is read in name order: the same rows.
+    done = offline(["predict-bundle", "bundle.zip", "test", "by_folder.csv"], notebook)
+    assert done.returncode == 0, done.stdout + done.stderr
+    by_folder = (notebook / "by_folder.csv").read_text().splitlines()
+    assert by_folder[0] == expected.decode().splitlines()[0]
+    assert sorted(by_folder[1:]) == sorted(expected.decode().splitlines()[1:])
+
+    # The ONNX engine (onnxruntime on the CPU) agrees with torch on >= 99.9 % of the pixels.
+    with_onnx = run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "onnx"), "--onnx"], work)
+    assert with_onnx.returncode == 0, with_onnx.stdout + with_onnx.stderr
+    shutil.copy(tmp_path / "onnx.zip", notebook)
+    done = offline(["predict-bundle", "onnx.zip", "test/test.json", "onnx.csv", "--engine", "onnx"], notebook)
+    assert done.returncode == 0, done.stdout + done.stderr
+    classes = json.loads((tmp_path / "onnx/bundle.json").read_text())["classes"]
+    test = ImageSet(load_image_list(test_json), len(classes))
+    size = _tiny_params()["submission"]["size"]
+    ours = dict(iter_submission(notebook / "onnx.csv", test, size))
+    agree = [
+        (mask == ours[name]).mean() for name, mask in iter_submission(notebook / "submission.csv", test, size)
+    ]
+    assert len(agree) == len(test.images) and np.mean(agree) >= 0.999, agree
+
+    # A tampered file and a time limit it cannot make: one line each, exit 2 (a user error), no CSV.
+    shutil.unpack_archive(notebook / "bundle.zip", notebook / "tampered", "zip")
+    checkpoint = next((notebook / "tampered/models").rglob("*.pt"))
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+    for args, message in [
+        (
+            ["tampered", "test", "t.csv"],
+            f"{checkpoint.name}: SHA-256 differs from the one bundle.json records",
+        ),
+        (["bundle.zip", "test", "t.csv", "--time-limit", "0.001"], "stopped, no submission written"),
+    ]:
+        refused = offline(["predict-bundle", *args], notebook)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in refused.stderr  # beside the progress bar
+        assert not (notebook / "t.csv").exists()
+
+    # A member the ensemble gave no weight is left out of the bundle.
+    weights = json.loads((work / "ensemble/weights.json").read_text())
+    weights["weights"] = [[0.0] * len(weights["classes"]), [1.0] * len(weights["classes"])]
+    (work / "ensemble/weights.json").write_text(json.dumps(weights))
+    again = run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "bundle")], work)
+    assert again.returncode == 0 and f"left out (zero weight): {weights['members'][0]}" in again.stdout
+    spec = json.loads((tmp_path / "bundle/bundle.json").read_text())
+    assert [m["name"] for m in spec["members"]] == weights["members"][1:]
+    assert sorted(spec["files"]) == sorted(p.relative_to(tmp_path / "bundle").as_posix()
+                                           for p in (tmp_path / "bundle/models").rglob("*.pt"))  # fmt: skip
+
+
+def _installed_wheel(folder: Path) -> Path:
+    """trashseg built as a wheel and unpacked into `folder/site`, as `pip install` lays it out. Built from
+    a copy of its sources (a build writes beside them)."""
+    source = folder / "source"
+    source.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    shutil.copytree(ROOT / "pipeline", source / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    wheel = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        "dist",
+        "./source",  # a path: a bare name is looked up on the package index
+    ]
+    built = run_command(wheel, folder)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (path,) = (folder / "dist").glob("trashseg-*.whl")
+    shutil.unpack_archive(path, folder / "site", "zip")
+    return folder / "site"
+
+
+def _offline(site: Path) -> Run:
+    """`python -m pipeline ARGS` with trashseg imported from `site` only and DVC not importable."""
+    code = (
+        "import sys; sys.modules['dvc'] = None; import pipeline; "
+        f"assert pipeline.__file__.startswith({str(site)!r}), pipeline.__file__; "
+        "import runpy; runpy.run_module('pipeline', run_name='__main__', alter_sys=True)"
+    )
+
+    def offline(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+        return run_command([sys.executable, "-c", code, *args], cwd, {"PYTHONPATH": str(site)})
+
+    return offline
 
 
 def _alive(pid: int) -> bool:

@@ -385,6 +385,18 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{path}: not a COCO file (JSON nested too deeply to read)") from None
 
 
+def load_image_list(path: Path) -> list[ImageRecord]:
+    """The `images` of a COCO json (a competition's test json), checked as `load_coco` checks them;
+    its categories and annotations are not read. No images is a UserError."""
+    raw = _read_json(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
+        raise UserError(f"{path}: not a COCO file (no 'images' list)")
+    images = _parse_images(path, raw["images"])
+    if not images:
+        raise UserError(f"{path}: the 'images' list is empty")
+    return images
+
+
 def check_pixel_cap(coco: CocoSet, max_pixels: int) -> None:
     """A one-line UserError for the first image whose json size exceeds `max_pixels` (params
     data.max_image_pixels), before any image is decoded."""

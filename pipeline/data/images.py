@@ -128,6 +128,29 @@ def _object_record(entry: Any) -> ObjectRecord | None:
     return ObjectRecord(file_name, instance, label, (bbox[0], bbox[1], bbox[2], bbox[3]), area)
 
 
+# What `images_in_folder` takes for an image: the formats competitions ship test images in.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def images_in_folder(folder: Path) -> list[tuple[str, int, int]]:
+    """(file name relative to `folder`, height, width) of every image file under `folder`, sorted by
+    name; sizes come from the headers (nothing is decoded). No images is a UserError."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found")
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        try:
+            with Image.open(path) as img:
+                found.append((path.relative_to(folder).as_posix(), img.height, img.width))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"{path}: not a readable image ({exc})") from None
+    if not found:
+        raise UserError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    return found
+
+
 def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Decode an image file to RGB uint8 HxWx3; `UserError` if missing, empty, corrupt or the wrong size.
 

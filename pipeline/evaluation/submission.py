@@ -104,6 +104,30 @@ class SubmissionWriter:
             self.rows += 1
 
 
+def write_submission(
+    masks: Iterable[tuple[str, np.ndarray]],
+    out: Path,
+    fmt: str,
+    order: str,
+    test: ImageSet,
+    size: int | None,
+) -> int:
+    """Write each (file name, mask) of `masks` to the submission `out`; returns the number of rows.
+
+    The CSV is validated against `test` (at `size`) before it replaces `out`: an invalid one is a
+    UserError and `out` is left as it was. The predict stage and `predict-bundle` both write through
+    here, so the same masks give the same bytes.
+    """
+    with atomic_path(out) as tmp:
+        with SubmissionWriter(tmp, fmt, test.n_classes, order) as writer:
+            for file_name, mask in masks:
+                writer.write(file_name, mask)
+        problems = validate_submission(tmp, test, size)
+        if problems:
+            raise UserError(f"{out}: invalid submission ({len(problems)} problems), first: {problems[0]}")
+    return writer.rows
+
+
 def _dense_text(mask: np.ndarray) -> str:
     """Class indexes of a mask (values 0..255), flattened row-major, separated by single spaces."""
     flat = np.ascontiguousarray(mask, dtype=np.uint8).ravel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,6 +262,22 @@ def output_shape(record: records.ImageRecord, out_size: int | None) -> tuple[int
 def probabilities_to_mask(probs: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(C, h, w) probabilities -> uint8 (H, W) argmax labels at `size` = (H, W), resized bilinearly first."""
     return resize_argmax(probs, size).cpu().numpy()
+
+
+def labelled_masks(
+    probabilities: Iterable[tuple[int, torch.Tensor]],
+    images: Sequence[records.ImageRecord],
+    out_size: int | None,
+    store: Callable[[str, torch.Tensor], None] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(file name, uint8 argmax mask at `output_shape`) for each (index into `images`, probabilities)
+    of a prediction stream, as a submission is written; `store`, if given, also receives each image's
+    (file name, probabilities)."""
+    for index, probs in probabilities:
+        record = images[index]
+        if store is not None:
+            store(record.file_name, probs)
+        yield record.file_name, probabilities_to_mask(probs, output_shape(record, out_size))
 
 
 @dataclass(frozen=True)

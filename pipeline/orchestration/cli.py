@@ -1,11 +1,13 @@
 """`python -m pipeline COMMAND`: score and check submissions; run the stages in parallel or on SLURM;
-freeze a pseudo-label teacher; write a complete params file from an overlay."""
+freeze a pseudo-label teacher; write a complete params file from an overlay; export the ensemble as an
+offline bundle and predict from one."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json, write_text
+from pipeline.bundle.export import PredictInputs, export_bundle
+from pipeline.bundle.predict import ENGINES, predict_bundle
 from pipeline.config import (
     Params,
     complete,
@@ -32,7 +36,7 @@ from pipeline.evaluation.sidecar import read_sidecar, resolve_encoding
 from pipeline.evaluation.submission import check_submission, score_submission
 from pipeline.metrics import AVERAGES
 from pipeline.orchestration.parallel import parse_devices, plan_stages, read_graph, run_parallel, stale_stages
-from pipeline.orchestration.slurm import SlurmOptions, run_on_node, submit_script
+from pipeline.orchestration.slurm import SlurmOptions, run_on_node, stage_command, submit_script
 from pipeline.training.runtime import cpu_cores, node_rank
 
 # `validate` prints at most this many problems, then how many more there are.
@@ -122,6 +126,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("teacher") / TEACHER_FILE,
         help="where the pseudo stage reads the teacher (default: %(default)s)",
+    )
+    export = commands.add_parser(
+        "export", help="pack the fitted ensemble into an offline bundle: a folder and a zip of it"
+    )
+    export.add_argument("out", type=Path, help="bundle folder to write; OUT.zip is written beside it")
+    export.add_argument(
+        "--onnx", action="store_true", help="also each model as ONNX (predict-bundle --engine onnx)"
+    )
+
+    bundle = commands.add_parser(
+        "predict-bundle", help="a submission from an exported bundle: no DVC, no workspace, no params"
+    )
+    bundle.add_argument("bundle", type=Path, help="the bundle folder or its zip")
+    bundle.add_argument(
+        "images", type=Path, help="a COCO json listing the test images, or a folder of images"
+    )
+    bundle.add_argument("out", type=Path, help="submission CSV to write (its sidecar NAME.json beside it)")
+    bundle.add_argument("--root", type=Path, help="a test json's images are read from ROOT/file_name "
+                        "(default: the json's folder)")  # fmt: skip
+    bundle.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="stop, writing nothing, once the projected total (printed after the first batch) exceeds it",
+    )
+    bundle.add_argument(
+        "--engine", choices=ENGINES, default="torch", help="onnx: onnxruntime on the CPU (export --onnx)"
     )
     return parser
 
@@ -256,6 +287,47 @@ def teacher(args: argparse.Namespace) -> None:
     )
 
 
+def export(args: argparse.Namespace) -> None:
+    """Bundle what the predict stage reads, found in dvc.yaml's predict command."""
+    inputs = _predict_inputs(_dvc_root("export"))
+    exported = export_bundle(inputs, args.out, args.onnx)
+    left_out = f"; left out (zero weight): {', '.join(exported.left_out)}" if exported.left_out else ""
+    print(
+        f"wrote {exported.folder} and {exported.zip}: {', '.join(exported.members)} "
+        f"({exported.checkpoints} checkpoints){left_out}"
+    )
+    print(
+        f"predict with it anywhere: python -m pipeline predict-bundle {exported.zip} TEST_JSON_OR_DIR OUT.csv"
+    )
+
+
+def predict_bundle_command(args: argparse.Namespace) -> None:
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise UserError(f"--time-limit must be positive, got {args.time_limit:g}")
+    done = predict_bundle(args.bundle, args.images, args.out, args.root, args.time_limit, engine=args.engine)
+    print(
+        f"wrote {done.out}: {done.images} images, {done.rows} rows in {done.seconds:.1f} s; "
+        f"how it is encoded: {done.sidecar}"
+    )
+
+
+def _predict_inputs(root: Path) -> PredictInputs:
+    """The predict stage's --models, --weights, --manifest and --params, as dvc.yaml resolves them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in ("--models", "--weights", "--manifest"):
+        parser.add_argument(flag, type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    command = shlex.split(stage_command(root, "predict"))
+    try:
+        flags, _ = parser.parse_known_args(command[command.index("stages/predict.py") + 1 :])
+    except (ValueError, SystemExit):
+        raise UserError(f"{root / 'dvc.yaml'}: the predict stage's command is not `python stages/predict.py "
+                        "--models M --weights W --manifest F ...`") from None  # fmt: skip
+    return PredictInputs(
+        *(root / value for value in (flags.models, flags.weights, flags.manifest, flags.params))
+    )
+
+
 def _dvc_root(command: str) -> Path:
     root = Path.cwd()
     if not (root / "dvc.yaml").is_file():
@@ -292,6 +364,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "node": node,
     "teacher": teacher,
     "params": write_params,
+    "export": export,
+    "predict-bundle": predict_bundle_command,
 }
 
 
