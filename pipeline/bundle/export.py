@@ -38,6 +38,7 @@ class Exported:
     members: list[str]
     left_out: list[str]  # members whose fitted weights are all zero
     checkpoints: int
+    graphs: int  # ONNX graphs (0 without --onnx)
 
 
 def export_bundle(inputs: PredictInputs, out: Path, onnx: bool = False) -> Exported:
@@ -107,4 +108,5 @@ def export_bundle(inputs: PredictInputs, out: Path, onnx: bool = False) -> Expor
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 archive.write(path, path.relative_to(tmp).as_posix())
     left_out = [name for name in fitted.members if name not in kept_names]
-    return Exported(out, zip_path, kept_names, left_out, len(files))
+    graphs = sum(len(m.onnx) for m in bundle_members)
+    return Exported(out, zip_path, kept_names, left_out, len(files) - graphs, graphs)

@@ -7,7 +7,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,13 +16,21 @@ from tqdm import tqdm
 from pipeline.bundle.layout import BundleSpec, read_spec
 from pipeline.bundle.onnx import CPU, OnnxModel
 from pipeline.data.coco import load_image_list
+from pipeline.data.geometry import Geometry
 from pipeline.data.images import images_in_folder
 from pipeline.data.manifest import ImageSet
 from pipeline.data.records import ImageRecord
 from pipeline.errors import UserError
 from pipeline.evaluation.sidecar import describe, write_sidecar
 from pipeline.evaluation.submission import write_submission
-from pipeline.inference.infer import Member, inference_device, labelled_masks, load_ensemble, predict_members
+from pipeline.inference.infer import (
+    Ensemble,
+    Member,
+    inference_device,
+    labelled_masks,
+    load_ensemble,
+    predict_members,
+)
 
 ENGINES = ("torch", "onnx")
 
@@ -133,23 +141,27 @@ def bundle_members(
     onnxruntime execution provider of the ONNX engine."""
     members = []
     for member in spec.members:
-        paths = [folder / name for name in member.checkpoints]
-        folds = load_ensemble(paths)
-        if folds.classes != spec.classes:
-            raise UserError(f"{paths[0]}: classes {folds.classes} differ from the bundle's {spec.classes}")
-        if folds.geometry.to_dict() != member.geometry:
-            raise UserError(
-                f"{paths[0]}: geometry {folds.geometry} differs from the bundle's {member.geometry}"
-            )
         if engine == "onnx":
             if not member.onnx:
                 raise UserError(
                     f"{source or folder}: member {member.name} has no ONNX graphs; export with --onnx"
                 )
+            # The graphs replace the torch models: no checkpoint is loaded (half the peak memory). Classes
+            # and geometry come from the checked description; the TTA is already resolved.
             threads = torch.get_num_threads()
-            folds = replace(
-                folds, models=[OnnxModel(folder / graph, threads, provider) for graph in member.onnx]
-            )
+            models: list[torch.nn.Module] = [OnnxModel(folder / g, threads, provider) for g in member.onnx]
+            folds = Ensemble(models, list(spec.classes), Geometry.from_dict(member.geometry), [])
+        else:
+            paths = [folder / name for name in member.checkpoints]
+            folds = load_ensemble(paths)
+            if folds.classes != spec.classes:
+                raise UserError(
+                    f"{paths[0]}: classes {folds.classes} differ from the bundle's {spec.classes}"
+                )
+            if folds.geometry.to_dict() != member.geometry:
+                raise UserError(
+                    f"{paths[0]}: geometry {folds.geometry} differs from the bundle's {member.geometry}"
+                )
         members.append(Member(member.name, folds, member.tta))
     return members
 

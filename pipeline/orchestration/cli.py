@@ -294,7 +294,8 @@ def export(args: argparse.Namespace) -> None:
     left_out = f"; left out (zero weight): {', '.join(exported.left_out)}" if exported.left_out else ""
     print(
         f"wrote {exported.folder} and {exported.zip}: {', '.join(exported.members)} "
-        f"({exported.checkpoints} checkpoints){left_out}"
+        f"({exported.checkpoints} checkpoints{f', {exported.graphs} ONNX graphs' if exported.graphs else ''})"
+        f"{left_out}"
     )
     print(
         f"predict with it anywhere: python -m pipeline predict-bundle {exported.zip} TEST_JSON_OR_DIR OUT.csv"
