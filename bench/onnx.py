@@ -24,9 +24,7 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ import torch
 from pipeline.atomic import write_json
 from pipeline.bundle.layout import read_spec
 from pipeline.bundle.onnx import CPU, CUDA
-from pipeline.bundle.predict import bundle_members, read_test_images
+from pipeline.bundle.predict import bundle_members, read_test_images, unpacked
 from pipeline.inference.infer import predict_members
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,12 +67,7 @@ def main() -> None:
             f"skipped: no bundle at {args.bundle} (make demo, then python -m pipeline export bundle --onnx)"
         )
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.bundle
-        if zipfile.is_zipfile(args.bundle):
-            folder = Path(tmp)
-            with zipfile.ZipFile(args.bundle) as archive:
-                archive.extractall(folder)
+    with unpacked(args.bundle) as folder:
         spec = read_spec(folder)
         if not all(member.onnx for member in spec.members):
             raise SystemExit(f"error: {args.bundle}: exported without --onnx")

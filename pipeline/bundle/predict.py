@@ -3,6 +3,7 @@ inside a time limit."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import zipfile
@@ -66,14 +67,22 @@ def predict_bundle(
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r} is unknown (valid: {', '.join(ENGINES)})")
     started = time.monotonic()
+    with unpacked(bundle) as folder:
+        return _predict(folder, bundle, images, out, root, time_limit, device, engine, started)
+
+
+@contextlib.contextmanager
+def unpacked(bundle: Path) -> Iterator[Path]:
+    """The bundle's folder: `bundle` itself, or its zip extracted into a temporary folder for the body."""
     if bundle.is_file() and zipfile.is_zipfile(bundle):
         with tempfile.TemporaryDirectory(prefix="trashseg-bundle-") as folder:
             with zipfile.ZipFile(bundle) as archive:
                 archive.extractall(folder)  # drops absolute and `..` parts of member names
-            return _predict(Path(folder), bundle, images, out, root, time_limit, device, engine, started)
-    if not bundle.is_dir():
+            yield Path(folder)
+    elif bundle.is_dir():
+        yield bundle
+    else:
         raise UserError(f"{bundle}: not a bundle folder or zip")
-    return _predict(bundle, bundle, images, out, root, time_limit, device, engine, started)
 
 
 def read_test_images(images: Path, root: Path | None) -> tuple[list[ImageRecord], Path]:
