@@ -32,7 +32,8 @@ import yaml
 from pipeline.atomic import write_json
 from pipeline.config import complete
 from pipeline.data import coco, records
-from pipeline.ensemble.fit import read_weights, write_weights
+from pipeline.ensemble.decision import LabelDecision
+from pipeline.ensemble.fit import FittedWeights, read_weights, write_weights
 from pipeline.evaluation.submission import score_submission
 from recipe import make_workspace
 
@@ -98,25 +99,52 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     for m, name in enumerate(fitted.members):
         alone = [[float(i == m)] * len(fitted.classes) for i in range(len(fitted.members))]
-        write_weights(work / f"alone_{name}.json", dataclasses.replace(fitted, weights=alone))
-        out = work / f"alone_{name}.csv"
-        command = [
-            sys.executable,
-            "stages/predict.py",
-            "--models",
-            "models",
-            "--weights",
-            f"alone_{name}.json",
-        ]
-        command += ["--root", str(data), "--manifest", "data/manifest.json", "--out", str(out)]
-        command += ["--probabilities", str(out.with_suffix(".npz"))]
-        run_logged(command, work, log)
+        out = predict_with(work, data, f"alone_{name}", dataclasses.replace(fitted, weights=alone), log)
         results["models"][name] = {
             "oof_miou": report["models"][name]["oof_miou"],
             "oof_iou": report["models"][name]["iou"],
             **leaderboard(out, truth, overlap),
         }
+    # Each decision step on the test set: the fitted weights with the decisions up to that step; the
+    # last step is the submission itself. OOF figures from the report (nested and in-sample, per fold).
+    results["steps"] = {}
+    steps = [step for step in report["steps"] if step != "members"]
+    for step, decision in step_decisions(fitted.decision, steps).items():
+        out = work / "submissions/submission.csv"
+        if step != steps[-1]:
+            stepped = dataclasses.replace(fitted, decision=decision)
+            out = predict_with(work, data, f"step_{step}", stepped, log)
+        reported = report["steps"][step]
+        results["steps"][step] = {
+            "oof_miou": reported["oof_miou"],
+            "in_sample_miou": reported["in_sample_miou"],
+            "oof_folds": reported["folds"],
+            "oof_iou": reported["iou"],
+            **leaderboard(out, truth, overlap),
+        }
+    results["decision"] = report["decision"]
     return results
+
+
+def step_decisions(final: LabelDecision, steps: list[str]) -> dict[str, LabelDecision]:
+    """The label decision in force after each step of `steps` (weights, calibration, postprocess)."""
+    cumulative = {
+        "weights": LabelDecision(),
+        "calibration": LabelDecision(final.class_scales),
+        "postprocess": final,
+    }
+    return {step: cumulative[step] for step in steps}
+
+
+def predict_with(work: Path, data: Path, name: str, fitted: FittedWeights, log: Path) -> Path:
+    """The predict stage run with `fitted` in place of the ensemble's weights; -> its CSV."""
+    write_weights(work / f"{name}.json", fitted)
+    out = work / f"{name}.csv"
+    command = [sys.executable, "stages/predict.py", "--models", "models", "--weights", f"{name}.json"]
+    command += ["--root", str(data), "--manifest", "data/manifest.json", "--out", str(out)]
+    command += ["--probabilities", str(out.with_suffix(".npz"))]
+    run_logged(command, work, log)
+    return out
 
 
 def apply(params: dict[str, Any], key: str, value: Any) -> None:
@@ -183,6 +211,13 @@ def table(results: dict[str, Any]) -> str:
     lines.append(
         f"in-sample ensemble OOF (weights fitted on the folds that score them): {ens['in_sample_miou']:.4f}"
     )
+    if results.get("steps"):
+        lines.append("decision steps (OOF nested / in-sample / test mIoU):")
+        for step, scores in results["steps"].items():
+            lines.append(
+                f"  {step}: {scores['oof_miou']:.4f} / {scores['in_sample_miou']:.4f} / "
+                f"{scores['leaderboard_miou']:.4f}"
+            )
     classes = list(ens["oof_iou"])
     lines.append("per-class test IoU: " + ", ".join(classes))
     for name, scores in [*results["models"].items(), ("ensemble", ens)]:

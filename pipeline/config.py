@@ -247,6 +247,13 @@ class EnsembleParams(Section):
     )
     grid_step: float = Field(0.1, description="member weights on a simplex grid of this step, by OOF mIoU")
     per_class: bool = Field(False, description="true: one weight per (model, class), by coordinate ascent")
+    calibrate: bool = Field(
+        False, description="true: a probability scale per class, fitted on the OOF for mIoU (nested)"
+    )
+    postprocess: bool = Field(
+        False,
+        description="true: per class, drop small components (or all but the largest) where OOF says so",
+    )
 
     @field_validator("grid_step")
     @classmethod

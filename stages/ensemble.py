@@ -1,4 +1,5 @@
-"""Stage `ensemble`: fit the models' weights on their stored OOF probabilities; cross-validated OOF labels."""
+"""Stage `ensemble`: on the stored OOF probabilities, fit the models' weights (then class scales and
+post-processing where enabled); the nested ensemble's OOF labels and every step's scores."""
 
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ from pipeline.config import load_params
 from pipeline.data.images import mask_relpath, read_mask, write_mask
 from pipeline.data.manifest import read_manifest
 from pipeline.data.probstore import read_probabilities
-from pipeline.ensemble.fit import (
-    FittedWeights,
-    fit_ensemble,
-    named_weights,
-    scores,
-    write_ensemble_labels,
-    write_weights,
-)
+from pipeline.ensemble.fit import FittedWeights, write_weights
+from pipeline.ensemble.steps import decide_on_oof, oof_report
 from pipeline.errors import UserError, run_main
 
 
@@ -50,31 +45,30 @@ def main() -> None:
             raise UserError(
                 f"{stored.path}: image '{stray}' is not in {args.manifest} (re-run its oof stage)"
             )
-    average, fitting = params.metric.average, params.ensemble
-    fit = fit_ensemble(members, truth, len(classes), fitting.grid_step, fitting.per_class, average)
+    average = params.metric.average
 
     with atomic_dir(args.labels) as staging:
 
-        def write(k: int, file_name: str, mask: np.ndarray) -> None:
-            write_mask(staging / f"fold{folds[k]}" / mask_relpath(file_name), mask)
+        def label_path(k: int, file_name: str) -> Path:
+            return staging / f"fold{folds[k]}" / mask_relpath(file_name)
 
-        write_ensemble_labels(members, fit.fold_weights, shapes.__getitem__, write)
-    ensemble = scores(fit.cross_validated, folds, classes)
-    report = {
-        "average": average,  # of every mIoU and IoU below, and the one the weights maximise
-        "ensemble": ensemble,
-        # Optimistic: the same folds chose and judge these weights. The CV score above is the honest one.
-        "in_sample_miou": scores(fit.in_sample, folds, classes)["oof_miou"],
-        "models": {name: scores(fit.members.take([m]), folds, classes) for m, name in enumerate(names)},
-        "weights": named_weights(fit.weights, names, classes),
-        "fold_weights": {
-            str(k): named_weights(w, names, classes) for k, w in zip(folds, fit.fold_weights, strict=True)
-        },
-    }
+        decided = decide_on_oof(
+            members,
+            truth,
+            shapes.__getitem__,
+            len(classes),
+            params.ensemble,
+            average,
+            lambda k, name, mask: write_mask(label_path(k, name), mask),
+            lambda k, name: read_mask(label_path(k, name)),
+        )
+    report = oof_report(decided, names, folds, classes, average)
     write_json(args.report, report)
-    write_weights(args.weights, FittedWeights(names, folds, classes, np.asarray(fit.weights).tolist()))
+    fitted = FittedWeights(names, folds, classes, np.asarray(decided.weights).tolist(), decided.decision)
+    write_weights(args.weights, fitted)
     singles = ", ".join(f"{name} {r['oof_miou']:.4f}" for name, r in report["models"].items())
-    print(f"ensemble OOF mIoU {ensemble['oof_miou']:.4f} ({average} average, cross-validated); {singles}")
+    steps = " -> ".join(f"{step} {r['oof_miou']:.4f}" for step, r in report["steps"].items())
+    print(f"ensemble OOF mIoU ({average} average, cross-validated): {steps}; models: {singles}")
     print(f"weights: {report['weights']}")
 
 

@@ -58,14 +58,17 @@ def main() -> None:
         )
     summary["models"] = report["models"]
     summary["weights"] = report["weights"]
+    summary["steps"] = report["steps"]
+    summary["decision"] = report["decision"]
     write_json(args.details, summary)  # with the average's name
-    # Headline numbers only, so `dvc metrics show` fits a terminal: each model's OOF and the ensemble's.
+    # Headline numbers only, so `dvc metrics show` fits a terminal: the ensemble's OOF, what each decision
+    # step after the members earned (nested), so `dvc metrics diff` shows which step moved it, and each
+    # model's OOF. The weights and the best member's name are in the details.
     headline = {
         "oof_miou": summary["oof_miou"],
+        "steps": {step: scores["oof_miou"] for step, scores in report["steps"].items() if step != "members"},
         "models": {name: {"oof_miou": scores["oof_miou"]} for name, scores in report["models"].items()},
     }
-    if all(isinstance(w, float) for w in report["weights"].values()):  # per-class weights: in the details
-        headline["weights"] = report["weights"]
     write_json(args.metrics, headline)
     write_confusion_csv(args.confusion, result.confusion, manifest.classes)
     worst = worst_images(result.scores, args.n_worst)

@@ -65,7 +65,7 @@ def main() -> None:
     progress = tqdm(probabilities, desc=f"predict ({n_models} models)", total=len(test), unit="image")
     # The CSV is validated before it takes its name; with an invalid one neither file lands.
     with probabilities_writer(args.probabilities, manifest.classes) as store:
-        masks = labelled_masks(progress, test, submission.size, store)
+        masks = labelled_masks(progress, test, submission.size, fitted.decision.labels, store)
         rows = write_submission(
             masks, args.out, submission.format, submission.rle_order, manifest.test_set(), submission.size
         )

@@ -122,3 +122,40 @@ def test_ablation_overrides_set_shared_recipe_and_nested_keys(bench_modules: tup
     for bad in ("ensemble.folds=[0]", "train", "models.fpn=1"):
         with pytest.raises(SystemExit):
             ablation.parse_overrides([bad])
+
+
+def _step(oof: float, folds: list[float], test: float) -> dict:
+    return {
+        "oof_miou": oof,
+        "in_sample_miou": oof + 0.01,
+        "oof_folds": {str(k): v for k, v in enumerate(folds)},
+        "oof_iou": {"bg": 0.9, "x": oof},
+        "leaderboard_miou": test,
+        "leaderboard_iou": {"bg": 0.9, "x": test},
+    }
+
+
+def test_decisions_summary_pairs_steps_by_seed_and_fold(bench_modules: tuple) -> None:
+    decisions = importlib.import_module("decisions")
+    runs = [
+        {
+            "params": {"train": {"seed": s}},
+            "steps": {"weights": _step(0.5, w, t0), "calibration": _step(0.6, c, t1)},
+        }
+        for s, w, c, t0, t1 in [
+            (0, [0.5, 0.4], [0.6, 0.5], 0.50, 0.55),
+            (1, [0.6, 0.5], [0.6, 0.6], 0.40, 0.43),
+        ]
+    ]
+    summary = decisions.summarize(runs)
+    calibration = summary["steps"]["calibration"]
+    # fold differences 0.1, 0.1, 0.0, 0.1: mean 0.075, sd 0.05, t(3) 3.182 -> half width 0.0796
+    assert calibration["oof_fold_diff"]["pairs"] == 4
+    assert calibration["oof_fold_diff"]["mean"] == pytest.approx(0.075)
+    assert calibration["oof_fold_diff"]["high"] - 0.075 == pytest.approx(3.182446 * 0.05 / 2, rel=1e-5)
+    assert calibration["test_diff"]["mean"] == pytest.approx(0.04) and calibration["test_diff"]["pairs"] == 2
+    assert "oof_fold_diff" not in summary["steps"]["weights"]
+    assert "| calibration | 0.6000 |" in decisions.format_summary(summary)
+    runs[1]["steps"].pop("calibration")
+    with pytest.raises(SystemExit, match="same decision steps"):
+        decisions.summarize(runs)

@@ -39,6 +39,7 @@ def _bundle(folder: Path, **changes: object) -> BundleSpec:
             BundleMember("unet", "hflip", {"mode": "squash", "size": 64, "short_side": None}, list(files), [])
         ],
         weights=[[1.0, 1.0, 1.0]],
+        decision={"class_scales": None, "postprocess": {}},
         scales=[1.0],
         batch_size=2,
         num_workers=0,
@@ -89,6 +90,8 @@ def test_a_folder_without_a_description_is_not_a_bundle(tmp_path: Path) -> None:
         (lambda raw: raw.update(weights=[[1.0, 1.0]]), "one row per member and one column per class"),
         (lambda raw: raw["members"][0].update(checkpoints=["models/other.pt"]), "not among the bundle's"),
         (lambda raw: raw["files"].update({"../escape.pt": "0" * 64}), "climbs out"),
+        (lambda raw: raw.update(decision={"class_scales": {"a": 2.0}, "postprocess": {}}), "label decision"),
+        (lambda raw: raw.update(decision={"class_scales": None, "postprocess": {"z": {}}}), "label decision"),
     ],
 )
 def test_a_malformed_description_is_one_line_naming_the_file(tmp_path: Path, edit, message: str) -> None:

@@ -33,6 +33,8 @@ E2E = {
         "fpn": {"model": {"arch": "FPN"}, "train": {"lr": 0.005}},
     },
     "predict": {"tta": "flips"},
+    # Every OOF decision on, so predict and the bundle apply calibration and post-processing too.
+    "ensemble": {"calibrate": True, "postprocess": True},
 }
 
 
@@ -99,6 +101,9 @@ def test_dvc_repro_runs_every_stage(reproduced: Reproduced, run: Run) -> None:
     assert cv["oof_miou"] == pytest.approx(report["ensemble"]["oof_miou"])  # evaluate re-scores the labels
     assert set(cv["models"]) == {"unet", "fpn"} and set(cv["weights"]) == {"unet", "fpn"}
     assert sum(cv["weights"].values()) == pytest.approx(1.0)
+    headline = json.loads((work / "metrics/cv.json").read_text())
+    assert list(headline["steps"]) == ["weights", "calibration", "postprocess"]
+    assert headline["oof_miou"] == pytest.approx(headline["steps"]["postprocess"])
     board = json.loads((work / "metrics/leaderboard.json").read_text())
     assert 0.0 <= board["miou"] <= 1.0
     assert list((work / "plots/worst").glob("*.png"))

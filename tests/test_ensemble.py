@@ -457,6 +457,7 @@ def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
         "folds": [0, 1, 2],
         "classes": classes,
         "weights": [[0.5] * 2] * 2,
+        "decision": {"class_scales": None, "postprocess": {}},  # neither step enabled
     }
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["weights"] == {"a": 0.5, "b": 0.5}
@@ -480,7 +481,9 @@ def test_ensemble_stage_then_evaluate_stage_agree_on_the_cv_score(
     run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
     cv = json.loads((tmp_path / "cv.json").read_text())
     assert cv["oof_miou"] == pytest.approx(sk_miou)
-    assert cv["weights"] == {"a": 0.5, "b": 0.5}
+    assert json.loads((tmp_path / "details.json").read_text())["weights"] == {"a": 0.5, "b": 0.5}
+    # One headline per decision step: here the fitted weights alone (the last step: the ensemble).
+    assert cv["steps"] == pytest.approx({"weights": sk_miou})
     assert report["average"] == "dataset" == json.loads((tmp_path / "details.json").read_text())["average"]
 
 
@@ -522,3 +525,30 @@ def test_ensemble_and_evaluate_stages_by_the_image_average(
     with pytest.raises(SystemExit):
         run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
     assert "report.json: scored by the image average, params say dataset" in capsys.readouterr().err
+
+
+def test_ensemble_stage_with_calibration_and_post_processing_reports_every_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classes = _stage_project(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["ensemble"].update(calibrate=True, postprocess=True)
+    write_params(tmp_path / "params.yaml", params)
+    run_stage("ensemble.py", ENSEMBLE_ARGS, tmp_path, monkeypatch)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["steps"]) == ["members", "weights", "calibration", "postprocess"]
+    for step in ("weights", "calibration", "postprocess"):
+        assert set(report["steps"][step]) >= {"oof_miou", "in_sample_miou", "iou", "folds"}
+    # The last step is the ensemble; the labels written are its nested ones (evaluate checks the score).
+    assert report["ensemble"]["oof_miou"] == report["steps"]["postprocess"]["oof_miou"]
+    fitted = json.loads((tmp_path / "w.json").read_text())
+    assert fitted["decision"] == report["decision"]
+    assert set(fitted["decision"]["class_scales"]) == set(classes)
+    assert set(report["fold_decisions"]) == {"0", "1", "2"}
+    labels = [read_mask(tmp_path / f"labels/fold{k}/img/f{k}.png") for k in range(3)]
+    cms = np.stack([_sk_cm(label.ravel()) for label in labels])
+    assert report["ensemble"]["oof_miou"] == pytest.approx(metrics.score(cms, "dataset"))
+    run_stage("evaluate.py", EVALUATE_ARGS, tmp_path, monkeypatch)
+    cv = json.loads((tmp_path / "cv.json").read_text())
+    assert list(cv["steps"]) == ["weights", "calibration", "postprocess"]
+    assert cv["oof_miou"] == pytest.approx(cv["steps"]["postprocess"])

@@ -255,6 +255,8 @@ def _evaluate_project(tmp_path: Path) -> tuple[dict[str, Any], list[str]]:
         "ensemble": {"oof_miou": miou, "folds": {"0": 0.5, "1": 0.5}},
         "models": {"unet": {"oof_miou": 0.25}, "fpn": {"oof_miou": 0.3}},
         "weights": {"unet": 0.4, "fpn": 0.6},
+        "steps": {"members": {"oof_miou": 0.3}, "weights": {"oof_miou": miou, "in_sample_miou": miou + 0.1}},
+        "decision": {"class_scales": None, "postprocess": {}},
     }
     (tmp_path / "ensemble/report.json").write_text(json.dumps(report))
     flags = {
@@ -276,12 +278,12 @@ def test_evaluate_stage_writes_metrics_plot_and_overlays(
     assert set(details["iou"]) == set(CLASSES)
     assert details["oof_miou"] == pytest.approx(report["ensemble"]["oof_miou"])
     assert (details["models"], details["weights"]) == (report["models"], report["weights"])
-    # The headline: the ensemble's and each model's OOF mIoU, and the per-model weights.
+    # The headline: the ensemble's OOF mIoU, each decision step's and each model's.
     cv = json.loads((tmp_path / "metrics/cv.json").read_text())
     assert cv == {
         "oof_miou": pytest.approx(report["ensemble"]["oof_miou"]),
+        "steps": {"weights": pytest.approx(report["ensemble"]["oof_miou"])},
         "models": {"unet": {"oof_miou": 0.25}, "fpn": {"oof_miou": 0.3}},
-        "weights": {"unet": 0.4, "fpn": 0.6},
     }
     assert len(pd.read_csv(tmp_path / "plots/confusion.csv")) == 3 * 1000
     assert len(list((tmp_path / "plots/worst").glob("*.png"))) == 3

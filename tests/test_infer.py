@@ -27,6 +27,7 @@ from pipeline.data.geometry import Geometry
 from pipeline.data.loaders import ImageDataset
 from pipeline.data.manifest import ImageSet, Manifest, write_manifest
 from pipeline.data.records import ImageRecord
+from pipeline.ensemble.decision import LabelDecision
 from pipeline.errors import UserError
 from pipeline.evaluation.submission import iter_submission
 from pipeline.inference import infer
@@ -337,7 +338,9 @@ MEMBERS = {  # trained with both flips, so the stage may run flips TTA; one squa
 }
 
 
-def _stage_project(tmp_path: Path, weights: list[list[float]], tta: str = "flips") -> list[ImageRecord]:
+def _stage_project(
+    tmp_path: Path, weights: list[list[float]], tta: str = "flips", decision: dict | None = None
+) -> list[ImageRecord]:
     """Two members of two fold checkpoints each, the ensemble's weights, the manifest of a 3-image
     test set and params.yaml (predict.tta = `tta`), laid out as dvc.yaml does. Returns the test images."""
     torch.manual_seed(0)
@@ -347,6 +350,7 @@ def _stage_project(tmp_path: Path, weights: list[list[float]], tta: str = "flips
             state = checkpoint_state(model, TINY_MODEL, CLASSES, augment, 1, 0.5, fold)
             save_checkpoint(tmp_path / f"models/{name}/fold{fold}/best.pt", state)
     fitted = {"members": list(MEMBERS), "folds": [0, 1], "classes": CLASSES, "weights": weights}
+    fitted["decision"] = decision or {"class_scales": None, "postprocess": {}}
     (tmp_path / "ensemble").mkdir()
     (tmp_path / "ensemble/weights.json").write_text(json.dumps(fitted))
     records = _write_images(tmp_path / "data", [(40, 72), (64, 64), (50, 30)])
@@ -404,6 +408,34 @@ def test_predict_stage_follows_the_fitted_weights(tmp_path: Path, monkeypatch: p
     alone = _masks(folds.models, dataset, None, "none", 2)
     for index, mask in alone:
         np.testing.assert_array_equal(written[records[index].file_name], mask)
+
+
+def test_predict_stage_labels_by_the_fitted_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Class 1 scaled up 8 times, then class 2's components of at most 2 % of an image removed.
+    raw = {
+        "class_scales": dict(zip(CLASSES, [1.0, 8.0, 1.0], strict=True)),
+        "postprocess": {CLASSES[2]: {"max_fraction": 0.02, "largest_only": False}},
+    }
+    records = _stage_project(tmp_path, [[0.5] * 3, [0.5] * 3], tta="none", decision=raw)
+    real, merged = infer.predict_members, {}
+
+    def spy(*args, **kwargs):
+        for index, probs in real(*args, **kwargs):
+            merged[index] = probs.clone()
+            yield index, probs
+
+    monkeypatch.setattr(infer, "predict_members", spy)
+    _run_predict(tmp_path, monkeypatch)
+    written = dict(iter_submission(tmp_path / "sub/s.csv", ImageSet(records, 3), None))
+    decision = LabelDecision.from_json(raw, CLASSES)
+    assert decision.rules and decision.class_scales == [1.0, 8.0, 1.0]
+    for index, probs in merged.items():
+        record = records[index]
+        expected = decision.labels(probs, (record.height, record.width))
+        np.testing.assert_array_equal(written[record.file_name], expected)
+    shapes = {i: (records[i].height, records[i].width) for i in merged}
+    plain = sum((infer.probabilities_to_mask(p, shapes[i]) == 1).sum() for i, p in merged.items())
+    assert plain < sum((written[records[i].file_name] == 1).sum() for i in merged)  # the scale did act
 
 
 def test_predict_stage_predicts_in_sliding_windows_when_switched_on(

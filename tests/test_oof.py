@@ -284,6 +284,7 @@ def test_predict_stage_stores_the_merged_test_probabilities_at_the_largest_membe
             _checkpoint(tmp_path / f"models/{name}/fold{fold}/best.pt", augment)
     weights = [[0.25, 0.5, 0.5], [0.75, 0.5, 0.5]]
     fitted = {"members": list(PREDICT_MEMBERS), "folds": [0, 1], "classes": CLASSES, "weights": weights}
+    fitted["decision"] = {"class_scales": None, "postprocess": {}}
     (tmp_path / "weights.json").write_text(json.dumps(fitted))
     manifest = Manifest(CLASSES, [1, 2], [], np.zeros((0, 3), dtype=bool), images, {"used": 0})
     write_manifest(tmp_path / "data/manifest.json", manifest)

@@ -90,6 +90,7 @@ def export_bundle(inputs: PredictInputs, out: Path, onnx: bool = False) -> Expor
             classes=list(manifest.classes),
             members=bundle_members,
             weights=[fitted.weights[i] for i in kept],
+            decision=fitted.decision.to_json(manifest.classes),
             scales=list(params.predict.scales),
             batch_size=params.predict.batch_size,
             num_workers=params.predict.num_workers,

@@ -12,11 +12,12 @@ from typing import Any
 from pipeline.atomic import write_json
 from pipeline.data.images import file_name_problem
 from pipeline.digest import sha256_file
+from pipeline.ensemble.decision import LabelDecision
 from pipeline.errors import UserError
 
 SPEC_FILE = "bundle.json"
 FORMAT = "trashseg-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the label decision (calibration, post-processing)
 # The libraries whose versions shape a prediction: a bundle records them, and predicting with others
 # is warned about (a changed kernel or TTA can move probabilities), not refused.
 LIBRARIES = ("trashseg", "torch", "segmentation-models-pytorch", "timm", "ttach")
@@ -41,6 +42,7 @@ class BundleSpec:
     classes: list[str]  # background first
     members: list[BundleMember]
     weights: list[list[float]]  # (members, classes): the ensemble stage's fitted weights
+    decision: dict[str, Any]  # `LabelDecision.to_json`: calibration and post-processing
     scales: list[float]
     batch_size: int
     num_workers: int
@@ -120,7 +122,16 @@ def read_spec(folder: Path) -> BundleSpec:
     return spec
 
 
+def label_decision(spec: BundleSpec) -> LabelDecision:
+    """The bundle's `LabelDecision` (`read_spec` has checked it parses)."""
+    return LabelDecision.from_json(spec.decision, spec.classes)
+
+
 def _check_shape(path: Path, spec: BundleSpec) -> None:
+    try:
+        label_decision(spec)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path}: malformed label decision ({exc})") from None
     if not spec.members:
         raise UserError(f"{path}: no members")
     if len(spec.weights) != len(spec.members) or any(len(row) != len(spec.classes) for row in spec.weights):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.bundle.layout import BundleSpec, read_spec
+from pipeline.bundle.layout import BundleSpec, label_decision, read_spec
 from pipeline.bundle.onnx import CPU, OnnxModel
 from pipeline.data.coco import load_image_list
 from pipeline.data.geometry import Geometry
@@ -131,7 +131,7 @@ def _predict(
     stream = tqdm(stream, desc=f"predict ({n_models} models)", total=len(test), unit="image")
     if time_limit is not None:
         stream = within_time_limit(stream, len(test), time_limit, started, spec.batch_size)
-    masks = labelled_masks(stream, test, spec.size)
+    masks = labelled_masks(stream, test, spec.size, label_decision(spec).labels)
     target = ImageSet(test, len(spec.classes))
     rows = write_submission(masks, out, spec.submission_format, spec.rle_order, target, spec.size)
     encoding = describe(

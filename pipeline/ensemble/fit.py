@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pipeline.atomic import write_json
 from pipeline.data.geometry import resize_argmax
 from pipeline.data.probstore import StoredProbabilities
+from pipeline.ensemble.decision import LabelDecision
 from pipeline.ensemble.merge import merge_probabilities
 from pipeline.errors import UserError
 from pipeline.metrics import (
@@ -241,22 +242,10 @@ def fit_ensemble(
     if per_class:
         for c in range(n_classes):
             # For every fit, every grid row in column c with the fit's other columns kept: one pass.
-            trial = np.stack([_with_column(w, c, row) for w in chosen for row in grid])
-            # Fits often share weights: score each distinct candidate once, in the trial order's terms.
-            distinct, inverse = np.unique(trial.reshape(len(trial), -1), axis=0, return_inverse=True)
-            distinct_tally = candidate_tally(
-                members,
-                truth,
-                distinct.reshape(-1, *trial.shape[1:]),
-                n_classes,
-                average,
-                desc=f"class {c} weights",
-            )
-            inverse = inverse.ravel()
-            for s, mask in enumerate(used):
-                own = inverse[s * len(grid) : (s + 1) * len(grid)]  # fit s's trials, in grid order
-                best = best_candidate(distinct_tally.score(mask)[own])
-                chosen[s], chosen_tally[s] = trial[s * len(grid) + best], distinct_tally.take([own[best]])
+            trials = [np.stack([_with_column(w, c, row) for row in grid]) for w in chosen]
+            picked = best_trials(members, truth, trials, used, n_classes, average, f"class {c} weights")
+            chosen = [own[i] for own, (i, _) in zip(trials, picked, strict=True)]
+            chosen_tally = [tally for _, tally in picked]
     vertices = [int(np.flatnonzero(grid[:, m] == 1)[0]) for m in range(n_members)]
     return EnsembleFit(
         weights=chosen[-1],
@@ -265,6 +254,33 @@ def fit_ensemble(
         members=tally.take(vertices),
         in_sample=chosen_tally[-1],
     )
+
+
+def best_trials(
+    members: Sequence[Sequence[StoredProbabilities]],
+    truth: Callable[[str], np.ndarray],
+    trials: Sequence[np.ndarray],
+    used: Sequence[np.ndarray],
+    n_classes: int,
+    average: Average,
+    desc: str,
+) -> list[tuple[int, OofTally]]:
+    """For each fit s, the index of the best of its candidates trials[s] ((T, M, C) weights) by the
+    `average` mIoU on the folds where used[s] is True, and its tally (one predictor); ties go to the
+    earliest trial.
+
+    Fits often share candidates: each distinct one is scored once, every fit's in one pass over the images.
+    """
+    flat = np.concatenate(trials)
+    distinct, inverse = np.unique(flat.reshape(len(flat), -1), axis=0, return_inverse=True)
+    tally = candidate_tally(members, truth, distinct.reshape(-1, *flat.shape[1:]), n_classes, average, desc)
+    inverse, picked, start = inverse.ravel(), [], 0
+    for own_trials, mask in zip(trials, used, strict=True):
+        own = inverse[start : start + len(own_trials)]  # this fit's trials, in its order
+        best = best_candidate(tally.score(mask)[own])
+        picked.append((int(best), tally.take([own[best]])))
+        start += len(own_trials)
+    return picked
 
 
 def _with_column(weights: np.ndarray, column: int, values: np.ndarray) -> np.ndarray:
@@ -314,17 +330,21 @@ def named_weights(weights: np.ndarray, names: Sequence[str], classes: Sequence[s
 
 @dataclass(frozen=True)
 class FittedWeights:
-    """What the ensemble stage hands predict: which (model, fold) checkpoints, merged with which weights."""
+    """What the ensemble stage hands predict: which (model, fold) checkpoints, merged with which weights,
+    and how the merged probabilities become labels."""
 
     members: list[str]  # model recipe names
     folds: list[int]  # every member's folds, averaged with equal weights
     classes: list[str]
     weights: list[list[float]]  # (M, C): one weight per member and class
+    # Calibration and post-processing, decided on every fold (default: plain argmax).
+    decision: LabelDecision = dataclasses.field(default_factory=LabelDecision)
 
 
 def write_weights(path: str | Path, fitted: FittedWeights) -> None:
     """`fitted` as JSON, atomically."""
-    write_json(path, dataclasses.asdict(fitted))
+    raw = {f.name: getattr(fitted, f.name) for f in dataclasses.fields(fitted) if f.name != "decision"}
+    write_json(path, {**raw, "decision": fitted.decision.to_json(fitted.classes)})
 
 
 def read_weights(path: str | Path, classes: Sequence[str]) -> FittedWeights:
@@ -337,6 +357,8 @@ def read_weights(path: str | Path, classes: Sequence[str]) -> FittedWeights:
             [str(c) for c in raw["classes"]],
             [[float(w) for w in row] for row in raw["weights"]],
         )
+        if fitted.classes == list(classes):
+            fitted = dataclasses.replace(fitted, decision=LabelDecision.from_json(raw["decision"], classes))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
             f"{path}: not an ensemble weights file ({exc!r}); re-run the ensemble stage"

@@ -268,16 +268,18 @@ def labelled_masks(
     probabilities: Iterable[tuple[int, torch.Tensor]],
     images: Sequence[records.ImageRecord],
     out_size: int | None,
+    to_labels: Callable[[torch.Tensor, tuple[int, int]], np.ndarray] = probabilities_to_mask,
     store: Callable[[str, torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """(file name, uint8 argmax mask at `output_shape`) for each (index into `images`, probabilities)
-    of a prediction stream, as a submission is written; `store`, if given, also receives each image's
-    (file name, probabilities)."""
+    """(file name, uint8 mask at `output_shape`) for each (index into `images`, probabilities) of a
+    prediction stream, as a submission is written: `to_labels(probs, (H, W))` labels them (argmax by
+    default; the ensemble's `LabelDecision.labels` in predict). `store`, if given, also receives each
+    image's (file name, probabilities) as they come."""
     for index, probs in probabilities:
         record = images[index]
         if store is not None:
             store(record.file_name, probs)
-        yield record.file_name, probabilities_to_mask(probs, output_shape(record, out_size))
+        yield record.file_name, to_labels(probs, output_shape(record, out_size))
 
 
 @dataclass(frozen=True)

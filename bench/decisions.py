@@ -1,0 +1,116 @@
+"""What each OOF decision step earned, over seeds: paired differences with 95 % intervals.
+
+Reads `bench/ensemble.py --json` results of the same set and params at several `train.seed`s (each a
+whole K-fold run with `ensemble.calibrate` and `ensemble.postprocess` on) and prints, for each step
+against the one before (weights -> calibration -> postprocess): the nested OOF mIoU difference paired by
+(seed, fold) and the test mIoU difference paired by seed, each with its t-interval, and the per-class
+OOF IoU of every step. --json writes the table's numbers.
+
+  python bench/decisions.py docs/measurements/decisions/demo-s*.json \\
+      --json docs/measurements/decisions-demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from realsets import t_interval
+
+from pipeline.atomic import write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("results", type=Path, nargs="+", help="bench/ensemble.py --json files, one per seed")
+    parser.add_argument("--json", type=Path, help="write the summary here")
+    args = parser.parse_args()
+    runs = [json.loads(path.read_text()) for path in args.results]
+    summary = summarize(runs)
+    print(format_summary(summary))
+    if args.json:
+        write_json(args.json, summary)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per step: mean OOF (nested, in-sample) and test mIoU over the runs, per-class OOF IoU, and the paired
+    difference to the previous step (OOF by seed and fold, test by seed) with its 95 % interval."""
+    steps = list(runs[0]["steps"])
+    if any(list(run["steps"]) != steps for run in runs):
+        raise SystemExit("error: the runs did not take the same decision steps")
+    out: dict[str, Any] = {"runs": len(runs), "seeds": [run["params"]["train"]["seed"] for run in runs]}
+    out["steps"] = {}
+    for i, step in enumerate(steps):
+        scores = [run["steps"][step] for run in runs]
+        entry: dict[str, Any] = {
+            "oof_miou": float(np.mean([s["oof_miou"] for s in scores])),
+            "in_sample_miou": float(np.mean([s["in_sample_miou"] for s in scores])),
+            "test_miou": float(np.mean([s["leaderboard_miou"] for s in scores])),
+            "oof_iou": {c: _nanmean([s["oof_iou"][c] for s in scores]) for c in scores[0]["oof_iou"]},
+            "test_iou": {
+                c: _nanmean([s["leaderboard_iou"][c] for s in scores]) for c in scores[0]["leaderboard_iou"]
+            },
+        }
+        if i:
+            before = [run["steps"][steps[i - 1]] for run in runs]
+            fold_diffs = [
+                s["oof_folds"][k] - b["oof_folds"][k]
+                for s, b in zip(scores, before, strict=True)
+                for k in s["oof_folds"]
+            ]
+            test_diffs = [
+                s["leaderboard_miou"] - b["leaderboard_miou"] for s, b in zip(scores, before, strict=True)
+            ]
+            entry["oof_fold_diff"] = dict(zip(("mean", "low", "high"), t_interval(fold_diffs), strict=True))
+            entry["oof_fold_diff"]["pairs"] = len(fold_diffs)
+            entry["test_diff"] = dict(zip(("mean", "low", "high"), t_interval(test_diffs), strict=True))
+            entry["test_diff"]["pairs"] = len(test_diffs)
+        out["steps"][step] = entry
+    return out
+
+
+def _nanmean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(kept)) if kept else None
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{summary['runs']} runs (seeds {summary['seeds']})"]
+    lines.append(
+        "| step | OOF mIoU (nested) | in-sample | test mIoU | OOF diff by fold [95 % CI] "
+        "| test diff by seed [95 % CI] |"
+    )
+    lines.append("|---|---|---|---|---|---|")
+    for step, entry in summary["steps"].items():
+        oof = _diff(entry.get("oof_fold_diff"))
+        test = _diff(entry.get("test_diff"))
+        lines.append(
+            f"| {step} | {entry['oof_miou']:.4f} | {entry['in_sample_miou']:.4f} | {entry['test_miou']:.4f} "
+            f"| {oof} | {test} |"
+        )
+    classes = list(next(iter(summary["steps"].values()))["oof_iou"])
+    lines.append("")
+    lines.append("| OOF IoU | " + " | ".join(classes) + " |")
+    lines.append("|---|" + "---|" * len(classes))
+    for step, entry in summary["steps"].items():
+        cells = ["-" if entry["oof_iou"][c] is None else f"{entry['oof_iou'][c]:.3f}" for c in classes]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _diff(diff: dict[str, float] | None) -> str:
+    if diff is None:
+        return "-"
+    if math.isnan(diff["low"]):
+        return f"{diff['mean']:+.4f} (n={diff['pairs']})"
+    return f"{diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] (n={diff['pairs']})"
+
+
+if __name__ == "__main__":
+    main()
