@@ -186,6 +186,9 @@ class TrainParams(Section):
     ema: float | None = Field(
         None, gt=0, lt=1, description="EMA decay per step: validated and saved in best.pt instead"
     )
+    average_top_k: int = Field(
+        1, ge=1, description="best.pt: the average of the k best validated epochs' weights (1: the best)"
+    )
     seed: int = Field(42, ge=0)
     max_batches: int | None = Field(None, ge=1)
 

@@ -61,7 +61,7 @@ def test_calibration_recovers_a_rare_class_argmax_loses_and_its_nested_score_is_
     assert in_sample["oof_miou"] == pytest.approx((4 / 6 + 6 / 8) / 2)
     assert in_sample["iou"]["rare"] == pytest.approx(6 / 8)  # argmax's is 0
     # Without fold 0 (or 1): sqrt(2) and 2 tie at 0.583 and the earlier in SCALES wins; without fold 2: 2.
-    assert SCALES.index(2 ** 0.5) < SCALES.index(2.0)
+    assert SCALES.index(2**0.5) < SCALES.index(2.0)
     np.testing.assert_allclose(fit.fold_scales, [[1, 2**0.5], [1, 2**0.5], [1, 2]])
     # Nested: folds 0 and 1 all background, fold 2 all rare: bg 4/10, rare 2/8.
     nested = scores(fit.cross_validated, [0, 1, 2], ["bg", "rare"])

@@ -60,6 +60,7 @@ from pipeline.training.runtime import (
     setup_runtime,
 )
 from pipeline.training.state import build_train_state, lr_factor
+from pipeline.training.topk import TOP_DIR, average_states, top_k_path, updated_top_k
 from pipeline.training.train import evaluate, fit, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -673,21 +674,24 @@ def _run_stage(dataset: Path, out: Path, params_file: Path) -> subprocess.Comple
 
 
 def test_ddp_on_cpu_writes_one_set_of_outputs(dataset: Path, tmp_path: Path) -> None:
-    params_file = _write_params(tmp_path / "params.yaml", _params(runtime={"nproc": 2}))
+    # With train.average_top_k: every rank takes part in validating the average best.pt becomes.
+    params = _params(runtime={"nproc": 2}, epochs=2, average_top_k=2)
+    params_file = _write_params(tmp_path / "params.yaml", params)
     out = tmp_path / "ddp"
     # runtime.nproc: 2, so the stage starts its two workers under torchrun itself.
     run = _run_stage(dataset, out, params_file)
     assert run.stdout.count("best val mIoU") == 1  # only rank 0 reports
     paths = _paths(dataset, out)
-    assert sorted(p.name for p in paths.model_dir.iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in paths.model_dir.iterdir()) == ["best.pt", "last.pt", TOP_DIR]
     metrics = json.loads(paths.metrics.read_text())
     assert set(metrics) == {"miou"} and 0.0 <= metrics["miou"] <= 1.0 and np.isfinite(metrics["miou"])
-    assert pd.read_csv(paths.live / "plots/metrics/train_loss.tsv", sep="\t")["step"].tolist() == [0]
+    assert pd.read_csv(paths.live / "plots/metrics/train_loss.tsv", sep="\t")["step"].tolist() == [0, 1]
 
     # Each rank validated its own shard of the held-out fold; summed, they score every image once: a
     # single process scoring best.pt on the whole fold gets the same mIoU.
     best = load_checkpoint(paths.model_dir / "best.pt")
     assert best["recipe"] == MODEL and best["score"] == metrics["miou"]
+    assert sorted(a["epoch"] for a in best["averaged"]) == [0, 1]
     images = _held_out(dataset)
     val = ImageDataset(paths.root, images, Geometry.from_dict(best["geometry"]), masks_dir=paths.masks)
     cm = evaluate(model_from_checkpoint(best), build_inference_loader(val, 2, 0), 11, PRECISIONS["float32"])
@@ -1043,3 +1047,65 @@ def test_class_weights_a_loss_would_drop_are_refused_before_any_worker_starts() 
     with pytest.raises(UserError, match=expected):
         check_train_params(train, "m", 3)
     check_train_params(train.model_copy(update={"losses": {"ce": 1.0, "dice": 1.0}}), "m", 3)
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_best_checkpoint_is_the_validated_average_of_the_k_best_epochs(
+    dataset: Path,
+    tmp_path: Path,
+    ema: float | None,
+) -> None:
+    recipe = _recipe(epochs=3, max_batches=1, average_top_k=2, ema=ema)
+    paths = _paths(dataset, tmp_path)
+    metrics = fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
+    last = load_checkpoint(paths.model_dir / "last.pt")
+    best = load_checkpoint(paths.model_dir / "best.pt")
+    top = [tuple(item) for item in last["top_k"]]
+    assert len(top) == 2 and top == updated_top_k(top[1:], *top[0], 2)  # the two best, best first
+    assert [a["epoch"] for a in best["averaged"]] == [e for e, _ in top]
+    assert best["epoch"] == top[0][0] == last["best_epoch"]
+    kept = sorted(p.name for p in (paths.model_dir / TOP_DIR).iterdir())
+    assert kept == sorted(top_k_path(paths.model_dir, e).name for e, _ in top)
+    states = [load_checkpoint(top_k_path(paths.model_dir, e))["model_state"] for e, _ in sorted(top)]
+    expected = average_states(states)
+    for key, value in expected.items():
+        torch.testing.assert_close(best["model_state"][key], value, rtol=0, atol=0, msg=key)
+    # best.pt's score is the averaged model's own validation, and the metrics file says it.
+    assert metrics["miou"] == best["score"]
+    if ema is not None:  # the kept weights are the EMA model's, not the raw ones last.pt trains on
+        assert any(
+            not torch.equal(last["model_state"][k], v) for k, v in states[-1].items() if v.is_floating_point()
+        )
+
+
+def test_a_killed_run_with_averaging_resumes_to_the_same_bits(
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recipe = _recipe(epochs=3, max_batches=1, average_top_k=2)
+    killed, straight = _paths(dataset, tmp_path / "killed"), _paths(dataset, tmp_path / "straight")
+    writes = []
+
+    def save_then_kill(path: Path, state: dict) -> None:
+        save_checkpoint(path, state)
+        writes.append(Path(path).name)
+        if writes.count("last.pt") == 2:  # after epoch 2's last.pt, before best.pt or the average
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "save_checkpoint", save_then_kill)
+        with pytest.raises(KeyboardInterrupt):
+            fit(recipe, 0, 0, killed, _cpu(recipe), average="dataset")
+    assert load_checkpoint(killed.model_dir / "last.pt")["epoch"] == 1
+    fit(recipe, 0, 0, killed, _cpu(recipe), average="dataset")
+    fit(recipe, 0, 0, straight, _cpu(recipe), average="dataset")
+    a, b = load_checkpoint(killed.model_dir / "best.pt"), load_checkpoint(straight.model_dir / "best.pt")
+    assert (a["epoch"], a["score"], a["averaged"]) == (b["epoch"], b["score"], b["averaged"])
+    for key in a["model_state"]:
+        torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=0, atol=0, msg=key)
+    # A finished run asked again recomputes the same average (nothing to repair after a kill mid-write).
+    fit(recipe, 0, 0, straight, _cpu(recipe), average="dataset")
+    again = load_checkpoint(straight.model_dir / "best.pt")
+    for key in a["model_state"]:
+        torch.testing.assert_close(again["model_state"][key], b["model_state"][key], rtol=0, atol=0, msg=key)

@@ -42,6 +42,7 @@ WEIGHT_MODULES = (
     "training/resume.py",
     "training/runtime.py",
     "training/state.py",
+    "training/topk.py",
     "training/train.py",
     "training/weightmap.py",
 )

@@ -126,9 +126,11 @@ def resume_state(
     best_score: float,
     best_epoch: int | None,
     best_iou: dict[str, float] | None,
+    top_k: list[tuple[int, float]],
 ) -> dict[str, Any]:
-    """Everything needed to continue after the last finished epoch (tensors and builtins only), and the
-    epoch best.pt holds with its per-class IoU (so best.pt can be rewritten if a kill cut its write)."""
+    """Everything needed to continue after the last finished epoch (tensors and builtins only), the
+    epoch best.pt holds with its per-class IoU (so best.pt can be rewritten if a kill cut its write), and
+    the epochs whose weights train.average_top_k keeps."""
     return {
         "fingerprint": fingerprint,
         "epoch": len(history) - 1,
@@ -142,4 +144,5 @@ def resume_state(
         "scaler_state": state.scaler.state_dict(),
         "rng": rng_states(),
         "ema_state": None if state.ema is None else state.ema.state_dict(),
+        "top_k": [list(item) for item in top_k],
     }

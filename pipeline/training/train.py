@@ -28,6 +28,7 @@ from pipeline.training.live import log_epoch, open_live, write_metrics
 from pipeline.training.resume import read_resume_state, run_fingerprint
 from pipeline.training.runtime import Runtime, seed_everything
 from pipeline.training.state import TrainState, build_train_state, check_side_weights, resume_state
+from pipeline.training.topk import averaged_top_k, keep, prune, updated_top_k
 
 
 def train_one_epoch(
@@ -151,6 +152,10 @@ def fit(
     history: list[dict[str, float]] = resume["history"] if resume else []
     best_score = resume["best_score"] if resume else -math.inf
     best_epoch, best_iou = (resume["best_epoch"], resume["best_iou"]) if resume else (None, None)
+    # train.average_top_k: the k best validated epochs (epoch, score), whose weights are kept on disk.
+    top_k: list[tuple[int, float]] = [tuple(item) for item in resume["top_k"]] if resume else []
+    if runtime.is_main:
+        prune(paths.model_dir, top_k)  # a kill may have left a file last.pt does not name
     if resume and resume["rewrite_best"] and runtime.is_main:
         # Killed between last.pt and best.pt: last.pt's weights, just restored, are best.pt's epoch.
         print(f"{recipe.name} fold {fold}: best.pt rewritten from last.pt (epoch {best_epoch + 1})")
@@ -195,6 +200,8 @@ def fit(
             val_score = score(cms, average)
             record["val_miou"] = val_score
         history.append(record)
+        if validate and train.average_top_k > 1:  # on every rank: each takes part in the final average
+            top_k = updated_top_k(top_k, epoch, val_score, train.average_top_k)
         if not runtime.is_main:
             continue
         val_miou = val_score if validate else None
@@ -205,19 +212,65 @@ def fit(
         if improved:
             best_score, best_epoch = val_score, epoch
             best_iou = dict(zip(data.classes, class_ious(cms, average).tolist(), strict=True))
+        if any(kept_epoch == epoch for kept_epoch, _ in top_k):
+            # This epoch's weights go to disk before last.pt names them; what fell out goes after.
+            keep(paths.model_dir, epoch, val_score, state.kept.state_dict())
         # last.pt first: it names the epoch best.pt holds, so a kill between the two writes leaves a
         # best.pt the resumed run rewrites from last.pt's weights (that epoch's) before going on.
-        last = resume_state(state, fingerprint, history, best_score, best_epoch, best_iou)
+        last = resume_state(state, fingerprint, history, best_score, best_epoch, best_iou, top_k)
         save_checkpoint(paths.model_dir / "last.pt", last)
+        prune(paths.model_dir, top_k)
         if improved:
             write_best(
                 paths, state.kept, recipe, data.classes, fold, epoch, best_score, best_iou, fingerprint
             )
 
+    if train.average_top_k > 1 and len(top_k) > 1:
+        if runtime.distributed:
+            dist.barrier()  # the main process wrote the kept weights every rank now reads
+        write_top_k_average(
+            state, val_loader, runtime, paths, recipe, data.classes, fold, top_k, fingerprint, average
+        )
+
     if not runtime.is_main:
         return {}
     live.end()
     return write_metrics(paths.model_dir, paths.metrics)
+
+
+def write_top_k_average(
+    state: TrainState,
+    val_loader: DataLoader,
+    runtime: Runtime,
+    paths: FoldPaths,
+    recipe: Recipe,
+    classes: list[str],
+    fold: int,
+    top_k: list[tuple[int, float]],
+    fingerprint: str,
+    average: Average,
+) -> None:
+    """best.pt: the average of the kept epochs' weights, validated. It is computed again, to the same bits,
+    by a resumed run that finds every epoch done, so a kill while writing it leaves nothing to repair.
+
+    best.pt's "epoch" stays the best single epoch (what last.pt names, for `read_resume_state`); its score
+    is the averaged model's, and "averaged" lists the epochs with their own scores.
+    """
+    state.kept.load_state_dict(averaged_top_k(paths.model_dir, top_k))
+    cms = evaluate(state.evaluated, val_loader, len(classes), runtime)
+    if not runtime.is_main:
+        return
+    val_score = score(cms, average)
+    iou = dict(zip(classes, class_ious(cms, average).tolist(), strict=True))
+    best_epoch = top_k[0][0]
+    singles = ", ".join(f"{epoch + 1}: {s:.4f}" for epoch, s in sorted(top_k))
+    print(
+        f"{recipe.name} fold {fold}: best.pt = the average of epochs {{{singles}}}, val mIoU {val_score:.4f}"
+    )
+    averaged = [{"epoch": epoch, "score": s} for epoch, s in top_k]
+    write_best(
+        paths, state.kept, recipe, classes, fold, best_epoch, val_score, iou, fingerprint, averaged=averaged
+    )
 
 
 def write_best(
@@ -230,10 +283,12 @@ def write_best(
     score: float,
     iou: dict[str, float] | None,
     fingerprint: str,
+    averaged: list[dict[str, float]] | None = None,
 ) -> None:
-    """best.pt: `model`'s weights (of `epoch`) with its score and per-class IoU, self-describing."""
+    """best.pt: `model`'s weights (of `epoch`, or the average of the `averaged` epochs) with its score and
+    per-class IoU, self-describing."""
     best = checkpoint_state(model, recipe.model, classes, recipe.augment, epoch, score, fold)
-    extra = {"iou": iou, "fingerprint": fingerprint, "recipe": recipe.name}
+    extra = {"iou": iou, "fingerprint": fingerprint, "recipe": recipe.name, "averaged": averaged}
     save_checkpoint(paths.model_dir / "best.pt", {**best, **extra})
 
 
