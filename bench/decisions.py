@@ -4,7 +4,8 @@ Reads `bench/ensemble.py --json` results of the same set and params at several `
 whole K-fold run with `ensemble.calibrate` and `ensemble.postprocess` on) and prints, for each step
 against the one before (weights -> calibration -> postprocess): the nested OOF mIoU difference paired by
 (seed, fold) and the test mIoU difference paired by seed, each with its t-interval, and the per-class
-OOF IoU of every step. --json writes the table's numbers.
+OOF IoU of every step. With --baseline (runs of another setting, e.g. train.average_top_k, at the same
+seeds), every step is also compared with the baseline's, paired the same way. --json writes the numbers.
 
   python bench/decisions.py docs/measurements/decisions/demo-s*.json \\
       --json docs/measurements/decisions-demo.json
@@ -29,13 +30,70 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("results", type=Path, nargs="+", help="bench/ensemble.py --json files, one per seed")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        nargs="+",
+        help="runs of another setting at the same seeds: each step compared",
+    )
     parser.add_argument("--json", type=Path, help="write the summary here")
     args = parser.parse_args()
     runs = [json.loads(path.read_text()) for path in args.results]
     summary = summarize(runs)
     print(format_summary(summary))
+    if args.baseline:
+        baseline = [json.loads(path.read_text()) for path in args.baseline]
+        summary["versus_baseline"] = versus(runs, baseline)
+        print(format_versus(summary["versus_baseline"]))
     if args.json:
         write_json(args.json, summary)
+
+
+def versus(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per step, these runs minus the baseline runs of the same seed: OOF by (seed, fold), test by seed."""
+    by_seed = {run["params"]["train"]["seed"]: run for run in baseline}
+    seeds = [run["params"]["train"]["seed"] for run in runs]
+    missing = [seed for seed in seeds if seed not in by_seed]
+    if missing:
+        raise SystemExit(f"error: no baseline run of seed {missing[0]}")
+    out: dict[str, Any] = {}
+    for step in runs[0]["steps"]:
+        pairs = [
+            (run["steps"][step], by_seed[seed]["steps"][step]) for run, seed in zip(runs, seeds, strict=True)
+        ]
+        fold_diffs = [c["oof_folds"][k] - b["oof_folds"][k] for c, b in pairs for k in c["oof_folds"]]
+        test_diffs = [c["leaderboard_miou"] - b["leaderboard_miou"] for c, b in pairs]
+        out[step] = {
+            "oof_miou": float(np.mean([c["oof_miou"] for c, _ in pairs])),
+            "baseline_oof_miou": float(np.mean([b["oof_miou"] for _, b in pairs])),
+            "test_miou": float(np.mean([c["leaderboard_miou"] for c, _ in pairs])),
+            "baseline_test_miou": float(np.mean([b["leaderboard_miou"] for _, b in pairs])),
+            "oof_fold_diff": {
+                **dict(zip(("mean", "low", "high"), t_interval(fold_diffs), strict=True)),
+                "pairs": len(fold_diffs),
+            },
+            "test_diff": {
+                **dict(zip(("mean", "low", "high"), t_interval(test_diffs), strict=True)),
+                "pairs": len(test_diffs),
+            },
+        }
+    return out
+
+
+def format_versus(table: dict[str, Any]) -> str:
+    lines = [
+        "",
+        "| step | OOF mIoU (vs baseline) | test mIoU (vs baseline) | OOF diff by fold [95 % CI] "
+        "| test diff by seed [95 % CI] |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    for step, entry in table.items():
+        lines.append(
+            f"| {step} | {entry['oof_miou']:.4f} ({entry['baseline_oof_miou']:.4f}) "
+            f"| {entry['test_miou']:.4f} ({entry['baseline_test_miou']:.4f}) "
+            f"| {_diff(entry['oof_fold_diff'])} | {_diff(entry['test_diff'])} |"
+        )
+    return "\n".join(lines)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -159,3 +159,18 @@ def test_decisions_summary_pairs_steps_by_seed_and_fold(bench_modules: tuple) ->
     runs[1]["steps"].pop("calibration")
     with pytest.raises(SystemExit, match="same decision steps"):
         decisions.summarize(runs)
+
+
+def test_decisions_versus_a_baseline_pairs_each_step_by_seed(bench_modules: tuple) -> None:
+    decisions = importlib.import_module("decisions")
+
+    def run(seed: int, folds: list[float], test: float) -> dict:
+        return {"params": {"train": {"seed": seed}}, "steps": {"weights": _step(0.5, folds, test)}}
+
+    candidate = [run(0, [0.6, 0.5], 0.50), run(1, [0.7, 0.5], 0.45)]
+    baseline = [run(1, [0.6, 0.5], 0.40), run(0, [0.5, 0.5], 0.48)]  # any order: paired by seed
+    table = decisions.versus(candidate, baseline)
+    assert table["weights"]["oof_fold_diff"]["mean"] == pytest.approx(0.05)  # 0.1, 0.0, 0.1, 0.0
+    assert table["weights"]["test_diff"]["mean"] == pytest.approx((0.02 + 0.05) / 2)
+    with pytest.raises(SystemExit, match="no baseline run of seed 1"):
+        decisions.versus(candidate, baseline[1:])
