@@ -250,6 +250,9 @@ class EnsembleParams(Section):
     )
     grid_step: float = Field(0.1, description="member weights on a simplex grid of this step, by OOF mIoU")
     per_class: bool = Field(False, description="true: one weight per (model, class), by coordinate ascent")
+    tie_seeds: bool = Field(
+        True, description="recipes differing only in train.seed share one weight, split equally among them"
+    )
     calibrate: bool = Field(
         False, description="true: a probability scale per class, fitted on the OOF for mIoU (nested)"
     )
@@ -421,9 +424,40 @@ def complete(overlay: dict[str, Any]) -> dict[str, Any]:
     for name, values in overlay.items():
         if name in SECTIONS and isinstance(values, dict):
             raw[name] = {**raw[name], **copy.deepcopy(values)}
+        elif name == "models":
+            raw[name] = expand_seeds(copy.deepcopy(values))
         else:
-            raw[name] = copy.deepcopy(values)  # `models`, or a mistake that validation names
+            raw[name] = copy.deepcopy(values)  # a mistake that validation names
     return raw
+
+
+def expand_seeds(models: Any) -> Any:
+    """An overlay's recipes with `seeds: [a, b, ...]` written out as one recipe per seed, `<name>_s<seed>`,
+    each with its `train.seed`: separate train stages (a DVC matrix needs every name in params.yaml),
+    which the ensemble treats as members of one recipe (`ensemble.tie_seeds`). Anything else unchanged."""
+    if not isinstance(models, dict):
+        return models
+    out: dict[str, Any] = {}
+    for name, override in models.items():
+        if not (isinstance(override, dict) and "seeds" in override):
+            entries = {name: override}
+        else:
+            seeds = override["seeds"]
+            valid = isinstance(seeds, list) and seeds and all(type(x) is int and x >= 0 for x in seeds)
+            if not valid or len(set(seeds)) != len(seeds):
+                raise UserError(
+                    f"params: 'models.{name}.seeds' must list distinct seeds (integers >= 0), got {seeds!r}"
+                )
+            rest = {key: value for key, value in override.items() if key != "seeds"}
+            entries = {
+                f"{name}_s{seed}": {**rest, "train": {**(rest.get("train") or {}), "seed": seed}}
+                for seed in seeds
+            }
+        for entry_name, entry in entries.items():
+            if entry_name in out or (entry_name != name and entry_name in models):
+                raise UserError(f"params: 'models' would hold two recipes named '{entry_name}' (seed copies)")
+            out[entry_name] = entry
+    return out
 
 
 def overlay_of(raw: dict[str, Any]) -> dict[str, Any]:
@@ -570,6 +604,11 @@ def _resolve_recipes(shared: dict[str, Any], overrides: Any, source: str) -> dic
         prefix = f"models.{name}"
         if not isinstance(override, dict):
             raise UserError(f"{source}: '{prefix}' must be a mapping, got {override!r}")
+        if "seeds" in override:
+            raise UserError(
+                f"{source}: '{prefix}.seeds' belongs in an overlay: `python -m pipeline params OVERLAY` "
+                "writes one recipe per seed"
+            )
         unknown = sorted(set(override) - set(RECIPE_SECTIONS))
         if unknown:
             raise UserError(

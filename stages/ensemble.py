@@ -14,7 +14,7 @@ from pipeline.data.images import mask_relpath, read_mask, write_mask
 from pipeline.data.manifest import read_manifest
 from pipeline.data.probstore import read_probabilities
 from pipeline.ensemble.fit import FittedWeights, write_weights
-from pipeline.ensemble.steps import decide_on_oof, oof_report
+from pipeline.ensemble.steps import decide_on_oof, oof_report, seed_groups
 from pipeline.errors import UserError, run_main
 
 
@@ -61,6 +61,7 @@ def main() -> None:
             average,
             lambda k, name, mask: write_mask(label_path(k, name), mask),
             lambda k, name: read_mask(label_path(k, name)),
+            seed_groups([params.models[name] for name in names]) if params.ensemble.tie_seeds else None,
         )
     report = oof_report(decided, names, folds, classes, average)
     write_json(args.report, report)

@@ -24,6 +24,7 @@ from pipeline.config import (
     params_to_dict,
     render_params,
 )
+from pipeline.ensemble.steps import seed_groups
 from pipeline.errors import UserError
 from pipeline.orchestration.cli import main
 from pipeline.training.resume import WEIGHT_MODULES
@@ -336,3 +337,25 @@ def test_only_training_reads_the_pseudo_labels() -> None:
     readers = sorted(name for name, stage in stages.items() if "data/pseudo" in stage.get("deps", []))
     assert readers == ["train"]
     assert "data/pseudo" in stages["pseudo"]["outs"]
+
+
+def test_seeds_in_an_overlay_become_one_recipe_per_seed_that_the_ensemble_ties() -> None:
+    unet = {"seeds": [3, 7], "model": {"arch": "Unet"}}
+    overlay = {"models": {"unet": unet, "fpn": {"model": {"arch": "FPN"}}}}
+    params = params_from_overlay(overlay)
+    assert list(params.models) == ["unet_s3", "unet_s7", "fpn"]
+    assert [r.train.seed for r in params.models.values()] == [3, 7, params.train.seed]
+    assert seed_groups(list(params.models.values())) == [0, 0, 1]
+    # Two recipes equal in everything, the seed too, are not seed copies.
+    twins = params_from_overlay({"models": {"a": {}, "b": {}, "c": {"train": {"seed": 5}}}})
+    assert seed_groups(list(twins.models.values())) == [0, 1, 2]
+    # params.yaml holds the copies, never `seeds` itself: a DVC matrix needs every recipe name.
+    raw = complete(overlay)
+    raw["models"]["unet"] = {"seeds": [1]}
+    with pytest.raises(UserError, match=r"'models.unet.seeds' belongs in an overlay"):
+        params_from_dict(raw)
+    for bad in ([], [1, 1], [-1], ["a"], 2):
+        with pytest.raises(UserError, match="must list distinct seeds"):
+            complete({"models": {"unet": {"seeds": bad}}})
+    with pytest.raises(UserError, match="two recipes named 'unet_s1'"):
+        complete({"models": {"unet": {"seeds": [1]}, "unet_s1": {}}})

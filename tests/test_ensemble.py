@@ -552,3 +552,29 @@ def test_ensemble_stage_with_calibration_and_post_processing_reports_every_step(
     cv = json.loads((tmp_path / "cv.json").read_text())
     assert list(cv["steps"]) == ["weights", "calibration", "postprocess"]
     assert cv["oof_miou"] == pytest.approx(cv["steps"]["postprocess"])
+
+
+def test_tied_seed_copies_fit_as_one_member_holding_their_mean() -> None:
+    # a1 and a2 are seed copies of one recipe (group 0), b its own: the tied fit must equal an untied
+    # fit of [mean(a1, a2), b] (merging is linear), with a1 and a2 sharing each weight equally.
+    a1 = [[0.1, 0.1, 0.9, 0.9], [0.7, 0.7, 0.3, 0.3], [0.1, 0.1, 0.6, 0.6]]
+    a2 = [[0.3, 0.1, 0.7, 0.9], [0.5, 0.5, 0.5, 0.5], [0.1, 0.3, 0.5, 0.5]]
+    mean = [[(x + y) / 2 for x, y in zip(r1, r2, strict=True)] for r1, r2 in zip(a1, a2, strict=True)]
+    three = _members({"a1": a1, "a2": a2, "b": P1["b"]})
+    tied = fit_ensemble(three, _truth, 2, 0.25, False, groups=[0, 0, 1])
+    merged = fit_ensemble(_members({"a": mean, "b": P1["b"]}), _truth, 2, 0.25, False)
+    fits = [(tied.weights, merged.weights), *zip(tied.fold_weights, merged.fold_weights, strict=True)]
+    for got, want in fits:
+        np.testing.assert_allclose(got[0], got[1])  # the copies share the group's weight equally
+        np.testing.assert_allclose(got[0] + got[1], want[0])
+        np.testing.assert_allclose(got[2], want[1])
+    folds, classes = [0, 1, 2], ["bg", "x"]
+    got, want = scores(tied.cross_validated, folds, classes), scores(merged.cross_validated, folds, classes)
+    for key in ("oof_miou", "folds", "iou"):
+        assert got[key] == pytest.approx(want[key]), key
+    # Each member is still scored alone, the copies included.
+    alone = scores(fit_ensemble(_members({"a1": a1}), _truth, 2, 0.25, False).members, folds, classes)
+    assert scores(tied.members.take([0]), folds, classes)["folds"] == pytest.approx(alone["folds"])
+    assert len(tied.members) == 3
+    with pytest.raises(ValueError, match="groups must number"):
+        fit_ensemble(_members({"a1": a1, "b": P1["b"]}), _truth, 2, 0.25, False, groups=[0, 2])

@@ -226,34 +226,62 @@ def fit_ensemble(
     grid_step: float,
     per_class: bool,
     average: Average = "dataset",
+    groups: Sequence[int] | None = None,
 ) -> EnsembleFit:
     """Fit one weight per member on the simplex grid (and, if `per_class`, then one per member and class
     by one round of coordinate ascent over classes), maximising the `average` mIoU, for all folds and
-    for each fold left out."""
+    for each fold left out.
+
+    groups: each member's group (0..n-1), or None for a group each. A group's members share its weight
+    equally (seed copies of one recipe: `ensemble.tie_seeds`), so the grid is over groups, not members.
+    """
     n_members, n_folds = len(members), len(members[0])
-    grid = simplex_grid(n_members, grid_step)
-    candidates = np.repeat(grid[:, :, None], n_classes, axis=2)  # (G, M, C)
-    tally = candidate_tally(members, truth, candidates, n_classes, average)
+    groups = list(range(n_members)) if groups is None else list(groups)
+    share = tied_shares(groups)  # (M, n_groups)
+    member_grid = simplex_grid(share.shape[1], grid_step) @ share.T  # (G, M): each row sums to 1
+    candidates = np.repeat(member_grid[:, :, None], n_classes, axis=2)  # (G, M, C)
+    # Each member alone is scored for the report; it is a grid row unless its group is shared.
+    alone = np.repeat(np.eye(n_members)[:, :, None], n_classes, axis=2)
+    tied = share.shape[1] < n_members
+    tally = candidate_tally(
+        members, truth, np.concatenate([candidates, alone]) if tied else candidates, n_classes, average
+    )
+    grid_size = len(candidates)
     # One search per "fit": fold k left out for k < K, all folds for k == K.
     used = [np.arange(n_folds) != k for k in range(n_folds)] + [np.ones(n_folds, dtype=bool)]
-    picks = [best_candidate(tally.score(mask)) for mask in used]
+    picks = [best_candidate(tally.score(mask)[:grid_size]) for mask in used]
     chosen = [candidates[g] for g in picks]
     chosen_tally = [tally.take([g]) for g in picks]
     if per_class:
         for c in range(n_classes):
             # For every fit, every grid row in column c with the fit's other columns kept: one pass.
-            trials = [np.stack([_with_column(w, c, row) for row in grid]) for w in chosen]
+            trials = [np.stack([_with_column(w, c, row) for row in member_grid]) for w in chosen]
             picked = best_trials(members, truth, trials, used, n_classes, average, f"class {c} weights")
             chosen = [own[i] for own, (i, _) in zip(trials, picked, strict=True)]
             chosen_tally = [tally for _, tally in picked]
-    vertices = [int(np.flatnonzero(grid[:, m] == 1)[0]) for m in range(n_members)]
+    if tied:
+        solo = tally.take(range(grid_size, grid_size + n_members))
+    else:
+        solo = tally.take([int(np.flatnonzero(member_grid[:, m] == 1)[0]) for m in range(n_members)])
     return EnsembleFit(
         weights=chosen[-1],
         fold_weights=np.stack(chosen[:-1]),
         cross_validated=cross_validated(chosen_tally[:-1]),
-        members=tally.take(vertices),
+        members=solo,
         in_sample=chosen_tally[-1],
     )
+
+
+def tied_shares(groups: Sequence[int]) -> np.ndarray:
+    """float64 (M, n_groups): member m's share of its group's weight, 1 / the group's size (groups are
+    numbered 0..n-1 in order of first appearance)."""
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1
+    if sorted(set(groups.tolist())) != list(range(n_groups)):
+        raise ValueError(f"groups must number 0..n-1, got {groups.tolist()}")
+    share = np.zeros((len(groups), n_groups))
+    share[np.arange(len(groups)), groups] = 1.0
+    return share / share.sum(axis=0, keepdims=True)
 
 
 def best_trials(

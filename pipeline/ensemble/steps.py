@@ -7,12 +7,13 @@ honest and in-sample scores are kept, so a report (and `dvc metrics diff`) shows
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import EnsembleParams
+from pipeline.config import EnsembleParams, Recipe
 from pipeline.data.probstore import StoredProbabilities
 from pipeline.ensemble.calibrate import fit_calibration
 from pipeline.ensemble.decision import LabelDecision
@@ -59,14 +60,16 @@ def decide_on_oof(
     average: Average,
     write: Callable[[int, str, np.ndarray], None],
     read: Callable[[int, str], np.ndarray],
+    groups: Sequence[int] | None = None,
 ) -> OofDecisions:
     """Fit the weights, then (where `fitting` enables them) the class scales and the post-processing rules.
 
     truth(file_name): uint8 (H, W) truth at the image's own size `shape_of(file_name)`. write(k,
     file_name, labels) receives the nested ensemble's OOF labels of fold position k at that size;
-    read(k, file_name) gives them back, for post-processing to rewrite them.
+    read(k, file_name) gives them back, for post-processing to rewrite them. groups: members sharing one
+    weight (`fit_ensemble`; `seed_groups`).
     """
-    fit = fit_ensemble(members, truth, n_classes, fitting.grid_step, fitting.per_class, average)
+    fit = fit_ensemble(members, truth, n_classes, fitting.grid_step, fitting.per_class, average, groups)
     steps = {"weights": Step(fit.cross_validated, fit.in_sample)}
     fold_weights, class_scales, fold_scales = fit.fold_weights, None, None
     if fitting.calibrate:
@@ -108,6 +111,25 @@ def decide_on_oof(
         fold_rules=fold_rules,
         steps=steps,
     )
+
+
+def seed_groups(recipes: Sequence[Recipe]) -> list[int]:
+    """Each recipe's group, numbered in order of first appearance: recipes equal but for their name and
+    their distinct `train.seed`s (seed copies, as `models.<name>.seeds` writes them) share one. Recipes
+    equal in every setting, seed included, are not copies of a seed ensemble: each keeps its own."""
+    keys = []
+    for recipe in recipes:
+        raw = recipe.model_dump()
+        del raw["name"], raw["train"]["seed"]
+        keys.append(json.dumps(raw, sort_keys=True, default=str))
+    seeds = [recipe.train.seed for recipe in recipes]
+    shared = list(keys)
+    for i, key in enumerate(shared):
+        same = [seeds[j] for j, other in enumerate(shared) if other == key]
+        if len(set(same)) < len(same):
+            keys[i] = f"{key}#{i}"
+    numbers: dict[str, int] = {}
+    return [numbers.setdefault(key, len(numbers)) for key in keys]
 
 
 def per_image_tally(cms: np.ndarray, fold: np.ndarray, n_folds: int, average: Average) -> OofTally:
