@@ -68,14 +68,8 @@ def versus(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> dict[s
             "baseline_oof_miou": float(np.mean([b["oof_miou"] for _, b in pairs])),
             "test_miou": float(np.mean([c["leaderboard_miou"] for c, _ in pairs])),
             "baseline_test_miou": float(np.mean([b["leaderboard_miou"] for _, b in pairs])),
-            "oof_fold_diff": {
-                **dict(zip(("mean", "low", "high"), t_interval(fold_diffs), strict=True)),
-                "pairs": len(fold_diffs),
-            },
-            "test_diff": {
-                **dict(zip(("mean", "low", "high"), t_interval(test_diffs), strict=True)),
-                "pairs": len(test_diffs),
-            },
+            "oof_fold_diff": paired(fold_diffs),
+            "test_diff": paired(test_diffs),
         }
     return out
 
@@ -125,12 +119,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             test_diffs = [
                 s["leaderboard_miou"] - b["leaderboard_miou"] for s, b in zip(scores, before, strict=True)
             ]
-            entry["oof_fold_diff"] = dict(zip(("mean", "low", "high"), t_interval(fold_diffs), strict=True))
-            entry["oof_fold_diff"]["pairs"] = len(fold_diffs)
-            entry["test_diff"] = dict(zip(("mean", "low", "high"), t_interval(test_diffs), strict=True))
-            entry["test_diff"]["pairs"] = len(test_diffs)
+            entry["oof_fold_diff"] = paired(fold_diffs)
+            entry["test_diff"] = paired(test_diffs)
         out["steps"][step] = entry
     return out
+
+
+def paired(diffs: list[float]) -> dict[str, float]:
+    """The mean of paired differences with its 95 % t-interval, and how many pairs."""
+    mean, low, high = t_interval(diffs)
+    return {"mean": mean, "low": low, "high": high, "pairs": len(diffs)}
 
 
 def _nanmean(values: list[float | None]) -> float | None:

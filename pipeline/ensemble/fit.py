@@ -241,11 +241,13 @@ def fit_ensemble(
     member_grid = simplex_grid(share.shape[1], grid_step) @ share.T  # (G, M): each row sums to 1
     candidates = np.repeat(member_grid[:, :, None], n_classes, axis=2)  # (G, M, C)
     # Each member alone is scored for the report; it is a grid row unless its group is shared.
-    alone = np.repeat(np.eye(n_members)[:, :, None], n_classes, axis=2)
     tied = share.shape[1] < n_members
-    tally = candidate_tally(
-        members, truth, np.concatenate([candidates, alone]) if tied else candidates, n_classes, average
-    )
+    if tied:
+        alone = np.repeat(np.eye(n_members)[:, :, None], n_classes, axis=2)
+        candidates_scored = np.concatenate([candidates, alone])
+    else:
+        candidates_scored = candidates
+    tally = candidate_tally(members, truth, candidates_scored, n_classes, average)
     grid_size = len(candidates)
     # One search per "fit": fold k left out for k < K, all folds for k == K.
     used = [np.arange(n_folds) != k for k in range(n_folds)] + [np.ones(n_folds, dtype=bool)]
