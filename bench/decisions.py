@@ -5,7 +5,9 @@ whole K-fold run with `ensemble.calibrate` and `ensemble.postprocess` on) and pr
 against the one before (weights -> calibration -> postprocess): the nested OOF mIoU difference paired by
 (seed, fold) and the test mIoU difference paired by seed, each with its t-interval, and the per-class
 OOF IoU of every step. With --baseline (runs of another setting, e.g. train.average_top_k, at the same
-seeds), every step is also compared with the baseline's, paired the same way. --json writes the numbers.
+seeds), every step is also compared with the baseline's, paired the same way. Runs with a refit
+(`--set refit.enabled=true`) also get the refit ensemble minus the folds alone on the test set, paired by
+seed. --json writes the numbers.
 
   python bench/decisions.py docs/measurements/decisions/demo-s*.json \\
       --json docs/measurements/decisions-demo.json
@@ -41,6 +43,10 @@ def main() -> None:
     runs = [json.loads(path.read_text()) for path in args.results]
     summary = summarize(runs)
     print(format_summary(summary))
+    refits = [run["refit"] for run in runs if "refit" in run]
+    if refits:
+        summary["refit"] = refit_summary(refits)
+        print(format_refit(summary["refit"]))
     if args.baseline:
         baseline = [json.loads(path.read_text()) for path in args.baseline]
         summary["versus_baseline"] = versus(runs, baseline)
@@ -123,6 +129,25 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             entry["test_diff"] = paired(test_diffs)
         out["steps"][step] = entry
     return out
+
+
+def refit_summary(refits: list[dict[str, Any]]) -> dict[str, Any]:
+    """The test mIoU with the refit models and of the folds alone, and their difference paired by seed."""
+    with_refit = [r["with_refit"]["leaderboard_miou"] for r in refits]
+    folds = [r["folds_only"]["leaderboard_miou"] for r in refits]
+    return {
+        "weight": sorted({r["weight"] for r in refits}),
+        "with_refit": float(np.mean(with_refit)),
+        "folds_only": float(np.mean(folds)),
+        "test_diff": paired([a - b for a, b in zip(with_refit, folds, strict=True)]),
+    }
+
+
+def format_refit(refit: dict[str, Any]) -> str:
+    return (
+        f"\nrefit (weight {refit['weight']}): test mIoU {refit['with_refit']:.4f} vs the folds alone "
+        f"{refit['folds_only']:.4f}, difference by seed {_diff(refit['test_diff'])}"
+    )
 
 
 def paired(diffs: list[float]) -> dict[str, float]:

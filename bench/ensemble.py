@@ -7,7 +7,9 @@ size) and each `--set key=value` applied (dotted keys, YAML values, as `dvc exp 
 the predict stage is run again with weights.json replaced by that member alone, and scored like the
 leaderboard stage. Prints one table: per model and for the ensemble, the OOF mIoU (the ensemble's is
 cross-validated: weights fitted without each fold), the leaderboard mIoU, the fitted weight, and the
-per-class IoUs of both; plus the train, oof and ensemble stages' wall time. --json writes it all.
+per-class IoUs of both; plus the train, oof and ensemble stages' wall time. With `--set refit.enabled=true`
+the submission includes each recipe's refit model, and the fold ensemble alone (predict with the refit
+off) is scored beside it on the test set: the refit has no OOF. --json writes it all.
 
   python bench/ensemble.py ../shared/data/medical-waste --params configs/real-cpu.yaml \\
       --set split.n_splits=3 --set 'ensemble.folds=[0,1,2]' --set train.epochs=12
@@ -123,7 +125,29 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             **leaderboard(out, truth, overlap),
         }
     results["decision"] = report["decision"]
+    if params["refit"]["enabled"]:
+        results["refit"] = refit_versus_folds(work, data, params, fitted, truth, log)
     return results
+
+
+def refit_versus_folds(
+    work: Path, data: Path, params: dict[str, Any], fitted: FittedWeights, truth: records.CocoSet, log: Path
+) -> dict[str, Any]:
+    """The submission (folds and refit models, by refit.weight) against the folds alone, on the test set."""
+    folds_only = copy.deepcopy(params)
+    folds_only["refit"]["enabled"] = False
+    (work / "params_folds_only.yaml").write_text(yaml.safe_dump(folds_only, sort_keys=False))
+    out = predict_with(work, data, "folds_only", fitted, log, params="params_folds_only.yaml")
+    overlap = params["data"]["overlap"]
+    epochs = {
+        name: json.loads((work / "refits" / name / "refit.json").read_text()) for name in fitted.members
+    }
+    return {
+        "weight": params["refit"]["weight"],
+        "refit": {name: {"epochs": r["epochs"], "chosen_by": r["chosen_by"]} for name, r in epochs.items()},
+        "with_refit": leaderboard(work / "submissions/submission.csv", truth, overlap),
+        "folds_only": leaderboard(out, truth, overlap),
+    }
 
 
 def step_decisions(final: LabelDecision, steps: list[str]) -> dict[str, LabelDecision]:
@@ -136,13 +160,15 @@ def step_decisions(final: LabelDecision, steps: list[str]) -> dict[str, LabelDec
     return {step: cumulative[step] for step in steps}
 
 
-def predict_with(work: Path, data: Path, name: str, fitted: FittedWeights, log: Path) -> Path:
-    """The predict stage run with `fitted` in place of the ensemble's weights; -> its CSV."""
+def predict_with(
+    work: Path, data: Path, name: str, fitted: FittedWeights, log: Path, params: str = "params.yaml"
+) -> Path:
+    """The predict stage run with `fitted` in place of the ensemble's weights (and `params`); -> its CSV."""
     write_weights(work / f"{name}.json", fitted)
     out = work / f"{name}.csv"
     command = [sys.executable, "stages/predict.py", "--models", "models", "--weights", f"{name}.json"]
     command += ["--root", str(data), "--manifest", "data/manifest.json", "--out", str(out)]
-    command += ["--probabilities", str(out.with_suffix(".npz"))]
+    command += ["--probabilities", str(out.with_suffix(".npz")), "--refits", "refits", "--params", params]
     run_logged(command, work, log)
     return out
 
@@ -218,6 +244,13 @@ def table(results: dict[str, Any]) -> str:
                 f"  {step}: {scores['oof_miou']:.4f} / {scores['in_sample_miou']:.4f} / "
                 f"{scores['leaderboard_miou']:.4f}"
             )
+    if "refit" in results:
+        refit = results["refit"]
+        lines.append(
+            f"test mIoU with each recipe's refit model (weight {refit['weight']}): "
+            f"{refit['with_refit']['leaderboard_miou']:.4f}, the folds alone: "
+            f"{refit['folds_only']['leaderboard_miou']:.4f}"
+        )
     classes = list(ens["oof_iou"])
     lines.append("per-class test IoU: " + ", ".join(classes))
     for name, scores in [*results["models"].items(), ("ensemble", ens)]:

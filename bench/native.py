@@ -83,7 +83,7 @@ def main() -> None:
         for w, h in sizes:
             flags = ["--models", "models", "--weights", "weights.json", "--root", "data"]
             flags += ["--manifest", f"data/manifest_{w}x{h}.json", "--out", f"sub_{w}x{h}.csv"]
-            flags += ["--probabilities", f"probabilities_{w}x{h}.npz"]
+            flags += ["--probabilities", f"probabilities_{w}x{h}.npz", "--refits", "refits"]
             peaks[(w, h)] = predict_stage_rss(work, flags, work / f"predict_{w}x{h}.log")
     (small, large) = sizes
     print(

@@ -93,6 +93,7 @@ def stage_peak_rss(work: Path, n: int) -> tuple[int, int]:
         "--manifest": f"data/manifest_{n}.json",
         "--out": f"sub_{n}.csv",
         "--probabilities": f"probabilities_{n}.npz",
+        "--refits": "refits",
     }
     args = [part for flag in flags.items() for part in flag]
     return predict_stage_rss(work, args, work / f"predict_{n}.log")

@@ -308,6 +308,22 @@ class PseudoParams(Section):
     threshold: float = _probability(0.9, "pixels the teacher is less sure of get the ignore index (255)")
 
 
+class RefitParams(Section):
+    """One more model per recipe trained on every training image, no validation (stages `refit`)."""
+
+    enabled: bool = Field(False, description="true: train each recipe's refit model, and predict includes it")
+    epochs: int | None = Field(
+        None, ge=1, description="null: the median of the folds' best epochs (the upper middle one if even)"
+    )
+    # No OOF exists for a model that saw every image, so its share cannot be fitted: the user sets it.
+    weight: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="its share of its recipe's probabilities in predict (folds: the rest)",
+    )
+
+
 class SubmissionParams(Section):
     """The submission CSV's format and mask size."""
 
@@ -341,6 +357,7 @@ class Params(Section):
     predict: PredictParams = Field(default_factory=PredictParams)
     metric: MetricParams = Field(default_factory=MetricParams)
     pseudo: PseudoParams = Field(default_factory=PseudoParams)
+    refit: RefitParams = Field(default_factory=RefitParams)
     submission: SubmissionParams = Field(default_factory=SubmissionParams)
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from pipeline.inference.infer import (
     predict_members,
     window_overlap_of,
 )
-from pipeline.inference.members import load_members, member_checkpoints
+from pipeline.inference.members import load_members, member_checkpoints, refit_shares
 
 
 def main() -> None:
@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument(
         "--probabilities", type=Path, required=True, help="the merged test probabilities (.npz) to write"
     )
+    parser.add_argument(
+        "--refits", type=Path, required=True, help="folder of <model>/final.pt (used with refit.enabled)"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
@@ -43,8 +46,14 @@ def main() -> None:
     manifest = read_manifest(args.manifest)
     fitted = read_weights(args.weights, manifest.classes)
 
-    members = load_members(member_checkpoints(args.models, fitted), manifest.classes, predict.tta)
+    refit = params.refit
+    checkpoints = member_checkpoints(args.models, fitted, args.refits if refit.enabled else None)
+    shares = refit_shares(len(fitted.folds), refit.weight) if refit.enabled else None
+    members = load_members(checkpoints, manifest.classes, predict.tta, shares)
     print("members: " + ", ".join(f"{m.name} (TTA {m.tta})" for m in members))
+    if refit.enabled:
+        n = len(fitted.folds)
+        print(f"each member's refit model has {refit.weight:g} of its share, its {n} folds the rest")
     if predict.sliding_window:
         print(f"sliding window: each member's training size, overlap {predict.window_overlap}")
 

@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.config import DemoParams, ModelParams, complete
 from pipeline.data.demo import generate_demo
+from pipeline.models.checkpoints import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 Run = Callable[[list[str], Path], subprocess.CompletedProcess[str]]
@@ -200,3 +201,15 @@ def run_stage(script: str, args: list[str], cwd: Path, monkeypatch: pytest.Monke
 
 # The smallest real smp model the tests build: a U-Net on ResNet-18 with a narrow decoder.
 TINY_MODEL = ModelParams(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
+
+
+def killed_after_the_first_save(saves: list[str]) -> Callable[[Path, dict], None]:
+    """A stand-in for `save_checkpoint` that writes the file, records its name in `saves`, then stops the
+    run as a kill would (KeyboardInterrupt, which no stage catches)."""
+
+    def save(path: Path, state: dict) -> None:
+        save_checkpoint(path, state)
+        saves.append(path.name)
+        raise KeyboardInterrupt
+
+    return save

@@ -174,3 +174,22 @@ def test_decisions_versus_a_baseline_pairs_each_step_by_seed(bench_modules: tupl
     assert table["weights"]["test_diff"]["mean"] == pytest.approx((0.02 + 0.05) / 2)
     with pytest.raises(SystemExit, match="no baseline run of seed 1"):
         decisions.versus(candidate, baseline[1:])
+
+
+def test_decisions_refit_summary_pairs_the_refit_ensemble_with_the_folds_alone_by_seed(
+    bench_modules: tuple,
+) -> None:
+    decisions = importlib.import_module("decisions")
+
+    def refit(with_refit: float, folds: float) -> dict:
+        return {
+            "weight": 0.5,
+            "with_refit": {"leaderboard_miou": with_refit},
+            "folds_only": {"leaderboard_miou": folds},
+        }
+
+    summary = decisions.refit_summary([refit(0.52, 0.50), refit(0.47, 0.48), refit(0.60, 0.57)])
+    assert summary["test_diff"]["mean"] == pytest.approx((0.02 - 0.01 + 0.03) / 3)
+    assert summary["test_diff"]["pairs"] == 3 and summary["weight"] == [0.5]
+    assert summary["with_refit"] == pytest.approx((0.52 + 0.47 + 0.60) / 3)
+    assert "vs the folds alone 0.5167" in decisions.format_refit(summary)

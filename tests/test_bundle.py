@@ -36,7 +36,9 @@ def _bundle(folder: Path, **changes: object) -> BundleSpec:
     spec = BundleSpec(
         classes=["background", "a", "b"],
         members=[
-            BundleMember("unet", "hflip", {"mode": "squash", "size": 64, "short_side": None}, list(files), [])
+            BundleMember(
+                "unet", "hflip", {"mode": "squash", "size": 64, "short_side": None}, list(files), [], None
+            )
         ],
         weights=[[1.0, 1.0, 1.0]],
         decision={"class_scales": None, "postprocess": {}},

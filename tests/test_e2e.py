@@ -35,6 +35,8 @@ E2E = {
     "predict": {"tta": "flips"},
     # Every OOF decision on, so predict and the bundle apply calibration and post-processing too.
     "ensemble": {"calibrate": True, "postprocess": True},
+    # A refit per recipe, which predict and the bundle then include.
+    "refit": {"enabled": True, "weight": 0.3},
 }
 
 
@@ -95,6 +97,10 @@ def test_dvc_repro_runs_every_stage(reproduced: Reproduced, run: Run) -> None:
             assert (work / f"oof/{model}/fold{fold}.npz").is_file()
             metrics = json.loads((work / f"metrics/{model}/fold{fold}.json").read_text())
             assert set(metrics) == {"miou"} and 0.0 <= metrics["miou"] <= 1.0
+        # The folds' best epochs are all 1 (1 epoch each): the refit trains 1 epoch on all 18 images.
+        refit = json.loads((work / f"refits/{model}/refit.json").read_text())
+        assert refit["enabled"] and refit["epochs"] == 1, refit
+        assert (work / f"refits/{model}/final.pt").is_file()
     cv = json.loads((work / "reports/cv.json").read_text())
     report = json.loads((work / "ensemble/report.json").read_text())
     assert cv["n_images"] == 18
@@ -175,7 +181,7 @@ def test_parallel_repro_ends_as_the_sequential_one(reproduced: Reproduced, tmp_p
     command = [sys.executable, "-m", "pipeline", "parallel", "--devices", "cpu,cpu", "--threads", "1"]
     parallel = run(command, work)
     assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
-    assert "== 8 stages on 2 devices (0 up to date)" in parallel.stdout
+    assert "== 10 stages on 2 devices (0 up to date)" in parallel.stdout
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     # The test probabilities are stored as uint8 (1/255 steps): on this 2-core machine one value of
     # one image in 11 x 64 x 64 x 5 landed one step apart between the two runs (seen on the commit
@@ -194,7 +200,7 @@ def test_parallel_repro_ends_as_the_sequential_one(reproduced: Reproduced, tmp_p
         assert (work / "metrics" / name).read_text() == (reproduced.work / "metrics" / name).read_text()
 
     again = run(command, work)
-    assert again.returncode == 0 and "== 0 stages on 2 devices (8 up to date)" in again.stdout
+    assert again.returncode == 0 and "== 0 stages on 2 devices (10 up to date)" in again.stdout
     assert "Running stage" not in again.stdout + again.stderr
 
 
@@ -254,6 +260,10 @@ def test_an_exported_bundle_predicts_the_same_submission_offline(
     work = _copy_of(reproduced, tmp_path / "project")
     exported = run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "bundle")], work)
     assert exported.returncode == 0, exported.stdout + exported.stderr
+    # Each member's two folds and its refit model, which has refit.weight of the member's share.
+    for member in json.loads((tmp_path / "bundle/bundle.json").read_text())["members"]:
+        assert [Path(c).name for c in member["checkpoints"]] == ["fold0.pt", "fold1.pt", "refit.pt"]
+        assert member["shares"] == pytest.approx([0.35, 0.35, 0.3])
     notebook = tmp_path / "notebook"
     (notebook / "test").mkdir(parents=True)
     shutil.copy(tmp_path / "bundle.zip", notebook)

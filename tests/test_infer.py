@@ -370,6 +370,7 @@ def _run_predict(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run stages/predict.py as its command line would, but in this process (torch is imported once)."""
     args = ["--models", "models", "--weights", "ensemble/weights.json", "--root", "data"]
     args += ["--manifest", "data/manifest.json", "--out", "sub/s.csv", "--probabilities", "sub/test.npz"]
+    args += ["--refits", "refits"]
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["predict.py", *args])
     runpy.run_path(str(STAGES / "predict.py"), run_name="__main__")

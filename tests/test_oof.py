@@ -298,6 +298,8 @@ def test_predict_stage_stores_the_merged_test_probabilities_at_the_largest_membe
         "sub.csv",
         "--probabilities",
         "predictions/test.npz",
+        "--refits",
+        "refits",
     ]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["predict.py", *args])

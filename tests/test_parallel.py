@@ -311,5 +311,7 @@ def test_plan_of_the_real_dvc_yaml() -> None:
     models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
     folds = yaml.safe_load((ROOT / "params.yaml").read_text())["ensemble"]["folds"]
     expected = {f"{kind}@{m}-{k}" for kind in ("train", "oof") for m in models for k in folds}
+    expected |= {f"refit@{m}" for m in models}
     assert set(plan.jobs) == expected
+    assert plan.jobs["refit@unet"] == [f"train@unet-{k}" for k in folds]
     assert isinstance(plan, Plan)

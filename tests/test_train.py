@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import TINY, tiny_overlay
+from conftest import TINY, killed_after_the_first_save, tiny_overlay
 
 from pipeline.config import (
     Params,
@@ -344,15 +344,9 @@ def test_a_run_killed_before_its_first_validation_resumes(
     # train.val_every 2: epoch 1 writes last.pt and no best.pt; a kill then must not mean a fresh start.
     recipe = _recipe(epochs=2, val_every=2, max_batches=1)
     paths = _paths(dataset, tmp_path / "killed")
-    saves = []
-
-    def killed_after_the_first_save(path: Path, state: dict) -> None:
-        save_checkpoint(path, state)
-        saves.append(path.name)
-        raise KeyboardInterrupt
-
+    saves: list[str] = []
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "save_checkpoint", killed_after_the_first_save)
+        patch.setattr(train_module, "save_checkpoint", killed_after_the_first_save(saves))
         with pytest.raises(KeyboardInterrupt):
             fit(recipe, 0, 0, paths, _cpu(recipe), average="dataset")
     assert saves == ["last.pt"] and load_checkpoint(paths.model_dir / "last.pt")["best_epoch"] is None

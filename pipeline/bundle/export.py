@@ -18,7 +18,7 @@ from pipeline.digest import sha256_file
 from pipeline.ensemble.fit import read_weights
 from pipeline.errors import UserError
 from pipeline.inference.infer import window_overlap_of
-from pipeline.inference.members import load_members, member_checkpoints
+from pipeline.inference.members import load_members, member_checkpoints, refit_shares
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class PredictInputs:
     weights: Path
     manifest: Path
     params: Path
+    refits: Path
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,15 @@ def export_bundle(inputs: PredictInputs, out: Path, onnx: bool = False) -> Expor
     kept = [i for i, row in enumerate(fitted.weights) if any(w != 0 for w in row)]
     if not kept:
         raise UserError(f"{inputs.weights}: every member's weights are zero; nothing to export")
-    checkpoints = member_checkpoints(inputs.models, fitted)
+    refit = params.refit
+    checkpoints = member_checkpoints(inputs.models, fitted, inputs.refits if refit.enabled else None)
+    shares = refit_shares(len(fitted.folds), refit.weight) if refit.enabled else None
     kept_names = [fitted.members[i] for i in kept]
     # Loading them resolves each member's TTA exactly as the predict stage does (and checks classes).
     members = load_members(
-        {name: checkpoints[name] for name in kept_names}, manifest.classes, params.predict.tta
+        {name: checkpoints[name] for name in kept_names}, manifest.classes, params.predict.tta, shares
     )
+    model_names = [f"fold{k}" for k in fitted.folds] + (["refit"] if refit.enabled else [])
 
     bundle_members, files = [], {}
     zip_path = out.with_name(out.name + ".zip")
@@ -71,21 +75,23 @@ def export_bundle(inputs: PredictInputs, out: Path, onnx: bool = False) -> Expor
         for member in members:
             inside, graphs = [], []
             example = padded_shape(member.folds.geometry.size, member.folds.geometry.size)
-            for fold, source, model in zip(
-                fitted.folds, checkpoints[member.name], member.folds.models, strict=True
+            for model_name, source, model in zip(
+                model_names, checkpoints[member.name], member.folds.models, strict=True
             ):
-                name = f"models/{member.name}/fold{fold}.pt"
+                name = f"models/{member.name}/{model_name}.pt"
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, tmp / name)
                 inside.append(name)
                 if onnx:
-                    graph = f"models/{member.name}/fold{fold}.onnx"
+                    graph = f"models/{member.name}/{model_name}.onnx"
                     export_onnx(model, example, tmp / graph)
                     graphs.append(graph)
             for name in inside + graphs:
                 files[name] = sha256_file(tmp / name)
             geometry = member.folds.geometry.to_dict()
-            bundle_members.append(BundleMember(member.name, member.tta, geometry, inside, graphs))
+            bundle_members.append(
+                BundleMember(member.name, member.tta, geometry, inside, graphs, member.shares)
+            )
         spec = BundleSpec(
             classes=list(manifest.classes),
             members=bundle_members,

@@ -17,7 +17,7 @@ from pipeline.errors import UserError
 
 SPEC_FILE = "bundle.json"
 FORMAT = "trashseg-bundle"
-FORMAT_VERSION = 2  # 2: the label decision (calibration, post-processing)
+FORMAT_VERSION = 3  # 2: the label decision (calibration, post-processing); 3: each member's model shares
 # The libraries whose versions shape a prediction: a bundle records them, and predicting with others
 # is warned about (a changed kernel or TTA can move probabilities), not refused.
 LIBRARIES = ("trashseg", "torch", "segmentation-models-pytorch", "timm", "ttach")
@@ -33,6 +33,7 @@ class BundleMember:
     geometry: dict[str, Any]  # how it is fed an image (`Geometry.to_dict`), as its checkpoints record
     checkpoints: list[str]
     onnx: list[str]
+    shares: list[float] | None  # each checkpoint's share of the member (a refit model's is set); None: equal
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def read_spec(folder: Path) -> BundleSpec:
                 dict(m["geometry"]),
                 [str(c) for c in m["checkpoints"]],
                 [str(c) for c in m["onnx"]],
+                None if m["shares"] is None else [float(x) for x in m["shares"]],
             )
             for m in raw["members"]
         ]
@@ -136,6 +138,8 @@ def _check_shape(path: Path, spec: BundleSpec) -> None:
         raise UserError(f"{path}: no members")
     if len(spec.weights) != len(spec.members) or any(len(row) != len(spec.classes) for row in spec.weights):
         raise UserError(f"{path}: weights are not one row per member and one column per class")
+    if any(m.shares is not None and len(m.shares) != len(m.checkpoints) for m in spec.members):
+        raise UserError(f"{path}: a member's shares are not one per checkpoint")
     unlisted = [c for m in spec.members for c in m.checkpoints + m.onnx if c not in spec.files]
     if any(m.onnx and len(m.onnx) != len(m.checkpoints) for m in spec.members):
         raise UserError(f"{path}: a member has ONNX graphs for some of its folds only")

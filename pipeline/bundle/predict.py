@@ -171,7 +171,7 @@ def bundle_members(
                 raise UserError(
                     f"{paths[0]}: geometry {folds.geometry} differs from the bundle's {member.geometry}"
                 )
-        members.append(Member(member.name, folds, member.tta))
+        members.append(Member(member.name, folds, member.tta, member.shares))
     return members
 
 

@@ -210,8 +210,9 @@ class Member:
     """One ensemble member at inference: its fold models and how they see an image."""
 
     name: str
-    folds: Ensemble  # the member's fold models (equal weights), classes and geometry
+    folds: Ensemble  # the member's fold models (and refit model), classes and geometry
     tta: str  # resolved TTA name
+    shares: list[float] | None = None  # each model's share of the member's probabilities; None: equal
 
 
 def predict_members(
@@ -228,15 +229,15 @@ def predict_members(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (index into `images`, (C, h, w) merged probabilities) per image, in order, streaming.
 
-    Each member averages its fold models with its own TTA at its own geometry (`predict_probabilities`;
-    with `window_overlap`, in sliding windows of the member's own training size);
+    Each member averages its fold models (by its `shares`) with its own TTA at its own geometry
+    (`predict_probabilities`; with `window_overlap`, in sliding windows of the member's own training size);
     the members' probabilities are then merged with `weights` (M, C) at the largest member's shape
     (`merge_probabilities`). One image per member is held at a time (plus each member's batch).
     """
     streams = [
         predict_probabilities(
             member.folds.models,
-            None,
+            member.shares,
             ImageDataset(root, images, member.folds.geometry),
             member.tta,
             scales,

@@ -1,4 +1,4 @@
-"""The fitted ensemble's members at inference: their fold checkpoints, loaded with their TTA."""
+"""The fitted ensemble's members at inference: their fold (and refit) checkpoints, loaded with their TTA."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from pathlib import Path
 from pipeline.ensemble.fit import FittedWeights
 from pipeline.errors import UserError
 from pipeline.inference.infer import Member, load_ensemble, resolve_tta
+from pipeline.models.checkpoints import REFIT_FILE
 
 
-def member_checkpoints(models: Path, fitted: FittedWeights) -> dict[str, list[Path]]:
-    """Each member's `models/<member>/fold<k>/best.pt`, for the folds the ensemble was fitted on; a
-    missing one is a UserError naming it and its train stage."""
+def member_checkpoints(
+    models: Path, fitted: FittedWeights, refits: Path | None = None
+) -> dict[str, list[Path]]:
+    """Each member's `models/<member>/fold<k>/best.pt`, for the folds the ensemble was fitted on, then
+    with `refits` its refit model `refits/<member>/final.pt`; a missing one is a UserError naming it and
+    the stage that writes it."""
     checkpoints = {}
     for name in fitted.members:
         paths = [models / name / f"fold{k}" / "best.pt" for k in fitted.folds]
@@ -21,17 +25,37 @@ def member_checkpoints(models: Path, fitted: FittedWeights) -> dict[str, list[Pa
             raise UserError(
                 f"{missing}: checkpoint of ensemble member '{name}' not found (run its train stage)"
             )
+        if refits is not None:
+            paths.append(refits / name / REFIT_FILE)
+            if not paths[-1].is_file():
+                raise UserError(
+                    f"{paths[-1]}: refit model of '{name}' not found (refit.enabled: run stage refit@{name})"
+                )
         checkpoints[name] = paths
     return checkpoints
 
 
-def load_members(checkpoints: Mapping[str, Sequence[Path]], classes: Sequence[str], tta: str) -> list[Member]:
-    """Each member's fold models with the TTA `tta` resolves to for them (`resolve_tta`); a member
-    trained on other classes than `classes` is a UserError naming its first checkpoint."""
+def refit_shares(n_folds: int, weight: float) -> list[float]:
+    """A member's model shares with a refit model: the folds' equal parts of 1 - `weight`, then `weight`
+    (params refit.weight: set, not fitted, since a model that saw every image has no OOF)."""
+    return [(1 - weight) / n_folds] * n_folds + [weight]
+
+
+def load_members(
+    checkpoints: Mapping[str, Sequence[Path]],
+    classes: Sequence[str],
+    tta: str,
+    shares: Sequence[float] | None = None,
+) -> list[Member]:
+    """Each member's models with the TTA `tta` resolves to for them (`resolve_tta`), averaged with
+    `shares` (one per checkpoint; None: equal); a member trained on other classes than `classes` is a
+    UserError naming its first checkpoint."""
     members = []
     for name, paths in checkpoints.items():
         folds = load_ensemble(paths)
         if folds.classes != list(classes):
             raise UserError(f"{paths[0]}: classes {folds.classes} differ from the data's {list(classes)}")
-        members.append(Member(name, folds, resolve_tta(tta, folds.augments)))
+        members.append(
+            Member(name, folds, resolve_tta(tta, folds.augments), None if shares is None else list(shares))
+        )
     return members

@@ -26,6 +26,8 @@ from pipeline.models.factory import (
     strip_wrapper_prefixes,
 )
 
+REFIT_FILE = "final.pt"  # a refit model (stage refit@<model>), beside its resume state last.pt
+
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state` (tensors and builtins only) with torch.save, atomically; same state, same bytes."""
@@ -83,7 +85,7 @@ def checkpoint_state(
     augment: AugmentParams,
     epoch: int,
     score: float,
-    fold: int,
+    fold: int | None,
 ) -> dict[str, Any]:
     """The self-describing dict that `model_from_checkpoint` rebuilds a model from.
 
@@ -99,7 +101,7 @@ def checkpoint_state(
         "augment": augment.model_dump(),
         "epoch": int(epoch),
         "score": float(score),
-        "fold": int(fold),
+        "fold": None if fold is None else int(fold),  # None: a refit on every fold
     }
     config = smp_config(model)
     if config is not None:

@@ -313,9 +313,9 @@ def predict_bundle_command(args: argparse.Namespace) -> None:
 
 
 def _predict_inputs(root: Path) -> PredictInputs:
-    """The predict stage's --models, --weights, --manifest and --params, as dvc.yaml resolves them."""
+    """The predict stage's --models, --weights, --manifest, --refits and --params, as dvc.yaml has them."""
     parser = argparse.ArgumentParser(add_help=False)
-    for flag in ("--models", "--weights", "--manifest"):
+    for flag in ("--models", "--weights", "--manifest", "--refits"):
         parser.add_argument(flag, type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     command = shlex.split(stage_command(root, "predict"))
@@ -323,9 +323,9 @@ def _predict_inputs(root: Path) -> PredictInputs:
         flags, _ = parser.parse_known_args(command[command.index("stages/predict.py") + 1 :])
     except (ValueError, SystemExit):
         raise UserError(f"{root / 'dvc.yaml'}: the predict stage's command is not `python stages/predict.py "
-                        "--models M --weights W --manifest F ...`") from None  # fmt: skip
+                        "--models M --weights W --manifest F --refits R ...`") from None  # fmt: skip
     return PredictInputs(
-        *(root / value for value in (flags.models, flags.weights, flags.manifest, flags.params))
+        *(root / value for value in (flags.models, flags.weights, flags.manifest, flags.params, flags.refits))
     )
 
 

@@ -19,8 +19,9 @@ from pipeline.errors import UserError
 from pipeline.progress import EpochProgress, parse_epoch_line
 from pipeline.writer import death_signal_preexec
 
-# The stage groups (DVC `matrix` stages) worth running side by side: one (model, fold) each.
-PARALLEL_GROUPS = ("train", "oof")
+# The stage groups (DVC `matrix` stages) worth running side by side: one (model, fold) each, and each
+# model's refit.
+PARALLEL_GROUPS = ("train", "oof", "refit")
 # What DVC prints when another DVC process holds a lock this one needs: the stage never started,
 # so running it again is safe. `--wait-for-lock` covers the repository lock; the per-output rwlock
 # does not wait, hence the retry.

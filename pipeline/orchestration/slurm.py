@@ -36,7 +36,8 @@ def submit_script(
     - `prepare` (when a data stage is stale): `dvc repro` of the stages the parallel ones need. Then
       every parallel stage is submitted, since which of them will change is not known yet.
     - one job per stage to run (`dvc repro --single-item`), on runtime.nproc GPUs of runtime.nnodes nodes
-      for a train stage, one GPU for an oof stage; an oof job waits for its train job.
+      for a train stage, runtime.nproc GPUs of one node for a refit stage, one GPU for an oof stage;
+      an oof job waits for its train job, a refit job for its model's train jobs.
     - `rest`: a plain `dvc repro` after all of them (ensemble, predict, evaluate...).
     The workspace and DVC's cache must be on a filesystem every node sees.
     """
@@ -58,9 +59,11 @@ def submit_script(
         lines += _submit("prepare", [], [*_resources("prepare", options, gpus=0, nodes=1), env, command])
     for stage in jobs:
         needs = [_var(n) for n in plan.jobs[stage] if n in jobs] + (["prepare"] if prepare else [])
-        train = stage_group(stage) == "train"
-        nodes = runtime.nnodes if train else 1
-        header = _resources(stage, options, gpus=runtime.nproc if train else 1, nodes=nodes)
+        group = stage_group(stage)
+        # A refit trains like a fold, on one node (stages/refit.py).
+        nodes = runtime.nnodes if group == "train" else 1
+        gpus = runtime.nproc if group in ("train", "refit") else 1
+        header = _resources(stage, options, gpus=gpus, nodes=nodes)
         if nodes == 1:
             body = [env, f"{dvc} --single-item {shlex.quote(stage)}"]
         else:

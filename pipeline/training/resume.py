@@ -63,7 +63,7 @@ WEIGHT_LIBRARIES = (
 
 def run_fingerprint(
     recipe: Recipe,
-    fold: int,
+    fold: int | None,
     world_size: int,
     inputs: Sequence[Path],
     root: Path,
