@@ -9,7 +9,7 @@ import runpy
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,6 @@ import yaml
 
 from pipeline.config import DemoParams, ModelParams, complete
 from pipeline.data.demo import generate_demo
-from pipeline.models.checkpoints import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 Run = Callable[[list[str], Path], subprocess.CompletedProcess[str]]
@@ -207,9 +206,26 @@ def killed_after_the_first_save(saves: list[str]) -> Callable[[Path, dict], None
     """A stand-in for `save_checkpoint` that writes the file, records its name in `saves`, then stops the
     run as a kill would (KeyboardInterrupt, which no stage catches)."""
 
+    from pipeline.models.checkpoints import save_checkpoint  # torch: only for the tests that use it
+
     def save(path: Path, state: dict) -> None:
         save_checkpoint(path, state)
         saves.append(path.name)
         raise KeyboardInterrupt
 
     return save
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread here and in the subprocesses (OMP_NUM_THREADS): runs that must agree to the last
+    bit split float sums the same way, and 2 DDP processes on 2 cores would fight over them otherwise.
+    A module that needs it says `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch  # here, not at the top: most test modules never load torch
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
