@@ -11,6 +11,12 @@ per-class IoUs of both; plus the train, oof and ensemble stages' wall time. With
 the submission includes each recipe's refit model, and the fold ensemble alone (predict with the refit
 off) is scored beside it on the test set: the refit has no OOF. --json writes it all.
 
+--keep-trained, with a --workspace an earlier run of the same params filled: its trained folds are kept
+(`dvc commit -f` of every train stage after the code is copied, so a code change elsewhere does not
+retrain them) and only what follows training runs again: a refit or a predict setting compared on the
+same folds. Honest only where the code that trains has not changed in effect since (the JSON records
+it: "kept_trained").
+
   python bench/ensemble.py ../shared/data/medical-waste --params configs/real-cpu.yaml \\
       --set split.n_splits=3 --set 'ensemble.folds=[0,1,2]' --set train.epochs=12
 """
@@ -51,7 +57,12 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value (YAML value)")
     parser.add_argument("--workspace", type=Path, help="keep the workspace here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument(
+        "--keep-trained", action="store_true", help="keep the --workspace's trained folds (see above)"
+    )
     args = parser.parse_args()
+    if args.keep_trained and not (args.workspace and (args.workspace / "dvc.lock").is_file()):
+        parser.error("--keep-trained needs a --workspace that an earlier run reproduced")
     with tempfile.TemporaryDirectory(prefix="bench_ensemble.") as tmp:
         work = args.workspace or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -78,6 +89,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     log = work / "dvc.log"
+    if args.keep_trained:
+        trained = [f"train@{name}-{k}" for name in params["models"] for k in params["ensemble"]["folds"]]
+        run_logged([sys.executable, "-m", "dvc", "commit", "-f", *trained], work, log)
     lines = run_logged([sys.executable, "-m", "dvc", "repro"], work, log)
 
     report = json.loads((work / "ensemble/report.json").read_text())
@@ -88,6 +102,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     fitted = read_weights(work / "ensemble/weights.json", truth.classes)
     results: dict[str, Any] = {
         "params": params,
+        "kept_trained": args.keep_trained,
         "seconds": {"total": lines[-1][1], **stage_seconds(lines)},
         "ensemble": {
             "oof_miou": report["ensemble"]["oof_miou"],
