@@ -116,7 +116,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     for m, name in enumerate(fitted.members):
         alone = [[float(i == m)] * len(fitted.classes) for i in range(len(fitted.members))]
-        out = predict_with(work, data, f"alone_{name}", dataclasses.replace(fitted, weights=alone), log)
+        # Plain argmax, as its OOF figure is: the ensemble's decisions are the steps' business (below).
+        member = dataclasses.replace(fitted, weights=alone, decision=LabelDecision())
+        out = predict_with(work, data, f"alone_{name}", member, log)
         results["models"][name] = {
             "oof_miou": report["models"][name]["oof_miou"],
             "oof_iou": report["models"][name]["iou"],
