@@ -23,7 +23,7 @@ from pipeline.inference.infer import (
     predict_members,
     window_overlap_of,
 )
-from pipeline.inference.members import load_members, member_checkpoints, refit_shares
+from pipeline.inference.members import checkpoints_and_shares, load_members
 
 
 def main() -> None:
@@ -47,8 +47,7 @@ def main() -> None:
     fitted = read_weights(args.weights, manifest.classes)
 
     refit = params.refit
-    checkpoints = member_checkpoints(args.models, fitted, args.refits if refit.enabled else None)
-    shares = refit_shares(len(fitted.folds), refit.weight) if refit.enabled else None
+    checkpoints, shares = checkpoints_and_shares(args.models, args.refits, fitted, refit)
     members = load_members(checkpoints, manifest.classes, predict.tta, shares)
     print("members: " + ", ".join(f"{m.name} (TTA {m.tta})" for m in members))
     if refit.enabled:

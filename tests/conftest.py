@@ -229,3 +229,25 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(1)
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo (as `demo/`), its masks, the manifest and a 3-fold folds.csv (4 images per fold):
+    what the masks and split stages leave for training."""
+    import pandas as pd
+
+    from pipeline.data import coco
+    from pipeline.data.manifest import manifest_of, write_manifest
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "demo").symlink_to(tiny_demo, target_is_directory=True)
+    train = coco.load_coco(root / "demo" / "train.json", require_annotations=True)
+    test = coco.load_coco(root / "demo" / "test.json", classes_from=train)
+    presence = coco.write_masks(train, root / "masks")
+    write_manifest(root / "manifest.json", manifest_of(train, test, presence))
+    folds = [i % 3 for i in range(len(train.images))]
+    pd.DataFrame({"image_id": [im.file_name for im in train.images], "fold": folds}).to_csv(
+        root / "folds.csv", index=False
+    )
+    return root

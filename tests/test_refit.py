@@ -15,7 +15,6 @@ from conftest import TINY, killed_after_the_first_save, tiny_overlay, write_para
 from pipeline.config import params_from_overlay
 from pipeline.data import coco
 from pipeline.data.geometry import Geometry
-from pipeline.data.manifest import manifest_of, write_manifest
 from pipeline.ensemble.fit import FittedWeights
 from pipeline.errors import UserError
 from pipeline.inference.infer import Ensemble, Member, predict_members
@@ -32,18 +31,6 @@ REFIT = {"train": {"lr": 0.003, "amp": False, "max_batches": 2}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def dataset(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny demo (as `demo/`), its masks and the manifest: what the masks stage leaves."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "demo").symlink_to(tiny_demo, target_is_directory=True)
-    train = coco.load_coco(root / "demo" / "train.json", require_annotations=True)
-    test = coco.load_coco(root / "demo" / "test.json", classes_from=train)
-    presence = coco.write_masks(train, root / "masks")
-    write_manifest(root / "manifest.json", manifest_of(train, test, presence))
-    return root
 
 
 def _paths(data: Path, out: Path) -> RefitPaths:

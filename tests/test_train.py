@@ -40,7 +40,7 @@ from pipeline.data.folds import held_out_mask
 from pipeline.data.geometry import Geometry, resize_argmax
 from pipeline.data.images import IGNORE_INDEX, mask_relpath, read_mask, write_mask
 from pipeline.data.loaders import ImageDataset, InferenceBatch, build_inference_loader
-from pipeline.data.manifest import manifest_of, read_manifest, write_manifest
+from pipeline.data.manifest import read_manifest
 from pipeline.data.probstore import read_probabilities
 from pipeline.errors import UserError
 from pipeline.inference.oof import write_oof
@@ -78,23 +78,6 @@ TRAIN = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def dataset(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny demo (as `demo/`), its masks, the manifest and a 3-fold folds.csv (4 images per fold):
-    what the masks and split stages leave for training."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "demo").symlink_to(tiny_demo, target_is_directory=True)
-    train = coco.load_coco(root / "demo" / "train.json", require_annotations=True)
-    test = coco.load_coco(root / "demo" / "test.json", classes_from=train)
-    presence = coco.write_masks(train, root / "masks")
-    write_manifest(root / "manifest.json", manifest_of(train, test, presence))
-    folds = [i % 3 for i in range(len(train.images))]
-    pd.DataFrame({"image_id": [im.file_name for im in train.images], "fold": folds}).to_csv(
-        root / "folds.csv", index=False
-    )
-    return root
 
 
 def _paths(data: Path, out: Path, fold: int = 0) -> FoldPaths:

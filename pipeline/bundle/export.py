@@ -18,7 +18,7 @@ from pipeline.digest import sha256_file
 from pipeline.ensemble.fit import read_weights
 from pipeline.errors import UserError
 from pipeline.inference.infer import window_overlap_of
-from pipeline.inference.members import load_members, member_checkpoints, refit_shares
+from pipeline.inference.members import checkpoints_and_shares, load_members
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,13 @@ def export_bundle(inputs: PredictInputs, out: Path, onnx: bool = False) -> Expor
     kept = [i for i, row in enumerate(fitted.weights) if any(w != 0 for w in row)]
     if not kept:
         raise UserError(f"{inputs.weights}: every member's weights are zero; nothing to export")
-    refit = params.refit
-    checkpoints = member_checkpoints(inputs.models, fitted, inputs.refits if refit.enabled else None)
-    shares = refit_shares(len(fitted.folds), refit.weight) if refit.enabled else None
+    checkpoints, shares = checkpoints_and_shares(inputs.models, inputs.refits, fitted, params.refit)
     kept_names = [fitted.members[i] for i in kept]
     # Loading them resolves each member's TTA exactly as the predict stage does (and checks classes).
     members = load_members(
         {name: checkpoints[name] for name in kept_names}, manifest.classes, params.predict.tta, shares
     )
-    model_names = [f"fold{k}" for k in fitted.folds] + (["refit"] if refit.enabled else [])
+    model_names = [f"fold{k}" for k in fitted.folds] + (["refit"] if params.refit.enabled else [])
 
     bundle_members, files = [], {}
     zip_path = out.with_name(out.name + ".zip")

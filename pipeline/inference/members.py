@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pipeline.config import RefitParams
 from pipeline.ensemble.fit import FittedWeights
 from pipeline.errors import UserError
 from pipeline.inference.infer import Member, load_ensemble, resolve_tta
@@ -33,6 +34,16 @@ def member_checkpoints(
                 )
         checkpoints[name] = paths
     return checkpoints
+
+
+def checkpoints_and_shares(
+    models: Path, refits: Path, fitted: FittedWeights, refit: RefitParams
+) -> tuple[dict[str, list[Path]], list[float] | None]:
+    """What predict and export load: `member_checkpoints`, with each member's refit model when
+    `refit.enabled`, and the shares of a member's checkpoints (None: equal, the folds alone)."""
+    if not refit.enabled:
+        return member_checkpoints(models, fitted), None
+    return member_checkpoints(models, fitted, refits), refit_shares(len(fitted.folds), refit.weight)
 
 
 def refit_shares(n_folds: int, weight: float) -> list[float]:
