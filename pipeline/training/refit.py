@@ -12,18 +12,17 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Recipe
-from pipeline.data.images import image_path, objects_path
+from pipeline.data.images import objects_path
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import UserError
 from pipeline.models.checkpoints import REFIT_FILE, checkpoint_state, load_checkpoint, save_checkpoint
-from pipeline.models.losses import TrainingObjective, build_loss
 from pipeline.progress import epoch_line
 from pipeline.training.dataset import build_train_loader
 from pipeline.training.fold_data import check_train_params, load_pseudo, training_set
-from pipeline.training.resume import read_resume_state, run_fingerprint
+from pipeline.training.resume import run_fingerprint
 from pipeline.training.runtime import Runtime, seed_everything
-from pipeline.training.state import build_train_state, check_side_weights, resume_state
-from pipeline.training.train import batches_per_epoch, train_one_epoch
+from pipeline.training.state import resume_state
+from pipeline.training.train import pseudo_files, start_training, train_one_epoch
 from pipeline.training.weightmap import boundary_weighting
 
 
@@ -79,10 +78,8 @@ def refit(
     # Class presence of every training item: the annotated images, then the pseudo-labelled ones.
     presence = manifest.presence if pseudo is None else np.vstack([manifest.presence, pseudo.presence])
     inputs = [paths.manifest] + ([objects_path(paths.masks)] if recipe.augment.copy_paste > 0 else [])
-    extra_files = [Path(__file__)]  # this module shapes only the refit's weights, not the folds'
-    if pseudo is not None:
-        for image in pseudo.images:
-            extra_files += [image_path(paths.root, image.file_name), pseudo.mask_path(image)]
+    # This module shapes only the refit's weights, not the folds': it is read here, not by every run.
+    extra_files = [Path(__file__), *pseudo_files(pseudo, paths.root)]
     fingerprint = run_fingerprint(
         recipe,
         None,
@@ -108,15 +105,9 @@ def refit(
         seed=train.seed,
         pin_memory=runtime.device.type == "cuda",
     )
-    steps_per_epoch = math.ceil(batches_per_epoch(len(loader), train.max_batches) / train.accumulate)
-
-    seed_everything(train.seed)
-    resume = read_resume_state(paths.model_dir, fingerprint)
-    state = build_train_state(recipe.model, train, len(classes), runtime, steps_per_epoch * epochs, resume)
-    check_side_weights(train, recipe.name, recipe.model.arch, state.raw)
-    loss_fn = TrainingObjective(
-        build_loss(train.losses, train.class_weights), train.side_weights, train.presence_weight
-    ).to(runtime.device)
+    state, loss_fn, resume = start_training(
+        recipe, len(classes), runtime, paths.model_dir, fingerprint, len(loader)
+    )
     history: list[dict[str, float]] = resume["history"] if resume else []
     run_name = f"{recipe.name} refit"
     if runtime.is_main and resume:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from pipeline.config import Recipe, TrainParams
 from pipeline.data.geometry import resize_argmax
 from pipeline.data.images import image_path, objects_path
+from pipeline.data.pseudo import PseudoSet
 from pipeline.errors import UserError
 from pipeline.metrics import Average, class_ious, confusion_matrix_torch, score
 from pipeline.models.checkpoints import checkpoint_state, save_checkpoint
@@ -123,10 +125,6 @@ def fit(
     inputs = [paths.folds, paths.manifest]
     if recipe.augment.copy_paste > 0:
         inputs.append(objects_path(paths.masks))
-    extra_files = []
-    if data.pseudo is not None:
-        for image in data.pseudo.images:
-            extra_files += [image_path(paths.root, image.file_name), data.pseudo.mask_path(image)]
     fingerprint = run_fingerprint(
         recipe,
         fold,
@@ -137,18 +135,12 @@ def fit(
         all_names,
         average=average,
         execution=runtime.execution(),
-        extra_files=extra_files,
+        extra_files=pseudo_files(data.pseudo, paths.root),
     )
     train_loader, val_loader = build_loaders(recipe.augment, train, num_workers, data, paths, runtime)
-    steps_per_epoch = math.ceil(batches_per_epoch(len(train_loader), train.max_batches) / train.accumulate)
-
-    seed_everything(train.seed)
-    resume = read_resume_state(paths.model_dir, fingerprint)
-    total_steps = steps_per_epoch * train.epochs
-    state = build_train_state(recipe.model, train, len(data.classes), runtime, total_steps, resume)
-    check_side_weights(train, recipe.name, recipe.model.arch, state.raw)
-    loss = build_loss(train.losses, train.class_weights)
-    loss_fn = TrainingObjective(loss, train.side_weights, train.presence_weight).to(runtime.device)
+    state, loss_fn, resume = start_training(
+        recipe, len(data.classes), runtime, paths.model_dir, fingerprint, len(train_loader)
+    )
     history: list[dict[str, float]] = resume["history"] if resume else []
     best_score = resume["best_score"] if resume else -math.inf
     best_epoch, best_iou = (resume["best_epoch"], resume["best_iou"]) if resume else (None, None)
@@ -236,6 +228,37 @@ def fit(
         return {}
     live.end()
     return write_metrics(paths.model_dir, paths.metrics)
+
+
+def start_training(
+    recipe: Recipe, n_classes: int, runtime: Runtime, model_dir: Path, fingerprint: str, loader_len: int
+) -> tuple[TrainState, nn.Module, dict[str, Any] | None]:
+    """What a fold's training and a refit both start from: the model, optimiser and schedule (over
+    `recipe.train.epochs` epochs of `loader_len` batches), restored from model_dir/last.pt when its
+    fingerprint is `fingerprint`; the loss; and that resume record (None for a fresh start).
+
+    Call it after building the loaders: seeding here, at the same point for a fresh and a resumed run,
+    is what makes the model's initial draws the same in both."""
+    train = recipe.train
+    steps_per_epoch = math.ceil(batches_per_epoch(loader_len, train.max_batches) / train.accumulate)
+    seed_everything(train.seed)
+    resume = read_resume_state(model_dir, fingerprint)
+    state = build_train_state(recipe.model, train, n_classes, runtime, steps_per_epoch * train.epochs, resume)
+    check_side_weights(train, recipe.name, recipe.model.arch, state.raw)
+    loss = build_loss(train.losses, train.class_weights)
+    loss_fn = TrainingObjective(loss, train.side_weights, train.presence_weight).to(runtime.device)
+    return state, loss_fn, resume
+
+
+def pseudo_files(pseudo: PseudoSet | None, root: Path) -> list[Path]:
+    """The pseudo-labelled images and their masks, which a run's fingerprint reads besides its inputs."""
+    if pseudo is None:
+        return []
+    return [
+        path
+        for image in pseudo.images
+        for path in (image_path(root, image.file_name), pseudo.mask_path(image))
+    ]
 
 
 def write_top_k_average(
