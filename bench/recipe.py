@@ -1,8 +1,10 @@
-"""Benchmark: the pipeline's own stages vs a plain 40-line training loop, same minutes on the same cores.
+"""The two sides bench/realsets.py compares: the pipeline's stages in a DVC workspace and a plain loop.
 
-The pipeline side is one model recipe (the first of the params' `models`, or --model) trained on one
-fold through `dvc repro`, its single-member ensemble predicting the test set; the plain side trains on
-the same fold split and masks in its own process. Both are scored on the test truth at native size.
+The pipeline side is a workspace (dvc.yaml, pipeline/, stages/ copied) whose train stage runs for a set
+number of epochs; the plain side (`--plain-loop`, its own process) trains smp's Unet/ResNet-18 from scratch
+at 128 px (Adam 1e-3, cross-entropy, horizontal flips) on the same fold split and masks until its next epoch
+would pass the budget, then predicts the test set upsampled to each image's size. Both are scored by one
+dataset-level confusion matrix at native size.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pipeline import metrics
 from pipeline.atomic import write_json
-from pipeline.config import Params, complete, load_params, params_from_dict
+from pipeline.config import Params, load_params, params_from_dict
 from pipeline.data import coco, records
 from pipeline.data.folds import read_folds
 from pipeline.data.images import image_path, mask_relpath, read_image, read_mask
@@ -51,172 +51,14 @@ PLAIN_SEED = 0
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
-EPILOG = """\
-One workspace (dvc.yaml, pipeline/, stages/ copied; `dvc init --no-scm`) whose params.yaml is --params
-with data.* pointed at DATA_DIR, split.n_splits = --n-splits, `models` cut down to one recipe M (--model,
-default the first the file defines), ensemble.folds = [--fold] and submission.size = null (scored at each
-image's own size, like the plain loop); `dvc repro -s` of masks, split and pseudo once. For each budget: a
-calibration (`dvc repro -s -f train@M-k` with train.epochs = 1, then 1 + train.val_every, timed; a
-train.epochs of M's own is dropped: the benchmark sets the shared one); epochs = max(1, floor(budget /
-seconds per epoch)); then the timed `dvc repro -s -f train@M-k` and `dvc repro leaderboard` (oof@M-k,
-ensemble of the one member, predict, leaderboard). Per-class IoUs come from reports/leaderboard.json.
-Side by side, in its own process with the same torch thread count, the plain loop (Unet/ResNet-18 from
-scratch at 128 px, Adam 1e-3, cross-entropy, horizontal flips) trains on the fold split and masks the
-stages wrote (data/folds.csv, data/masks, the images of data/manifest.json) until its next epoch would
-pass the budget, then predicts the test set at 128 px, upsampled to each image's size. Both are scored
-by one dataset-level confusion matrix.
-
-  python bench/recipe.py ../shared/data/medical-waste --params configs/real-cpu.yaml --minutes 5 10
-  python bench/recipe.py ../shared/data/medical-waste --params configs/real-cpu.yaml --model fpn \\
-      --minutes 5
-"""
-
 
 def main() -> None:
-    if sys.argv[1:2] == ["--plain-loop"]:
-        plain_main(sys.argv[2:])
-        return
-    args = parse_args(sys.argv[1:])
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        results = run_benchmark(args, args.keep.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
-            results = run_benchmark(args, Path(tmp))
-    for budget in results["budgets"]:
-        print(
-            f"minutes={budget['minutes']:g} pipeline={budget['pipeline']['miou']:.3f} "
-            f"plain={budget['plain']['miou']:.3f} ratio={budget['ratio']:.2f}"
+    if sys.argv[1:2] != ["--plain-loop"]:
+        raise SystemExit(
+            "bench/recipe.py holds the plain loop and workspace helpers of bench/realsets.py; to compare a "
+            "recipe with the plain loop: python bench/realsets.py --recipe NAME=PARAMS --sets DATA"
         )
-    if args.json is not None:
-        write_json(args.json, results)
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("data_dir", type=Path, help="train.json, test.json, test_truth.json, images")
-    parser.add_argument("--params", type=Path, required=True, help="params file of the pipeline's run")
-    parser.add_argument("--minutes", type=float, nargs="+", required=True, help="wall-clock budgets")
-    parser.add_argument("--model", help="the recipe of the params' `models` to train (default: the first)")
-    parser.add_argument("--fold", type=int, default=0, help="the held-out fold both recipes leave out")
-    parser.add_argument("--n-splits", type=int, default=5, help="folds of the split stage")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of each recipe")
-    parser.add_argument("--keep", type=Path, help="workspace folder to use and keep (default: a temp dir)")
-    parser.add_argument("--json", type=Path, help="write the results here as JSON")
-    args = parser.parse_args(argv)
-    if not 0 <= args.fold < args.n_splits:
-        parser.error(f"--fold {args.fold} is not one of the {args.n_splits} folds")
-    if any(m <= 0 for m in args.minutes) or args.threads < 1:
-        parser.error("--minutes must be > 0 and --threads >= 1")
-    return args
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The pipeline's side: a DVC workspace driven through its own stages
-
-
-def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Set the workspace up, build masks and folds once, then run every budget; returns the results."""
-    data_dir = args.data_dir.resolve()
-    models = "first" if args.model is None else [args.model]
-    raw = complete(yaml.safe_load(args.params.read_text()) or {})
-    params = workspace_params(raw, data_dir, [args.fold], args.n_splits, models, source=str(args.params))
-    (model,) = params["models"]
-    make_workspace(work)
-    env = subprocess_env(args.threads)
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    dvc_log = logs / "dvc.log"
-    print(f"workspace {work}; dvc output streams to {dvc_log}")
-    print(
-        f"scoring: both recipes at each image's native size (workspace params: submission.size = null); "
-        f"pipeline: model recipe '{model}' alone; fold {args.fold} of {args.n_splits} held out; "
-        f"{args.threads} torch thread(s) each, side by side"
-    )
-    write_params(work, params)
-    for stage in DATA_STAGES:
-        seconds = dvc(work, ["repro", "-s", stage], env, dvc_log)
-        print(f"  {stage}: {seconds:.0f} s")
-
-    results: dict[str, Any] = {
-        "data": str(data_dir),
-        "params": str(args.params),
-        "model": model,
-        "fold": args.fold,
-        "n_splits": args.n_splits,
-        "threads": args.threads,
-        "submission_size": None,
-        "budgets": [],
-    }
-    seconds_per_epoch = calibrate(work, params, model, args.fold, env)
-    results["calibration"] = {"pipeline_seconds_per_epoch": seconds_per_epoch}
-    for minutes in args.minutes:
-        budget = run_budget(work, params, model, args.fold, minutes, seconds_per_epoch, env)
-        results["budgets"].append(budget)
-        print_table(budget)
-    return results
-
-
-def calibrate(work: Path, params: dict[str, Any], model: str, fold: int, env: dict[str, str]) -> float:
-    """Seconds one more epoch adds to the pipeline's train stage: runs of 1 and 1 + N epochs, N = the
-    recipe's train.val_every, (difference) / N.
-
-    The difference leaves out what does not grow with epochs (start-up, reading the data, writing the
-    metrics) and keeps what does (training, and one validation per N epochs). The plain loop trains
-    alongside, so the figure is taken under the same two-process load as the real runs.
-    """
-    n = checked(params, "workspace params").recipe(model).train.val_every
-    stage = train_stage_name(model, fold)
-    print(f"calibrating: the pipeline's {stage} stage at 1 and {1 + n} epochs, the plain loop alongside")
-    with plain_loop(work, fold, math.inf, 2 + n, False, env, work / "logs" / "plain-calibration") as plain:
-        one = train_stage(work, params, model, fold, 1, env)
-        more = train_stage(work, params, model, fold, 1 + n, env)
-    per_epoch = max((more - one) / n, 1.0)
-    print(
-        f"  pipeline {stage} stage: {one:.1f} s at 1 epoch, {more:.1f} s at {1 + n} -> "
-        f"{per_epoch:.1f} s per epoch; plain loop: {plain['train_seconds'] / plain['epochs']:.1f} s per epoch"
-    )
-    return per_epoch
-
-
-def run_budget(
-    work: Path,
-    params: dict[str, Any],
-    model: str,
-    fold: int,
-    minutes: float,
-    seconds_per_epoch: float,
-    env: dict[str, str],
-) -> dict:
-    """Train and score both recipes side by side for `minutes` of training wall clock.
-
-    The pipeline gets floor(budget / seconds per epoch) epochs (its cosine schedule needs the count up
-    front); the plain loop trains until its next epoch would pass the budget.
-    """
-    budget_s = minutes * 60
-    tag = f"{minutes:g}min"
-    logs = work / "logs"
-    epochs = max(1, math.floor(budget_s / seconds_per_epoch))
-    print(f"budget {minutes:g} min: pipeline {epochs} epochs; training both ({logs / 'dvc.log'}, ", end="")
-    print(f"{logs / f'plain-{tag}.log'})")
-    with plain_loop(work, fold, budget_s, None, True, env, logs / f"plain-{tag}") as plain_result:
-        train_s = train_stage(work, params, model, fold, epochs, env)
-        dvc(work, ["repro", "leaderboard"], env, logs / "dvc.log")
-    pipeline_result = {
-        "train_minutes": train_s / 60,
-        "loop_minutes": epochs * seconds_per_epoch / 60,
-        "epochs": epochs,
-        **pipeline_score(work),
-    }
-    plain_result["train_minutes"] = plain_result.pop("train_seconds") / 60
-    return {
-        "minutes": minutes,
-        "pipeline": pipeline_result,
-        "plain": plain_result,
-        "ratio": _ratio(pipeline_result["miou"], plain_result["miou"]),
-    }
+    plain_main(sys.argv[2:])
 
 
 def checked(params: dict[str, Any], source: str) -> Params:
@@ -506,40 +348,6 @@ def plain_confusion(model: torch.nn.Module, truth: records.CocoSet, overlap: rec
         pred = logits.argmax(1)[0].numpy().astype(np.uint8)
         cm += metrics.confusion_matrix(coco.rasterize(truth, image, overlap), pred, truth.n_classes)
     return cm
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Output
-
-
-def print_table(budget: dict[str, Any]) -> None:
-    """One budget's results: a row per recipe with its per-class IoU, then the ratio."""
-    classes = list(budget["pipeline"]["iou"])
-    classes += [name for name in budget["plain"]["iou"] if name not in classes]
-    widths = [max(len(name), 5) for name in classes]
-    head = f"{'recipe':<9} {'train min':>9} {'epochs':>6} {'test mIoU':>9}  "
-    print(f"\nbudget {budget['minutes']:g} min (per-class IoU; '-' = class absent from truth and prediction)")
-    print(head + "  ".join(f"{name:>{w}}" for name, w in zip(classes, widths, strict=True)))
-    for recipe in ("pipeline", "plain"):
-        row = budget[recipe]
-        cells = [_fmt(row["iou"].get(name), w) for name, w in zip(classes, widths, strict=True)]
-        print(
-            f"{recipe:<9} {row['train_minutes']:>9.2f} {row['epochs']:>6d} {row['miou']:>9.3f}  "
-            + "  ".join(cells)
-        )
-    print(
-        "train min: pipeline = wall of `dvc repro -s train@M-k` (start-up and validation included; "
-        f"its epochs alone: {budget['pipeline']['loop_minutes']:.2f} min); plain = its epochs only"
-    )
-    print(f"ratio pipeline/plain: {budget['ratio']:.3f}\n")
-
-
-def _fmt(value: float | None, width: int) -> str:
-    return f"{'-':>{width}}" if value is None or value != value else f"{value:>{width}.3f}"
-
-
-def _ratio(pipeline: float, plain: float) -> float:
-    return pipeline / plain if plain > 0 else math.nan
 
 
 if __name__ == "__main__":
