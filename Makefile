@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test test-fast lint bench install clean-demo parallel dist bundle
+.PHONY: demo test test-bench test-fast lint bench install clean-demo parallel dist bundle
 
 install: $(STAMP)
 
@@ -27,8 +27,12 @@ demo: install
 	dvc metrics show
 
 # Two workers (this machine's cores); a test file stays on one worker, so its module fixtures run once.
+# The product's tests; the bench/ scripts' end-to-end runs are `make test-bench` (CI runs both).
 test: install
-	pytest -q -n 2 --dist loadfile
+	pytest -q -n 2 --dist loadfile -m "not bench"
+
+test-bench: install
+	pytest -q -n 2 --dist loadfile -m bench
 
 # `dvc repro` with the train and oof stages one per device: make parallel DEVICES=0,1,2,3 (or cpu,cpu).
 DEVICES ?= cpu
@@ -48,7 +52,7 @@ bundle: install
 
 # The unit tests only: the `slow` ones (real stages under dvc, real training runs) are left out.
 test-fast: install
-	pytest -q -n 2 --dist loadfile -m "not slow"
+	pytest -q -n 2 --dist loadfile -m "not slow and not bench"
 
 lint: install
 	ruff check .

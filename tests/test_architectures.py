@@ -254,6 +254,7 @@ def test_options_with_from_pretrained_are_refused(tmp_path: Path) -> None:
             check()
 
 
+@pytest.mark.bench
 def test_benchmark_runs_at_toy_size() -> None:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
     args = ["--size", "64", "--batch-size", "1", "--repeats", "1", "--encoder", "resnet18", "--threads", "1"]

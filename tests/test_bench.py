@@ -45,6 +45,7 @@ def _run(script: str, args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.bench
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_benchmark_runs_to_its_verdict(script: str) -> None:
     args, verdict = RUNS[script]
@@ -53,6 +54,7 @@ def test_benchmark_runs_to_its_verdict(script: str) -> None:
     assert re.search(verdict, run.stdout), run.stdout[-2000:]
 
 
+@pytest.mark.bench
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the benchmark would run")
 def test_gpu_benchmark_skips_without_cuda() -> None:
     run = _run("train_gpu", "")

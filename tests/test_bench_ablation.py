@@ -35,6 +35,7 @@ def _bench(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
     return run
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_ablation_trains_each_variant_and_reuses_the_baseline_for_predict_only_ones(
     tiny_demo: Path, tmp_path: Path

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, venv_env
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_gpu_check_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
@@ -32,6 +33,7 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
     assert steps["train_loader"]["real_img_s"] > 0 and steps["train_loader"]["synthetic_img_s"] > 0
 
 
+@pytest.mark.bench
 def test_gpu_check_without_cuda_says_so_and_measures_nothing(tmp_path: Path) -> None:
     env = {**venv_env(), "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "bench/gpu_check.py", "--out", str(tmp_path / "check.json")]

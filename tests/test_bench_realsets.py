@@ -136,6 +136,7 @@ def test_bad_recipe_specs_exit_with_one_line(realsets: ModuleType, tmp_path: Pat
         realsets.find_sets([tmp_path / "set"])
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: Path, tmp_path: Path) -> None:
     # One set (named: the harness keys its records by it); the statistics over sets are tested above.

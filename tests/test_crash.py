@@ -16,6 +16,7 @@ from conftest import tiny_params
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_every_kill_is_survived_with_identical_outputs(tmp_path: Path) -> None:
     # Two epochs, so a kill can land between epochs and the re-run resumes; one recipe, two folds.
