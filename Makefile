@@ -58,7 +58,7 @@ lint: install
 	ruff check .
 	ruff format --check .
 
-BENCHMARKS := elastic loader codec metrics predict native cpu_precision train_gpu
+BENCHMARKS := elastic loader codec metrics calibration predict native cpu_precision train_gpu
 
 bench: install
 	for b in $(BENCHMARKS); do echo "== bench/$$b.py"; python bench/$$b.py; done

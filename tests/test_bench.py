@@ -23,6 +23,10 @@ RUNS = {
     "loader": ("--images 4 --size 64 --batch-size 2 --repeats 1", r"loader: [\d.]+ images/s per core"),
     "codec": ("--sizes 64 --masks 2 --repeats 1", r"decode \(text -> mask\)\s+[\d.]+\s+[\d.]+"),
     "metrics": ("--size 64 --images 2 --repeats 1", r"numpy path vs sklearn: [\d.]+x faster"),
+    "calibration": (
+        "--height 24 --width 32 --stored 8 --classes 4 --images 1 --repeats 1",
+        r"scale trials vs general: [\d.]+x faster",
+    ),
     "predict": (
         "--images 2 --image-size 64 --input-size 32 --out-size 64 --folds 1 --repeats 1 --batch-size 2",
         r"peak RSS ratio 4N/N [\d.]+",

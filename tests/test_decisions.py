@@ -14,9 +14,10 @@ import torch
 
 from pipeline import metrics
 from pipeline.data.probstore import read_probabilities
-from pipeline.ensemble.calibrate import SCALES, fit_calibration
+from pipeline.ensemble import calibrate
+from pipeline.ensemble.calibrate import SCALES, fit_calibration, scale_trial_labels
 from pipeline.ensemble.decision import LabelDecision
-from pipeline.ensemble.fit import scores
+from pipeline.ensemble.fit import merged_labels, scores
 from pipeline.ensemble.postprocess import (
     KEEP,
     ClassRule,
@@ -76,6 +77,38 @@ def test_calibration_keeps_scale_one_when_argmax_is_already_right(tmp_path: Path
     fit = fit_calibration([member], lambda name: TRUTH, 2, np.stack([ones] * 3), ones, "image")
     assert fit.scales.tolist() == [1.0, 1.0]  # every scale from 0.25 to 8 ties; the first tried is 1
     assert scores(fit.cross_validated, [0, 1, 2], ["bg", "rare"])["oof_miou"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("case", ["resized", "ties", "large"])
+def test_scale_trials_give_the_merged_argmax_of_each_trial_weighting(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every trial's labels are those of the general path, which merges and takes the argmax of each trial
+    # weighting, for two fits with their own weights and scales so far. "resized": two members at other
+    # sizes than the truth's, in the oof store's 1/255 steps. "ties": one member at the truth's size with
+    # values in quarters and power-of-two weights, so that a scaled class ties others exactly and
+    # argmax's first-index rule decides. "large": a photo above RESIZED_BYTES (the general path, in strips).
+    generator = torch.Generator().manual_seed(0)
+    if case == "ties":
+        probs = [torch.randint(0, 4, (5, 13, 11), generator=generator) / 4]
+        fits = np.array([np.ones((1, 5)), np.full((1, 5), 0.5)])
+    else:
+        probs = [torch.randint(0, 256, size, generator=generator) / 255 for size in [(5, 6, 7), (5, 9, 4)]]
+        rng = np.random.default_rng(0)
+        fits = rng.dirichlet(np.ones(2), size=(2, 5)).transpose(0, 2, 1)  # (S, M, C); columns sum to 1
+    if case == "large":
+        monkeypatch.setattr(calibrate, "RESIZED_BYTES", 0)
+    n_members = len(probs)
+    scales_so_far = np.array([[1.0, 2.0, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 4.0, 1.0]])
+    for c in range(1, 5):
+        trial_scales = np.repeat(scales_so_far[:, None], len(SCALES), axis=1)
+        trial_scales[:, :, c] = SCALES
+        trials = torch.from_numpy((fits[:, None] * trial_scales[:, :, None, :]).astype(np.float32))
+        fast = scale_trial_labels(probs, (13, 11), trials, c)
+        general = merged_labels(probs, trials.reshape(-1, n_members, 5), (13, 11))
+        assert len(fast) == len(general) == 2 * len(SCALES)
+        for ours, theirs in zip(fast, general, strict=True):
+            assert ours.dtype == torch.uint8 and torch.equal(ours, theirs), c
 
 
 def test_label_decision_scales_before_the_argmax_and_applies_the_rules_after() -> None:

@@ -149,13 +149,31 @@ def candidate_tally(
     truth(file_name): uint8 (H, W) truth at the image's own size. candidates: (G, M, C) weights.
     "dataset": `FoldConfusions`, (G, K, C, C) counts; "image": `ImageIous` of the images in fold order.
     """
+    weights = torch.from_numpy(np.asarray(candidates, dtype=np.float32))
+
+    def labels(probs: Sequence[torch.Tensor], shape: tuple[int, int]) -> list[torch.Tensor]:
+        return merged_labels(probs, weights, shape)
+
+    return labels_tally(members, truth, labels, len(candidates), n_classes, average, desc)
+
+
+def labels_tally(
+    members: Sequence[Sequence[StoredProbabilities]],
+    truth: Callable[[str], np.ndarray],
+    labels: Callable[[Sequence[torch.Tensor], tuple[int, int]], Sequence[torch.Tensor]],
+    n_predictors: int,
+    n_classes: int,
+    average: Average,
+    desc: str,
+) -> OofTally:
+    """`candidate_tally` for any G predictors: labels(probs, (H, W)) gives each predictor's uint8 (H, W)
+    labels of one image from its members' (C, h_m, w_m) probabilities."""
     checked_average(average)
-    n_folds, n_candidates = len(members[0]), len(candidates)
-    fold_cms = torch.zeros((n_candidates, n_folds, n_classes, n_classes), dtype=torch.int64)
+    n_folds = len(members[0])
+    fold_cms = torch.zeros((n_predictors, n_folds, n_classes, n_classes), dtype=torch.int64)
     image_fold: list[int] = []
     image_miou: list[np.ndarray] = []  # per image, (G,)
     image_iou: list[np.ndarray] = []  # per image, (G, C) float32
-    weights = torch.from_numpy(np.asarray(candidates, dtype=np.float32))
     total = sum(len(fold) for fold in members[0])
     progress = tqdm(total=total, desc=desc, unit="image")
     for k in range(n_folds):
@@ -168,7 +186,7 @@ def candidate_tally(
         for index, name in enumerate(fold[0].file_names):
             probs = [stored.probabilities(index) for stored in fold]
             mask = torch.from_numpy(truth(name))
-            preds = merged_labels(probs, weights, tuple(mask.shape))
+            preds = labels(probs, tuple(mask.shape))
             cms = torch.stack([confusion_matrix_torch(mask, pred, n_classes) for pred in preds])
             if average == "dataset":
                 fold_cms[:, k] += cms
@@ -184,8 +202,8 @@ def candidate_tally(
     if not image_fold:
         return ImageIous(
             np.zeros(0, np.int64),
-            np.zeros((n_candidates, 0)),
-            np.zeros((n_candidates, 0, n_classes), np.float32),
+            np.zeros((n_predictors, 0)),
+            np.zeros((n_predictors, 0, n_classes), np.float32),
         )
     return ImageIous(np.array(image_fold), np.stack(image_miou, axis=1), np.stack(image_iou, axis=1))
 
