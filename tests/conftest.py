@@ -19,18 +19,6 @@ from pipeline.config import DemoParams, ModelParams, complete
 from pipeline.data.demo import generate_demo
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# The longest test files, longest first (`pytest --durations` of a whole run). `make test`'s `--dist
-# loadfile` hands whole files to the two workers in collection order: a long file collected late would
-# run alone at the end while the other worker sits idle.
-LONGEST_FIRST = ["test_e2e.py", "test_train.py", "test_parallel.py", "test_mixed_sizes.py", "test_slurm.py"]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 Run = Callable[[list[str], Path], subprocess.CompletedProcess[str]]
 
 
