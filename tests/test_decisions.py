@@ -14,7 +14,7 @@ import torch
 
 from pipeline import metrics
 from pipeline.data.probstore import read_probabilities
-from pipeline.ensemble import calibrate
+from pipeline.ensemble import fit as ensemble_fit
 from pipeline.ensemble.calibrate import SCALES, fit_calibration, scale_trial_labels
 from pipeline.ensemble.decision import LabelDecision
 from pipeline.ensemble.fit import merged_labels, scores
@@ -97,7 +97,7 @@ def test_scale_trials_give_the_merged_argmax_of_each_trial_weighting(
         rng = np.random.default_rng(0)
         fits = rng.dirichlet(np.ones(2), size=(2, 5)).transpose(0, 2, 1)  # (S, M, C); columns sum to 1
     if case == "large":
-        monkeypatch.setattr(calibrate, "RESIZED_BYTES", 0)
+        monkeypatch.setattr(ensemble_fit, "RESIZED_BYTES", 0)
     n_members = len(probs)
     scales_so_far = np.array([[1.0, 2.0, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 4.0, 1.0]])
     for c in range(1, 5):

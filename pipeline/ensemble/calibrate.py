@@ -3,9 +3,8 @@
 Argmax over probabilities is not what maximises mIoU when a class is rare: a model that gives a small
 object 0.3 while background holds 0.5 loses it at every pixel. A scale per class on the merged
 probabilities (labels = argmax_c s_c p_c, i.e. an offset log s_c per class on the log-probabilities)
-moves each class's decision boundary. Scaling a merged class is scaling its column of the member
-weights, so a trial scale is one more candidate weighting for `fit.candidate_tally` and costs nothing
-extra per image. Background keeps scale 1: only the ratios matter.
+moves each class's decision boundary (scaling a merged class is scaling its column of the member
+weights). Background keeps scale 1: only the ratios matter.
 
 The scales are fitted by one round of coordinate ascent over the classes from 1 (scale 1 tried first, so
 a tie keeps the class as it was), for all folds and for each fold left out from that fold's weights: fold
@@ -24,16 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.probstore import StoredProbabilities
 from pipeline.ensemble.fit import (
-    RESIZED_BYTES,
     OofTally,
     best_candidate,
     cross_validated,
     labels_tally,
     merged_labels,
+    resized_members,
 )
 from pipeline.metrics import Average
 
@@ -104,9 +102,9 @@ def scale_trial_labels(
     at least equal, and elsewhere the label is the argmax of the other classes.
     """
     n_members, n_classes = trials.shape[2:]
-    if n_members * n_classes * shape[0] * shape[1] * 4 > RESIZED_BYTES:  # a photo too large: strips
+    resized = resized_members(probs, shape)
+    if resized is None:  # a photo too large: the general path, in strips
         return merged_labels(probs, trials.reshape(-1, n_members, n_classes), shape)
-    resized = torch.stack([F.interpolate(p[None], size=shape, mode="bilinear")[0] for p in probs])
     labels = []
     for fit in trials:
         merged = torch.einsum("mc,mchw->chw", fit[0], resized)  # every class but c is the same in each trial

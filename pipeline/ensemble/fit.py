@@ -68,13 +68,20 @@ def merged_labels(
     instead of one per candidate. A photo too large for that (RESIZED_BYTES) takes the candidate-by-
     candidate path in strips. The path depends only on the sizes, so scoring and writing labels agree.
     """
-    n_classes = probs[0].shape[0]
-    if len(probs) * n_classes * shape[0] * shape[1] * 4 > RESIZED_BYTES:
+    resized = resized_members(probs, shape)
+    if resized is None:
         return [resize_argmax(merge_probabilities(probs, weights), shape) for weights in candidates]
-    resized = torch.stack([F.interpolate(p[None], size=shape, mode="bilinear")[0] for p in probs])
     return [
         torch.einsum("mc,mchw->chw", weights, resized).argmax(0).to(torch.uint8) for weights in candidates
     ]
+
+
+def resized_members(probs: Sequence[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor | None:
+    """(M, C, H, W): each member's (C, h_m, w_m) probabilities resized bilinearly to `shape` = (H, W), or
+    None for a photo too large to hold them all (RESIZED_BYTES): the caller then works in strips."""
+    if len(probs) * probs[0].shape[0] * shape[0] * shape[1] * 4 > RESIZED_BYTES:
+        return None
+    return torch.stack([F.interpolate(p[None], size=shape, mode="bilinear")[0] for p in probs])
 
 
 @dataclass(frozen=True)
