@@ -8,13 +8,8 @@ import sys
 from pathlib import Path
 
 from pipeline.atomic import write_json
-from pipeline.config import load_params
-from pipeline.data.manifest import read_manifest
+from pipeline.config import Params, Recipe, load_params
 from pipeline.errors import UserError, run_main
-from pipeline.models.checkpoints import REFIT_FILE
-from pipeline.training.fold_data import check_train_params
-from pipeline.training.refit import RefitPaths, fold_best_epochs, refit, refit_epochs
-from pipeline.training.runtime import launch_workers, setup_runtime, teardown, under_torchrun
 from pipeline.writer import die_with_parent, exclusive_writer
 
 REPORT = "refit.json"  # in the refit folder: whether it trained, for how many epochs, and why that many
@@ -28,26 +23,37 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, required=True, help="the masks stage's manifest JSON")
     parser.add_argument("--masks", type=Path, required=True, help="folder of per-image mask PNGs")
     parser.add_argument("--folds-dir", type=Path, required=True, help="the recipe's fold<k>/best.pt folder")
-    parser.add_argument(
-        "--out", type=Path, required=True, help=f"for {REFIT_FILE}, last.pt (resume), {REPORT}"
-    )
+    parser.add_argument("--out", type=Path, required=True, help=f"for the refit model, last.pt, {REPORT}")
     parser.add_argument("--pseudo", type=Path, default=None, help="the pseudo stage's folder")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
     recipe = params.recipe(args.model)
+    if not params.refit.enabled:
+        # Off (the default), DVC still runs this stage after every fold retrain (it depends on the
+        # folds): the folder is cleared to a note (the refit model and the resume state go), without the
+        # seconds importing torch and smp would take. predict then ignores the folder.
+        _clear(args.out, [path.name for path in args.out.glob("*.pt")] + [REPORT])
+        write_json(args.out / REPORT, {"enabled": False})
+        print(f"refit@{args.model}: refit.enabled is false; nothing trained")
+        return
+    _refit(args, params, recipe)
+
+
+def _refit(args: argparse.Namespace, params: Params, recipe: Recipe) -> None:
+    """Train the refit of `args.model` (or launch its DDP workers), resuming from the folder's last.pt."""
+    # Imported here, not at the top: the stage's usual path (refit off, above) needs none of them.
+    from pipeline.data.manifest import read_manifest
+    from pipeline.models.checkpoints import REFIT_FILE
+    from pipeline.training.fold_data import check_train_params
+    from pipeline.training.refit import RefitPaths, fold_best_epochs, refit, refit_epochs
+    from pipeline.training.runtime import launch_workers, setup_runtime, teardown, under_torchrun
+
     report = args.out / REPORT
     if not under_torchrun():
-        # What a previous run finished goes first: a kill from here on leaves no stale final.pt behind.
-        # last.pt (DVC persists the folder) stays while the refit is on: a resumed run continues from it.
-        _clear(args.out, [REFIT_FILE, REPORT] + ([] if params.refit.enabled else ["last.pt"]))
-    if not params.refit.enabled:
-        # Off: the folder holds only this note; predict then ignores it.
-        if not under_torchrun():
-            write_json(report, {"enabled": False})
-            print(f"refit@{args.model}: refit.enabled is false; nothing trained")
-        return
-
+        # What a previous run finished goes first: a kill from here on leaves no stale final model behind.
+        # last.pt (DVC persists the folder) stays: a resumed run continues from it.
+        _clear(args.out, [REFIT_FILE, REPORT])
     folds = [args.folds_dir / f"fold{k}" / "best.pt" for k in params.ensemble.folds]
     best = [] if params.refit.epochs is not None else fold_best_epochs(folds)
     epochs = refit_epochs(params.refit.epochs, best)
