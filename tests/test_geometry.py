@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import AugmentParams
-from pipeline.data.geometry import Geometry, geometry_of, pad_to_multiple, padded_shape, resize_argmax
+from pipeline.data.geometry import (
+    Geometry,
+    class_argmax,
+    geometry_of,
+    pad_to_multiple,
+    padded_shape,
+    resize_argmax,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,6 +30,16 @@ def test_resize_argmax_matches_torch_bilinear_then_argmax(in_shape: tuple, out_s
     assert got.dtype == torch.uint8 and tuple(got.shape) == out_shape
     torch.testing.assert_close(got.long(), expected)
     torch.testing.assert_close(resize_argmax(probs, out_shape).long(), expected)
+
+
+def test_class_argmax_is_torch_argmax_with_the_first_of_equal_maxima() -> None:
+    # Scores in {0, 1, 2}: most pixels hold a tie for the maximum, which the first class must win.
+    scores = torch.randint(0, 3, (6, 9, 11), generator=torch.Generator().manual_seed(0)).float()
+    got = class_argmax(scores)
+    assert got.dtype == torch.uint8
+    torch.testing.assert_close(got.long(), scores.argmax(0))
+    tied = torch.tensor([[[0.5, 0.2]], [[0.5, 0.7]], [[0.1, 0.7]]])  # (3, 1, 2): ties between classes
+    assert class_argmax(tied).tolist() == [[0, 1]]
 
 
 def test_squash_ignores_the_aspect_and_crop_keeps_it() -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from pipeline.errors import UserError
 
@@ -37,6 +36,10 @@ def make_folds(
             )
     foreground = presence[:, 1:]
     labels = np.column_stack([foreground, ~foreground.any(axis=1)])
+    # Imported here: it pulls in scikit-learn and SciPy (1.5 s), which the stages that only read folds.csv
+    # (every train and oof stage) would otherwise import for nothing.
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
     splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     folds = np.full(n_images, -1, dtype=np.int64)
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(n_images), labels)):

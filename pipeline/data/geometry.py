@@ -87,6 +87,16 @@ def source_index(out_size: int, in_size: int, device: torch.device) -> tuple[tor
     return low, high, weight
 
 
+def class_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) scores -> uint8 (H, W) labels: the argmax over classes, the first of equal maxima.
+
+    Through `max`, whose index follows the same first-maximum rule: torch's CPU argmax over the outer
+    dimension runs ~8x slower (13 ms against 1.5 ms for 11 x 256 x 256 on 2 cores), and the ensemble
+    takes one per candidate weighting and image.
+    """
+    return probs.max(dim=0).indices.to(torch.uint8)
+
+
 def resize_argmax(probs: torch.Tensor, size: tuple[int, int], strip_bytes: int = STRIP_BYTES) -> torch.Tensor:
     """(C, h, w) probabilities -> uint8 (H, W) labels: bilinear resize to `size` = (H, W), then argmax.
 
@@ -98,7 +108,7 @@ def resize_argmax(probs: torch.Tensor, size: tuple[int, int], strip_bytes: int =
     if probs.ndim != 3:
         raise ValueError(f"probs must be (C, h, w), got shape {tuple(probs.shape)}")
     if tuple(probs.shape[1:]) == tuple(size):
-        return probs.argmax(dim=0).to(torch.uint8)
+        return class_argmax(probs)
     return confident_argmax(probs, size, strip_bytes)[0]
 
 

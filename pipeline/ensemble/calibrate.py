@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.data.geometry import class_argmax
 from pipeline.data.probstore import StoredProbabilities
 from pipeline.ensemble.fit import (
     OofTally,
@@ -111,7 +112,7 @@ def scale_trial_labels(
         earlier = merged[:c].amax(0)
         later = merged[c + 1 :].amax(0) if c + 1 < n_classes else None
         merged[c] = -torch.inf
-        others = merged.argmax(0).to(torch.uint8)
+        others = class_argmax(merged)
         for weights in fit:
             value = torch.einsum("m,mhw->hw", weights[:, c], resized[:, c])
             wins = value > earlier if later is None else (value > earlier) & (value >= later)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.atomic import write_json
-from pipeline.data.geometry import resize_argmax
+from pipeline.data.geometry import class_argmax, resize_argmax
 from pipeline.data.probstore import StoredProbabilities
 from pipeline.ensemble.decision import LabelDecision
 from pipeline.ensemble.merge import merge_probabilities
@@ -71,9 +71,7 @@ def merged_labels(
     resized = resized_members(probs, shape)
     if resized is None:
         return [resize_argmax(merge_probabilities(probs, weights), shape) for weights in candidates]
-    return [
-        torch.einsum("mc,mchw->chw", weights, resized).argmax(0).to(torch.uint8) for weights in candidates
-    ]
+    return [class_argmax(torch.einsum("mc,mchw->chw", weights, resized)) for weights in candidates]
 
 
 def resized_members(probs: Sequence[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor | None:
