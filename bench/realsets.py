@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import math
+import platform
 import shutil
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from pipeline.atomic import write_json
 from pipeline.config import complete, load_params, params_to_dict
 from pipeline.data import coco
 from pipeline.data.manifest import read_manifest
+from pipeline.training.runtime import cpu_cores, cpu_has_native_bf16
 from recipe import (
     DATA_STAGES,
     checked,
@@ -45,6 +47,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # Bumped whenever bench/recipe.py's plain loop changes what it trains: cached plain runs of another
 # version are not reused.
 PLAIN_VERSION = 1
+# What the records of runs on a machine that did not record itself (before the field) are filed under.
+UNRECORDED = "unrecorded"
 # Keys the harness sets on every candidate (data.* per set, the rest per run).
 HARNESS_KEYS = ("data.", "split.n_splits", "ensemble.folds", "submission.size", "train.seed", "train.epochs")
 
@@ -56,18 +60,20 @@ For every set (a folder with train.json, test.json, test_truth.json; default: ev
   - the plain loop (bench/recipe.py's: Unet/ResNet-18 from scratch, 128 px, Adam 1e-3, cross-entropy,
     horizontal flips) trains on the fold split for --minutes and scores the test truth. Its runs do not
     depend on any candidate: one is reused while its JSON (set, manifest hash, seed, fold, minutes,
-    threads) is in --out.
+    threads, machine) is in --out.
   - each candidate runs through its own stages in a fresh workspace: masks/split/pseudo, then
     train@M-fold for floor(budget / seconds per epoch) epochs with train.seed = seed, then `dvc repro
     leaderboard` (oof, one-member ensemble, predict, native-size scoring). Seconds per epoch are
     calibrated once per (set, candidate) by 1- and 2-epoch runs validating every epoch, under the
     same load (so a recipe with train.val_every > 1 gets slightly fewer epochs than it could).
-    A candidate run is reused while its JSON holds the same params. A candidate named in
+    A candidate run is reused while its JSON holds the same params and machine. A candidate named in
     --reference-epochs (one whose epochs cost what the reference's do) takes the reference's epoch
     count for the same run instead: no timing, so other load on the machine cannot skew its budget.
 --jobs runs go at once, --threads torch threads each: on 2 cores, 2 jobs of 1 thread. One JSON per run
 goes to --out (set name, manifest hash, full params with data paths relative to the set, never a
-machine path). Then per set: mean test mIoU +- sd, the ratio to the plain loop (geometric mean of the
+machine path; the machine as CPU, cores and native bf16, since a budget in minutes buys
+different epochs on another: runs of one machine are reused, summarised and paired only with its own
+runs). Then per set: mean test mIoU +- sd, the ratio to the plain loop (geometric mean of the
 per-(seed, fold) ratios, 95 % t-interval), classes with IoU > 0 and > 0.2, per-class IoU; over sets the
 geometric mean of the ratios; with --reference, each candidate's paired mIoU difference to it.
 
@@ -100,8 +106,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         run_all(args, sets, candidates)
-    records = load_records(args.out, [s.name for s in sets], args.minutes, args.seeds, args.folds)
+    machine = this_machine() if args.machine is None else args.machine
+    records = load_records(args.out, [s.name for s in sets], args.minutes, args.seeds, args.folds, machine)
     summary = summarize(records, [c.name for c in candidates], args.reference)
+    print(f"runs of {machine}")
     print(format_summary(summary, args.minutes))
     if args.summary_json is not None:
         write_json(args.summary_json, summary)
@@ -136,6 +144,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep each run's workspace")
     parser.add_argument("--summary-only", action="store_true", help="no runs: tables from --out")
     parser.add_argument("--summary-json", type=Path, help="write the summary here")
+    parser.add_argument(
+        "--machine",
+        help=f"summarise the runs of this machine (as its records name it; {UNRECORDED!r}: records older "
+        "than the field) instead of this one's",
+    )
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.jobs < 1 or args.threads < 1:
         parser.error("--minutes must be > 0, --jobs and --threads >= 1")
@@ -150,6 +163,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"--reference-epochs {unknown[0]}: not one of the other --recipe names")
     return args
+
+
+@functools.cache
+def this_machine(cpuinfo: str | None = None) -> str:
+    """What a minutes budget buys here: the CPU (vendor, family, model: /proc/cpuinfo's "model name" is
+    often just "AMD EPYC" under a hypervisor), the cores this process may use, and whether bf16 is
+    native (`train.cpu_bf16` trains about 2x the epochs where it is). Runs of different machines are
+    neither reused nor paired: a 10-minute run on one is not a 10-minute run on another."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "vendor_id" in fields:
+        cpu = f"{fields['vendor_id']} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    else:
+        cpu = platform.processor() or platform.machine()
+    bf16 = "native bf16" if cpu_has_native_bf16(cpuinfo) else "no native bf16"
+    return f"{cpu}, {cpu_cores()} cores, {bf16}"
 
 
 def find_sets(folders: Sequence[Path] | None) -> list[RealSet]:
@@ -364,7 +397,12 @@ def run_plain(
     lock: threading.Lock,
 ) -> None:
     path = record_path(args.out, "plain", real.name, seed, fold, args.minutes)
-    key = {"manifest_sha256": manifest_hash, "plain_version": PLAIN_VERSION, "threads": args.threads}
+    key = {
+        "manifest_sha256": manifest_hash,
+        "plain_version": PLAIN_VERSION,
+        "threads": args.threads,
+        "machine": this_machine(),
+    }
     if cached(path, **key):
         return
     stem = base / "logs" / f"plain-s{seed}-f{fold}"
@@ -410,7 +448,7 @@ def run_candidate(
         params = candidate_params(candidate, real, args.n_splits, [fold], seed)
         (model,) = params["models"]
         path = record_path(args.out, candidate.name, real.name, seed, fold, args.minutes)
-        key = {"manifest_sha256": manifest_hash, "threads": args.threads}
+        key = {"manifest_sha256": manifest_hash, "threads": args.threads, "machine": this_machine()}
         if cached(path, portable(params, real), **key):
             continue
         work = args.work / real.name / f"{candidate.name}-s{seed}-f{fold}"
@@ -428,8 +466,14 @@ def run_candidate(
             reference = record_path(args.out, args.reference, real.name, seed, fold, args.minutes)
             if not reference.is_file():
                 raise SystemExit(f"error: {candidate.name}: no {reference.name} to take its epochs from")
+            taken = json.loads(reference.read_text())
+            if taken.get("machine", UNRECORDED) != this_machine():
+                raise SystemExit(
+                    f"error: {candidate.name}: {reference.name} was run on another machine "
+                    f"({taken.get('machine', UNRECORDED)}): run {args.reference} here first"
+                )
             epochs_from = args.reference
-            epochs = int(json.loads(reference.read_text())["epochs"])
+            epochs = int(taken["epochs"])
         elif seconds_per_epoch is None:
             with lock:
                 print(f"{real.name} {candidate.name}: calibrating ({log})")
@@ -481,9 +525,10 @@ def run_candidate(
 
 
 def load_records(
-    out: Path, sets: list[str], minutes: float, seeds: list[int], folds: list[int]
+    out: Path, sets: list[str], minutes: float, seeds: list[int], folds: list[int], machine: str
 ) -> list[dict[str, Any]]:
-    """The records in `out` of these sets, budget, seeds and folds."""
+    """The records in `out` of these sets, budget, seeds and folds, run on `machine` (`this_machine()`'s
+    text, or UNRECORDED for records older than the field)."""
     records = []
     for path in sorted(out.glob("*.json")):
         record = json.loads(path.read_text())
@@ -492,6 +537,7 @@ def load_records(
             and record.get("minutes") == minutes
             and record.get("seed") in seeds
             and record.get("fold") in folds
+            and record.get("machine", UNRECORDED) == machine
         ):
             records.append(record)
     return records

@@ -110,6 +110,32 @@ def test_summary_pairs_runs_by_seed_and_fold(realsets: ModuleType) -> None:
     assert "### s1 (10 min per run)" in text and "| cand | 2 |" in text
 
 
+def test_the_machine_names_the_cpu_its_cores_and_bf16(realsets: ModuleType) -> None:
+    info = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+        "processor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+    )
+    machine = realsets.this_machine.__wrapped__  # not the cached one: each text its own answer
+    cores = len(os.sched_getaffinity(0))
+    assert machine(info) == f"AuthenticAMD family 25 model 17, {cores} cores, native bf16"
+    assert machine(info.replace(" avx512_bf16", "")).endswith(", no native bf16")
+    assert machine(info.replace("model\t\t: 17", "model\t\t: 1")) != machine(info)
+
+
+def test_records_of_another_machine_are_neither_summarised_nor_mixed(
+    realsets: ModuleType, tmp_path: Path
+) -> None:
+    for name, machine in [("here", "m1"), ("there", "m2"), ("old", None)]:
+        record = _record("s1", name, 0, 0, 0.5) | {"minutes": 10.0}
+        if machine is not None:
+            record["machine"] = machine
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    load = realsets.load_records
+    assert [r["recipe"] for r in load(tmp_path, ["s1"], 10.0, [0], [0], "m1")] == ["here"]
+    assert [r["recipe"] for r in load(tmp_path, ["s1"], 10.0, [0], [0], realsets.UNRECORDED)] == ["old"]
+
+
 def test_reference_epochs_need_a_reference_and_another_candidate(realsets: ModuleType) -> None:
     base = ["--recipe", "a=params.yaml", "--recipe", "b=params.yaml"]
     assert realsets.parse_args([*base, "--reference", "a", "--reference-epochs", "b"]).reference_epochs == [
@@ -159,6 +185,7 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: P
         assert str(tmp_path) not in text, f"{path.name} holds a machine path"
         record = json.loads(text)
         assert len(record["manifest_sha256"]) == 64 and 0 <= record["miou"] <= 1
+        assert " cores, " in record["machine"]
     candidate = json.loads((out / "tiny-a-a-s0-f1-0.02min.json").read_text())
     assert candidate["params"]["train"]["seed"] == 0
     assert candidate["params"]["ensemble"]["folds"] == [1]
@@ -181,3 +208,11 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: P
     taken = json.loads((out / "tiny-a-b-s0-f1-0.02min.json").read_text())
     assert taken["epochs"] == candidate["epochs"] and taken["epochs_from"] == "a"
     assert taken["seconds_per_epoch"] is None and candidate.get("epochs_from") is None
+
+    # A plain run recorded on another machine is not reused here: its minutes bought other epochs.
+    plain = out / "tiny-a-plain-s0-f1-0.02min.json"
+    plain.write_text(json.dumps(json.loads(plain.read_text()) | {"machine": "another machine"}))
+    fourth = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert "plain seed 0 fold 1: training" in fourth.stdout and "a: calibrating" not in fourth.stdout
+    assert json.loads(plain.read_text())["machine"] == candidate["machine"]
