@@ -30,12 +30,13 @@ demo: install
 	dvc metrics show
 
 # Two workers (this machine's cores); a test file stays on one worker, so its module fixtures run once.
+# Files go out in collection order, the longest first (tests/conftest.py), not xdist's most-tests-first.
 # The product's tests; the bench/ scripts' end-to-end runs are `make test-bench` (CI runs both).
 test: install
-	pytest -q -n 2 --dist loadfile -m "not bench"
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not bench"
 
 test-bench: install
-	pytest -q -n 2 --dist loadfile -m bench
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m bench
 
 # `dvc repro` with the train and oof stages one per device: make parallel DEVICES=0,1,2,3 (or cpu,cpu).
 DEVICES ?= cpu
@@ -55,7 +56,7 @@ bundle: install
 
 # The unit tests only: the `slow` ones (real stages under dvc, real training runs) are left out.
 test-fast: install
-	pytest -q -n 2 --dist loadfile -m "not slow and not bench"
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow and not bench"
 
 lint: install
 	ruff check .

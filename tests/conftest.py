@@ -19,6 +19,30 @@ from pipeline.config import DemoParams, ModelParams, complete
 from pipeline.data.demo import generate_demo
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The longest test files, longest first: `make test`'s (a fresh clone, 2026-12-07: 358, 284, 273, 148 and
+# 87 s), then `make test-bench`'s (350, 293, 239, 193 s on a shared machine). Both hand whole files to
+# two workers (`--dist loadfile`) in collection order (`--no-loadscope-reorder`; xdist's default order,
+# most tests first, started the 5-test e2e module last, and the other worker then sat idle for 3
+# minutes): the long ones first leave the short ones to fill in.
+LONGEST_FIRST = [
+    "test_e2e.py",
+    "test_train.py",
+    "test_parallel.py",
+    "test_mixed_sizes.py",
+    "test_slurm.py",
+    "test_bench_gpu_check.py",
+    "test_bench_realsets.py",
+    "test_bench_ablation.py",
+    "test_crash.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 Run = Callable[[list[str], Path], subprocess.CompletedProcess[str]]
 
 
