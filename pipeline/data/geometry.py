@@ -123,14 +123,13 @@ def confident_argmax(
     channels, in_h, _ = probs.shape
     out_h, out_w = size
     probs = probs.float()
-    rows_low, rows_high, row_weight = source_index(out_h, in_h, probs.device)
-
     strip = max(1, strip_bytes // (4 * channels * out_w * 6))  # ~six (C, strip, W) temporaries
     if strip >= out_h:
         # The whole output fits in one strip: torch's own kernel, several times faster than the gathers.
         resized = F.interpolate(probs[None], size, mode="bilinear", align_corners=False)[0]
         confidence, best = resized.max(dim=0)
         return best.to(torch.uint8), confidence
+    rows_low, rows_high, row_weight = source_index(out_h, in_h, probs.device)
 
     def widen(rows: torch.Tensor) -> torch.Tensor:
         """Source rows `rows`, interpolated along columns to the output width: (C, len(rows), W). torch's
