@@ -361,7 +361,10 @@ def portable(params: dict[str, Any], real: RealSet) -> dict[str, Any]:
 
 
 def record_path(out: Path, recipe: str, real: str, seed: int, fold: int, minutes: float) -> Path:
-    return out / f"{real}-{recipe}-s{seed}-f{fold}-{minutes:g}min.json"
+    """The record of one run made on this machine: the name ends in a hash of `this_machine()`, so a run
+    on another machine never overwrites it (records from before the field have no such suffix)."""
+    machine = hashlib.sha256(this_machine().encode()).hexdigest()[:8]
+    return out / f"{real}-{recipe}-s{seed}-f{fold}-{minutes:g}min-{machine}.json"
 
 
 def resolved(params: dict[str, Any]) -> dict[str, Any]:

@@ -179,14 +179,15 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: P
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     records = sorted(out.glob("*.json"))
-    assert [p.name for p in records] == [f"tiny-a-{r}-s0-f1-0.02min.json" for r in ("a", "plain")]
+    tag = records[0].stem.rsplit("-", 1)[1]  # this machine's: a run elsewhere writes another name
+    assert [p.name for p in records] == [f"tiny-a-{r}-s0-f1-0.02min-{tag}.json" for r in ("a", "plain")]
     for path in records:
         text = path.read_text()
         assert str(tmp_path) not in text, f"{path.name} holds a machine path"
         record = json.loads(text)
         assert len(record["manifest_sha256"]) == 64 and 0 <= record["miou"] <= 1
         assert " cores, " in record["machine"]
-    candidate = json.loads((out / "tiny-a-a-s0-f1-0.02min.json").read_text())
+    candidate = json.loads((out / f"tiny-a-a-s0-f1-0.02min-{tag}.json").read_text())
     assert candidate["params"]["train"]["seed"] == 0
     assert candidate["params"]["ensemble"]["folds"] == [1]
     assert candidate["params"]["data"]["train_json"] == "tiny-a/train.json"
@@ -205,12 +206,12 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: P
     third = subprocess.run(same, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "b: calibrating" not in third.stdout
-    taken = json.loads((out / "tiny-a-b-s0-f1-0.02min.json").read_text())
+    taken = json.loads((out / f"tiny-a-b-s0-f1-0.02min-{tag}.json").read_text())
     assert taken["epochs"] == candidate["epochs"] and taken["epochs_from"] == "a"
     assert taken["seconds_per_epoch"] is None and candidate.get("epochs_from") is None
 
     # A plain run recorded on another machine is not reused here: its minutes bought other epochs.
-    plain = out / "tiny-a-plain-s0-f1-0.02min.json"
+    plain = out / f"tiny-a-plain-s0-f1-0.02min-{tag}.json"
     plain.write_text(json.dumps(json.loads(plain.read_text()) | {"machine": "another machine"}))
     fourth = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
