@@ -28,7 +28,7 @@ from pipeline.atomic import write_json
 from pipeline.config import complete, load_params, params_to_dict
 from pipeline.data import coco
 from pipeline.data.manifest import read_manifest
-from pipeline.training.runtime import cpu_cores, cpu_has_native_bf16
+from pipeline.training.runtime import cpu_cores, cpu_has_native_bf16, read_cpuinfo
 from recipe import (
     DATA_STAGES,
     checked,
@@ -172,7 +172,7 @@ def this_machine(cpuinfo: str | None = None) -> str:
     native (`train.cpu_bf16` trains about 2x the epochs where it is). Runs of different machines are
     neither reused nor paired: a 10-minute run on one is not a 10-minute run on another."""
     if cpuinfo is None:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        cpuinfo = read_cpuinfo()
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")

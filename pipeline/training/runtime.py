@@ -116,15 +116,20 @@ def setup_runtime(train: TrainParams, num_workers: int = 0, device: str | None =
     )
 
 
+def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo, "" where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 in hardware: the avx512_bf16 or amx_bf16 flag of /proc/cpuinfo
-    (`cpuinfo`: its text, for tests). False where the file cannot be read (not Linux)."""
+    (`cpuinfo`: its text, for tests; read here when None). False where it cannot be read."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as handle:
-                cpuinfo = handle.read()
-        except OSError:
-            return False
+        cpuinfo = read_cpuinfo()
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
 
 
