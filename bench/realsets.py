@@ -64,8 +64,9 @@ For every set (a folder with train.json, test.json, test_truth.json; default: ev
   - each candidate runs through its own stages in a fresh workspace: masks/split/pseudo, then
     train@M-fold for floor(budget / seconds per epoch) epochs with train.seed = seed, then `dvc repro
     leaderboard` (oof, one-member ensemble, predict, native-size scoring). Seconds per epoch are
-    calibrated once per (set, candidate) by 1- and 2-epoch runs validating every epoch, under the
-    same load (so a recipe with train.val_every > 1 gets slightly fewer epochs than it could).
+    calibrated once per (set, candidate, machine) by 1- and 2-epoch runs validating every epoch, under
+    the same load (so a recipe with train.val_every > 1 gets slightly fewer epochs than it could), and
+    taken from the candidate's recorded runs when later calls add seeds or folds.
     A candidate run is reused while its JSON holds the same params and machine. A candidate named in
     --reference-epochs (one whose epochs cost what the reference's do) takes the reference's epoch
     count for the same run instead: no timing, so other load on the machine cannot skew its budget.
@@ -435,6 +436,27 @@ def run_plain(
         )
 
 
+def recorded_seconds_per_epoch(
+    args: argparse.Namespace, real: RealSet, candidate: Candidate, key: dict[str, Any]
+) -> float | None:
+    """The calibration of an earlier run of `candidate` on `real` (same params but seed and fold, same
+    manifest, threads and machine), None if there is none. Calibrated once, a candidate trains the
+    same epoch count at every seed and fold: a fresh calibration per call would add its own noise (two
+    short runs in separate processes; one or two epochs either way) to the pairs' differences."""
+    tag = record_path(args.out, candidate.name, real.name, 0, 0, args.minutes).name.rsplit("-", 1)[1]
+    pattern = f"{real.name}-{candidate.name}-s*-f*-{args.minutes:g}min-{tag}"
+    for path in sorted(args.out.glob(pattern)):
+        record = json.loads(path.read_text())
+        if (record.get("set"), record.get("recipe")) != (real.name, candidate.name):
+            continue
+        if record.get("seconds_per_epoch") is None:
+            continue
+        params = candidate_params(candidate, real, args.n_splits, [record["fold"]], record["seed"])
+        if cached(path, portable(params, real), **key):
+            return float(record["seconds_per_epoch"])
+    return None
+
+
 def run_candidate(
     args: argparse.Namespace,
     env: dict[str, str],
@@ -445,13 +467,14 @@ def run_candidate(
     pairs: list[tuple[int, int]],
     lock: threading.Lock,
 ) -> None:
-    """Every (seed, fold) run of one candidate on one set, after one calibration if any run is missing."""
-    seconds_per_epoch: float | None = None
+    """Every (seed, fold) run of one candidate on one set, after one calibration if any run is missing
+    and no recorded run of the candidate on this set and machine holds one."""
+    key = {"manifest_sha256": manifest_hash, "threads": args.threads, "machine": this_machine()}
+    seconds_per_epoch = recorded_seconds_per_epoch(args, real, candidate, key)
     for seed, fold in pairs:
         params = candidate_params(candidate, real, args.n_splits, [fold], seed)
         (model,) = params["models"]
         path = record_path(args.out, candidate.name, real.name, seed, fold, args.minutes)
-        key = {"manifest_sha256": manifest_hash, "threads": args.threads, "machine": this_machine()}
         if cached(path, portable(params, real), **key):
             continue
         work = args.work / real.name / f"{candidate.name}-s{seed}-f{fold}"

@@ -217,3 +217,13 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: P
     assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
     assert "plain seed 0 fold 1: training" in fourth.stdout and "a: calibrating" not in fourth.stdout
     assert json.loads(plain.read_text())["machine"] == candidate["machine"]
+
+    # Another seed: the candidate's recorded calibration sets its epochs (no second calibration).
+    seed1 = list(command)
+    seed1[seed1.index("--seeds") + 1] = "1"
+    fifth = subprocess.run(seed1, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert fifth.returncode == 0, fifth.stdout[-3000:] + fifth.stderr[-3000:]
+    assert "a seed 1 fold 1:" in fifth.stdout and "a: calibrating" not in fifth.stdout
+    other = json.loads((out / f"tiny-a-a-s1-f1-0.02min-{tag}.json").read_text())
+    assert other["seconds_per_epoch"] == candidate["seconds_per_epoch"]
+    assert other["epochs"] == candidate["epochs"]
