@@ -361,11 +361,15 @@ def portable(params: dict[str, Any], real: RealSet) -> dict[str, Any]:
     return json.loads(text)
 
 
+def machine_tag() -> str:
+    """The end of this machine's record names: a hash of `this_machine()`."""
+    return hashlib.sha256(this_machine().encode()).hexdigest()[:8]
+
+
 def record_path(out: Path, recipe: str, real: str, seed: int, fold: int, minutes: float) -> Path:
-    """The record of one run made on this machine: the name ends in a hash of `this_machine()`, so a run
-    on another machine never overwrites it (records from before the field have no such suffix)."""
-    machine = hashlib.sha256(this_machine().encode()).hexdigest()[:8]
-    return out / f"{real}-{recipe}-s{seed}-f{fold}-{minutes:g}min-{machine}.json"
+    """The record of one run made on this machine: the name ends in `machine_tag()`, so a run on another
+    machine never overwrites it (records from before the field have no such suffix)."""
+    return out / f"{real}-{recipe}-s{seed}-f{fold}-{minutes:g}min-{machine_tag()}.json"
 
 
 def resolved(params: dict[str, Any]) -> dict[str, Any]:
@@ -443,13 +447,12 @@ def recorded_seconds_per_epoch(
     manifest, threads and machine), None if there is none. Calibrated once, a candidate trains the
     same epoch count at every seed and fold: a fresh calibration per call would add its own noise (two
     short runs in separate processes; one or two epochs either way) to the pairs' differences."""
-    tag = record_path(args.out, candidate.name, real.name, 0, 0, args.minutes).name.rsplit("-", 1)[1]
-    pattern = f"{real.name}-{candidate.name}-s*-f*-{args.minutes:g}min-{tag}"
+    pattern = f"{real.name}-{candidate.name}-s*-f*-{args.minutes:g}min-{machine_tag()}.json"
     for path in sorted(args.out.glob(pattern)):
         record = json.loads(path.read_text())
-        if (record.get("set"), record.get("recipe")) != (real.name, candidate.name):
-            continue
-        if record.get("seconds_per_epoch") is None:
+        # The name's pattern alone would also match another set or candidate whose name extends these.
+        same_run = (record.get("set"), record.get("recipe")) == (real.name, candidate.name)
+        if not same_run or record.get("seconds_per_epoch") is None:
             continue
         params = candidate_params(candidate, real, args.n_splits, [record["fold"]], record["seed"])
         if cached(path, portable(params, real), **key):

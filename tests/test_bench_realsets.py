@@ -164,7 +164,9 @@ def test_bad_recipe_specs_exit_with_one_line(realsets: ModuleType, tmp_path: Pat
 
 @pytest.mark.bench
 @pytest.mark.slow
-def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: Path, tmp_path: Path) -> None:
+def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(
+    tiny_demo: Path, tmp_path: Path, realsets: ModuleType
+) -> None:
     # One set (named: the harness keys its records by it); the statistics over sets are tested above.
     shutil.copytree(tiny_demo, tmp_path / "tiny-a")
     sets = [str(tmp_path / "tiny-a")]
@@ -179,7 +181,7 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(tiny_demo: P
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     records = sorted(out.glob("*.json"))
-    tag = records[0].stem.rsplit("-", 1)[1]  # this machine's: a run elsewhere writes another name
+    tag = realsets.machine_tag()  # this machine's: a run elsewhere writes another name
     assert [p.name for p in records] == [f"tiny-a-{r}-s0-f1-0.02min-{tag}.json" for r in ("a", "plain")]
     for path in records:
         text = path.read_text()
