@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,6 +29,7 @@ from pipeline.atomic import write_json
 from pipeline.config import complete, load_params, params_to_dict
 from pipeline.data import coco
 from pipeline.data.manifest import read_manifest
+from pipeline.progress import parse_epoch_line
 from pipeline.training.runtime import cpu_cores, cpu_has_native_bf16, read_cpuinfo
 from recipe import (
     DATA_STAGES,
@@ -62,11 +64,12 @@ For every set (a folder with train.json, test.json, test_truth.json; default: ev
     depend on any candidate: one is reused while its JSON (set, manifest hash, seed, fold, minutes,
     threads, machine) is in --out.
   - each candidate runs through its own stages in a fresh workspace: masks/split/pseudo, then
-    train@M-fold for floor(budget / seconds per epoch) epochs with train.seed = seed, then `dvc repro
-    leaderboard` (oof, one-member ensemble, predict, native-size scoring). Seconds per epoch are
-    calibrated once per (set, candidate, machine) by 1- and 2-epoch runs validating every epoch, under
-    the same load (so a recipe with train.val_every > 1 gets slightly fewer epochs than it could), and
-    taken from the candidate's recorded runs when later calls add seeds or folds.
+    train@M-fold for as many epochs as fit the budget with train.seed = seed, then `dvc repro
+    leaderboard` (oof, one-member ensemble, predict, native-size scoring). The epochs that fit are
+    calibrated once per (set, candidate, machine) by one 2-epoch run validating every epoch, under the
+    same load: its timed epoch lines give an epoch's and a validation's seconds (paid every
+    train.val_every epochs), the rest of its wall time is paid once. Later calls that add seeds or
+    folds take the candidate's recorded calibration.
     A candidate run is reused while its JSON holds the same params and machine. A candidate named in
     --reference-epochs (one whose epochs cost what the reference's do) takes the reference's epoch
     count for the same run instead: no timing, so other load on the machine cannot skew its budget.
@@ -355,6 +358,11 @@ def validating_every_epoch(params: dict[str, Any], model: str) -> dict[str, Any]
     return out
 
 
+def val_every(params: dict[str, Any], model: str) -> int:
+    """Recipe `model`'s train.val_every in workspace params, defaults filled in."""
+    return checked(params, "params").recipe(model).train.val_every
+
+
 def portable(params: dict[str, Any], real: RealSet) -> dict[str, Any]:
     """`params` with the set's folder written as its name: a record holds no machine path."""
     text = json.dumps(params).replace(str(real.folder), real.name)
@@ -440,23 +448,69 @@ def run_plain(
         )
 
 
-def recorded_seconds_per_epoch(
+@dataclass(frozen=True)
+class Calibration:
+    """What a candidate's train stage costs on this machine, from the epoch lines of one short run.
+
+    `train_seconds`: one epoch without validation, its checkpoint writes included; `val_seconds`: one
+    validation; `overhead_seconds`: the rest of the stage's wall time (DVC, imports, data, the first
+    epoch's warm-up, the metrics written at the end), paid once a run. `method` "two-runs": a record
+    from before the epoch lines were timed, whose `seconds_per_epoch` (a 2-epoch run's wall time less a
+    1-epoch run's, each epoch validated) is taken as an epoch's whole cost."""
+
+    train_seconds: float
+    val_seconds: float
+    overhead_seconds: float
+    method: str = "epoch-lines"
+
+    def epochs(self, budget_seconds: float, val_every: int) -> int:
+        """The most epochs (at least 1) whose stage fits `budget_seconds`: validated every `val_every`
+        epochs and after the last, as `train.fit` does."""
+        epochs = 1
+        while self.stage_seconds(epochs + 1, val_every) <= budget_seconds:
+            epochs += 1
+        return epochs
+
+    def stage_seconds(self, epochs: int, val_every: int) -> float:
+        validations = epochs // val_every + (1 if epochs % val_every else 0)
+        return self.overhead_seconds + epochs * self.train_seconds + validations * self.val_seconds
+
+
+def calibration_from_lines(lines: Iterable[str], stage_seconds: float) -> Calibration:
+    """The calibration from a train stage's output that validated every epoch, of two epochs or more:
+    the epochs' mean seconds and validation seconds, and whatever the epochs do not account for of
+    `stage_seconds` as overhead. The mean, not the last epoch alone: on a shared 2-core machine two
+    epochs of one run differed by a fifth (39.9 and 48.3 s), more than the first epoch's warm-up adds."""
+    epochs = [progress for line in lines if (progress := parse_epoch_line(line)) is not None]
+    seconds = [e.seconds for e in epochs if e.seconds is not None]
+    val_seconds = [e.val_seconds for e in epochs if e.val_seconds is not None]
+    if len(epochs) < 2 or len(seconds) < len(epochs) or len(val_seconds) < len(epochs):
+        raise SystemExit("error: the calibration run wrote no timed epoch lines of two validated epochs")
+    epoch, val = float(np.mean(seconds)), float(np.mean(val_seconds))
+    overhead = stage_seconds - len(epochs) * epoch
+    return Calibration(max(epoch - val, 0.0), val, max(overhead, 0.0))
+
+
+def recorded_calibration(
     args: argparse.Namespace, real: RealSet, candidate: Candidate, key: dict[str, Any]
-) -> float | None:
+) -> Calibration | None:
     """The calibration of an earlier run of `candidate` on `real` (same params but seed and fold, same
     manifest, threads and machine), None if there is none. Calibrated once, a candidate trains the
-    same epoch count at every seed and fold: a fresh calibration per call would add its own noise (two
-    short runs in separate processes; one or two epochs either way) to the pairs' differences."""
+    same epoch count at every seed and fold: a fresh calibration per call would add its own noise to the
+    pairs' differences. A record from before the epoch lines were timed gives its "two-runs" figure,
+    which sets the epoch count its runs had: a candidate's later pairs train as its first did."""
     pattern = f"{real.name}-{candidate.name}-s*-f*-{args.minutes:g}min-{machine_tag()}.json"
     for path in sorted(args.out.glob(pattern)):
         record = json.loads(path.read_text())
         # The name's pattern alone would also match another set or candidate whose name extends these.
         same_run = (record.get("set"), record.get("recipe")) == (real.name, candidate.name)
-        if not same_run or record.get("seconds_per_epoch") is None:
+        if not same_run or (record.get("calibration") is None and record.get("seconds_per_epoch") is None):
             continue
         params = candidate_params(candidate, real, args.n_splits, [record["fold"]], record["seed"])
         if cached(path, portable(params, real), **key):
-            return float(record["seconds_per_epoch"])
+            if record.get("calibration") is not None:
+                return Calibration(**record["calibration"])
+            return Calibration(float(record["seconds_per_epoch"]), 0.0, 0.0, method="two-runs")
     return None
 
 
@@ -473,7 +527,7 @@ def run_candidate(
     """Every (seed, fold) run of one candidate on one set, after one calibration if any run is missing
     and no recorded run of the candidate on this set and machine holds one."""
     key = {"manifest_sha256": manifest_hash, "threads": args.threads, "machine": this_machine()}
-    seconds_per_epoch = recorded_seconds_per_epoch(args, real, candidate, key)
+    calibration = recorded_calibration(args, real, candidate, key)
     for seed, fold in pairs:
         params = candidate_params(candidate, real, args.n_splits, [fold], seed)
         (model,) = params["models"]
@@ -498,18 +552,20 @@ def run_candidate(
             # record_path names this machine's record: another machine's count is never taken.
             epochs_from = args.reference
             epochs = int(json.loads(reference.read_text())["epochs"])
-        elif seconds_per_epoch is None:
+        elif calibration is None:
             with lock:
                 print(f"{real.name} {candidate.name}: calibrating ({log})")
-            # Validating every epoch here: the figure includes a validation per epoch, which a recipe
-            # with a wider train.val_every does not pay, so its epoch count errs on the short side.
-            every_epoch = validating_every_epoch(params, model)
-            one = train_stage(work, every_epoch, model, fold, 1, env)
-            two = train_stage(work, every_epoch, model, fold, 2, env)
-            seconds_per_epoch = max(two - one, 1.0)
+            # One run of two epochs, each validated: its timed epoch lines give an epoch's and a
+            # validation's cost apart (a recipe with train.val_every > 1 pays the second less often),
+            # measured inside one process rather than as the difference of two runs' wall times.
+            start = log.stat().st_size
+            seconds = train_stage(work, validating_every_epoch(params, model), model, fold, 2, env)
+            with log.open() as handle:
+                handle.seek(start)
+                calibration = calibration_from_lines(handle, seconds)
         if epochs_from is None:
-            assert seconds_per_epoch is not None
-            epochs = max(1, math.floor(args.minutes * 60 / seconds_per_epoch))
+            assert calibration is not None
+            epochs = calibration.epochs(args.minutes * 60, val_every(params, model))
         with lock:
             print(f"{real.name} {candidate.name} seed {seed} fold {fold}: {epochs} epochs ({log})")
         train_s = train_stage(work, params, model, fold, epochs, env)
@@ -527,7 +583,7 @@ def run_candidate(
             "model": model,
             "truth_classes": truth_classes(base),
             "fingerprint": fingerprint(base),
-            "seconds_per_epoch": seconds_per_epoch,
+            "calibration": None if epochs_from else dataclasses.asdict(calibration),
             "epochs": epochs,
             "epochs_from": epochs_from,  # None: calibrated; else the candidate whose count it took
             "train_minutes": train_s / 60,

@@ -52,6 +52,36 @@ def test_ratio_interval_is_the_geometric_mean_of_paired_ratios(realsets: ModuleT
     assert all(math.isnan(v) for v in realsets.ratio_interval([0.3], [0.0]))
 
 
+def test_calibration_fits_epochs_and_validations_into_the_budget(realsets: ModuleType) -> None:
+    calibration = realsets.Calibration(train_seconds=40.0, val_seconds=5.0, overhead_seconds=30.0)
+    # 13 epochs validated at 5, 10 and 13: 30 + 520 + 15 = 565 s; 14 would be 605 s.
+    assert calibration.stage_seconds(13, 5) == 565.0
+    assert calibration.epochs(600.0, val_every=5) == 13
+    # Validating every epoch: 12 epochs are 30 + 480 + 60 = 570 s; 13 would be 615 s.
+    assert calibration.epochs(600.0, val_every=1) == 12
+    # A budget shorter than one epoch still trains one.
+    assert calibration.epochs(10.0, val_every=1) == 1
+
+
+def test_calibration_averages_the_timed_epoch_lines(realsets: ModuleType) -> None:
+    from pipeline.progress import epoch_line
+
+    lines = [
+        "Running stage 'train@unet-0':\n",
+        epoch_line("unet fold 0", 1, 2, 0.9, 0.1, 1e-3, 50.0, 6.0) + "\n",
+        # After a progress bar's carriage return, as the stage's log holds it.
+        "epoch 2/2:  50%|#####     | 3/6\r" + epoch_line("unet fold 0", 2, 2, 0.8, 0.2, 1e-3, 45.0, 5.0),
+    ]
+    # Epochs of 47.5 s on average, 5.5 s of it validating; 120 - 2 x 47.5 = 25 s once.
+    calibration = realsets.calibration_from_lines(lines, stage_seconds=120.0)
+    assert calibration == realsets.Calibration(train_seconds=42.0, val_seconds=5.5, overhead_seconds=25.0)
+    untimed = [epoch_line("unet fold 0", e, 2, 0.9, 0.1, 1e-3) for e in (1, 2)]
+    with pytest.raises(SystemExit, match="no timed epoch lines"):
+        realsets.calibration_from_lines(untimed, stage_seconds=120.0)
+    with pytest.raises(SystemExit, match="no timed epoch lines"):
+        realsets.calibration_from_lines(lines[:2], stage_seconds=120.0)
+
+
 def test_geometric_mean_interval_over_sets(realsets: ModuleType) -> None:
     logs = [[math.log(1.2), math.log(1.4)], [math.log(0.9), math.log(1.1)]]
     ratio, low, high = realsets.geometric_mean_interval(logs)
@@ -210,7 +240,9 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(
     assert "b: calibrating" not in third.stdout
     taken = json.loads((out / f"tiny-a-b-s0-f1-0.02min-{tag}.json").read_text())
     assert taken["epochs"] == candidate["epochs"] and taken["epochs_from"] == "a"
-    assert taken["seconds_per_epoch"] is None and candidate.get("epochs_from") is None
+    assert taken["calibration"] is None and candidate.get("epochs_from") is None
+    calibration = candidate["calibration"]
+    assert calibration["method"] == "epoch-lines" and calibration["train_seconds"] > 0
 
     # A plain run recorded on another machine is not reused here: its minutes bought other epochs.
     plain = out / f"tiny-a-plain-s0-f1-0.02min-{tag}.json"
@@ -227,5 +259,18 @@ def test_harness_runs_pairs_reuses_them_and_records_no_machine_path(
     assert fifth.returncode == 0, fifth.stdout[-3000:] + fifth.stderr[-3000:]
     assert "a seed 1 fold 1:" in fifth.stdout and "a: calibrating" not in fifth.stdout
     other = json.loads((out / f"tiny-a-a-s1-f1-0.02min-{tag}.json").read_text())
-    assert other["seconds_per_epoch"] == candidate["seconds_per_epoch"]
+    assert other["calibration"] == candidate["calibration"]
     assert other["epochs"] == candidate["epochs"]
+
+    # Records from before the epoch lines were timed hold seconds_per_epoch: a later seed trains the
+    # epoch count it sets (1.2 s of budget / 0.5 s: 2 epochs), so a candidate's pairs stay alike.
+    for path in out.glob(f"tiny-a-a-s*-f1-0.02min-{tag}.json"):
+        record = json.loads(path.read_text())
+        del record["calibration"]
+        path.write_text(json.dumps(record | {"seconds_per_epoch": 0.5}))
+    seed1[seed1.index("--seeds") + 1] = "2"
+    sixth = subprocess.run(seed1, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert sixth.returncode == 0, sixth.stdout[-3000:] + sixth.stderr[-3000:]
+    assert "a seed 2 fold 1: 2 epochs" in sixth.stdout and "a: calibrating" not in sixth.stdout
+    legacy = json.loads((out / f"tiny-a-a-s2-f1-0.02min-{tag}.json").read_text())
+    assert legacy["calibration"]["method"] == "two-runs" and legacy["epochs"] == 2

@@ -87,6 +87,11 @@ def test_epoch_lines_round_trip() -> None:
     assert parse_epoch_line(line) == EpochProgress(3, 8, 0.5124)
     assert parse_epoch_line(epoch_line("fpn fold 0", 1, 8, 0.5, None, 1e-3)) == EpochProgress(1, 8, None)
     assert parse_epoch_line("unet fold 0: best val mIoU 0.5 (epoch 1)") is None
+    timed = epoch_line("unet fold 2", 3, 8, 0.41234, 0.51236, 1e-3, 41.234, 3.06)
+    assert timed.endswith(": train loss 0.4123, val mIoU 0.5124, lr 1.00e-03 (41.2 s, val 3.1 s)")
+    assert parse_epoch_line(timed) == EpochProgress(3, 8, 0.5124, 41.2, 3.1)
+    untested = epoch_line("fpn fold 0", 1, 8, 0.5, None, 1e-3, 12.0)
+    assert parse_epoch_line(untested) == EpochProgress(1, 8, None, 12.0, None)
 
 
 def test_summary_line_names_stage_device_epoch_and_best_score() -> None:

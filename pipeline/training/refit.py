@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ def refit(
     if runtime.is_main and resume:
         print(f"resuming {run_name} from epoch {len(history) + 1}/{epochs}", flush=True)
 
+    since = time.perf_counter()
     for epoch in range(len(history), epochs):
         seed_everything(train.seed + epoch)
         loader.sampler.set_epoch(epoch)
@@ -127,7 +129,9 @@ def refit(
             )
         history.append({"train_loss": loss, "lr": lr})
         if runtime.is_main:
-            print(epoch_line(run_name, epoch + 1, epochs, loss, None, lr), flush=True)
+            now = time.perf_counter()
+            print(epoch_line(run_name, epoch + 1, epochs, loss, None, lr, now - since), flush=True)
+            since = now
             last = resume_state(state, fingerprint, history, -math.inf, None, None, [])
             save_checkpoint(paths.model_dir / "last.pt", last)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,7 @@ def fit(
     elastic_by_class = augment.elastic_probability_by_class(data.all_presence, elastic_p, data.classes)
     live = open_live(paths.live, fold, elastic_by_class, history) if runtime.is_main else None
 
+    since = time.perf_counter()  # each epoch's line reports its wall time (bench/realsets.py budgets by it)
     for epoch in range(len(history), train.epochs):
         seed_everything(train.seed + epoch)
         train_loader.sampler.set_epoch(epoch)  # this epoch's order and augmentation seeds
@@ -188,16 +190,20 @@ def fit(
                 # running stats; validate every shard with rank 0's, the ones best.pt stores.
                 for buffer in state.kept.buffers():
                     dist.broadcast(buffer, src=0)
+            val_start = time.perf_counter()
             cms = evaluate(state.evaluated, val_loader, len(data.classes), runtime)
             val_score = score(cms, average)
             record["val_miou"] = val_score
+            val_seconds = time.perf_counter() - val_start
         history.append(record)
         if validate and train.average_top_k > 1:  # on every rank: each takes part in the final average
             top_k = updated_top_k(top_k, epoch, val_score, train.average_top_k)
         if not runtime.is_main:
             continue
-        val_miou = val_score if validate else None
-        print(epoch_line(run_name, epoch + 1, train.epochs, loss, val_miou, lr), flush=True)
+        val_miou, val_s = (val_score, val_seconds) if validate else (None, None)
+        now = time.perf_counter()
+        seconds, since = now - since, now
+        print(epoch_line(run_name, epoch + 1, train.epochs, loss, val_miou, lr, seconds, val_s), flush=True)
         log_epoch(live, record)
         # The first validation always saves: even a NaN score leaves a best.pt.
         improved = validate and (val_score > best_score or best_score == -math.inf)
