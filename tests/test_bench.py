@@ -32,7 +32,10 @@ RUNS = {
         r"peak RSS ratio 4N/N [\d.]+",
     ),
     "native": ("--size 200x150 --short-side 64 --classes 3", r"200x150 costs -?\d+ MB more than 20x15"),
-    "cpu_precision": ("--size 64 --batch-size 2 --repeats 1", r"bf16 autocast vs float32: [\d.]+x"),
+    "cpu_precision": (
+        "--size 64 --batch-size 2 --repeats 1",
+        r"AdamW step, fused +[\d.]+ ms +\([\d.]+x looped\)\s+bf16 autocast vs float32: [\d.]+x",
+    ),
     "train_gpu": (
         "--device cpu --arch Unet --encoder resnet18 --size 64 --batch-size 2 --workers 1 --steps 2 "
         "--repeats 1 --images 4",
