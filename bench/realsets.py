@@ -643,21 +643,29 @@ def ratio_interval(pipeline: Sequence[float], plain: Sequence[float]) -> tuple[f
     return math.exp(mean), math.exp(low), math.exp(high)
 
 
-def geometric_mean_interval(logs: Sequence[Sequence[float]]) -> tuple[float, float, float]:
-    """Geometric mean over sets of each set's mean log ratio, with a 95 % interval: the standard error
-    combines the sets' (each the sd of its pairs / sqrt n), Welch-Satterthwaite degrees of freedom.
-    The interval is nan if a set has fewer than 2 pairs."""
-    means = [float(np.mean(x)) for x in logs]
+def mean_over_sets_interval(values: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """The mean over sets of each set's mean (every set weighs the same, whatever its pairs), with a 95 %
+    interval: the standard error combines the sets' (each the sd of its pairs / sqrt n), Welch-Satterthwaite
+    degrees of freedom. Differences between the sets' means are the question, not noise, so they do not
+    widen it. The interval is nan if a set has fewer than 2 pairs."""
+    means = [float(np.mean(x)) for x in values]
     centre = float(np.mean(means))
-    if any(len(x) < 2 for x in logs):
-        return math.exp(centre), math.nan, math.nan
-    var = [float(np.var(x, ddof=1)) / len(x) for x in logs]
-    se2 = sum(var) / len(logs) ** 2
+    if any(len(x) < 2 for x in values):
+        return centre, math.nan, math.nan
+    var = [float(np.var(x, ddof=1)) / len(x) for x in values]
+    se2 = sum(var) / len(values) ** 2
     if se2 == 0:
-        return math.exp(centre), math.exp(centre), math.exp(centre)
-    dof = sum(var) ** 2 / sum(v**2 / (len(x) - 1) for v, x in zip(var, logs, strict=True))
+        return centre, centre, centre
+    dof = sum(var) ** 2 / sum(v**2 / (len(x) - 1) for v, x in zip(var, values, strict=True))
     half = float(stats.t.ppf(0.975, dof) * math.sqrt(se2))
-    return math.exp(centre), math.exp(centre - half), math.exp(centre + half)
+    return centre, centre - half, centre + half
+
+
+def geometric_mean_interval(logs: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """Geometric mean over sets of each set's mean log ratio, with `mean_over_sets_interval`'s interval
+    mapped back."""
+    centre, low, high = mean_over_sets_interval(logs)
+    return math.exp(centre), math.exp(low), math.exp(high)
 
 
 def class_counts(iou: dict[str, float | None], classes: list[str]) -> tuple[int, int, int]:
@@ -668,7 +676,8 @@ def class_counts(iou: dict[str, float | None], classes: list[str]) -> tuple[int,
 
 def summarize(records: Iterable[dict[str, Any]], recipes: list[str], reference: str | None) -> dict[str, Any]:
     """Per set and candidate: runs paired with the plain loop by (seed, fold), their statistics; over
-    sets, each candidate's geometric-mean ratio; with `reference`, paired mIoU differences to it."""
+    sets, each candidate's geometric-mean ratio; with `reference`, paired mIoU differences to it, per set
+    and averaged over the sets."""
     by_key = {(r["set"], r["recipe"], r["seed"], r["fold"]): r for r in records}
     sets = sorted({key[0] for key in by_key})
     out: dict[str, Any] = {"sets": {}, "overall": {}, "fingerprints": {}}
@@ -676,6 +685,7 @@ def summarize(records: Iterable[dict[str, Any]], recipes: list[str], reference: 
         if "fingerprint" in record:
             out["fingerprints"].setdefault(record["set"], record["fingerprint"])
     logs: dict[str, list[list[float]]] = {name: [] for name in recipes}
+    diffs_by_set: dict[str, list[list[float]]] = {name: [] for name in recipes}
     for real in sets:
         rows: dict[str, Any] = {}
         for recipe in ["plain", *recipes]:
@@ -713,6 +723,7 @@ def summarize(records: Iterable[dict[str, Any]], recipes: list[str], reference: 
                     if diffs:
                         mean, low, high = t_interval(diffs)
                         row |= {"diff_to_reference": mean, "diff_low": low, "diff_high": high}
+                        diffs_by_set[recipe].append(diffs)
             rows[recipe] = row
         out["sets"][real] = rows
     for recipe in recipes:
@@ -720,6 +731,10 @@ def summarize(records: Iterable[dict[str, Any]], recipes: list[str], reference: 
         if every_set:
             ratio, low, high = geometric_mean_interval(logs[recipe])
             out["overall"][recipe] = {"geomean_ratio": ratio, "low": low, "high": high, "sets": len(sets)}
+        if reference is not None and recipe != reference and len(diffs_by_set[recipe]) == len(sets) and sets:
+            mean, low, high = mean_over_sets_interval(diffs_by_set[recipe])
+            out["overall"].setdefault(recipe, {"sets": len(sets)})
+            out["overall"][recipe] |= {"diff_to_reference": mean, "diff_low": low, "diff_high": high}
     out["reference"] = reference
     return out
 
@@ -765,11 +780,22 @@ def format_summary(summary: dict[str, Any], minutes: float) -> str:
             cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in print_.values()]
             lines.append(f"| {real} | " + " | ".join(cells) + " |")
     if summary["overall"]:
+        ref = summary["reference"]
         lines += ["\n### Over the sets: geometric mean of the ratios to the plain loop\n"]
-        lines += ["| recipe | sets | geomean ratio [95 % CI] |", "|---|---|---|"]
+        head = "| recipe | sets | geomean ratio [95 % CI] |"
+        head += f" mean diff to {ref} [95 % CI] |" if ref else ""
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for recipe, row in summary["overall"].items():
-            ratio = _ci(row["geomean_ratio"], row["low"], row["high"], "{:.2f}")
-            lines.append(f"| {recipe} | {row['sets']} | {ratio} |")
+            cells = [
+                recipe,
+                str(row["sets"]),
+                _ci(row.get("geomean_ratio"), row.get("low"), row.get("high"), "{:.2f}"),
+            ]
+            if ref:
+                cells.append(
+                    _ci(row.get("diff_to_reference"), row.get("diff_low"), row.get("diff_high"), "{:+.3f}")
+                )
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

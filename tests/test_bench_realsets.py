@@ -93,6 +93,18 @@ def test_geometric_mean_interval_over_sets(realsets: ModuleType) -> None:
     assert ratio == pytest.approx(math.sqrt(2.0)) and math.isnan(low) and math.isnan(high)
 
 
+def test_mean_over_sets_interval_ignores_the_spread_between_sets(realsets: ModuleType) -> None:
+    # Two sets whose differences sit far apart but agree within each: the spread between the sets
+    # is not noise of the mean over these sets, so the interval stays narrow.
+    mean, low, high = realsets.mean_over_sets_interval([[0.01, 0.03], [0.09, 0.11]])
+    assert mean == pytest.approx(0.06)
+    # Equal variances (sd 0.01414 / sqrt 2 = 0.01 each): se = 0.01 / sqrt 2, dof = 2.
+    half = stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(2)
+    assert (low, high) == pytest.approx((0.06 - half, 0.06 + half))
+    assert high - low < 0.09 - 0.01
+    assert math.isnan(realsets.mean_over_sets_interval([[0.1], [0.2, 0.3]])[1])
+
+
 def test_class_counts_use_the_truth_classes(realsets: ModuleType) -> None:
     iou = {"background": 0.9, "a": 0.0, "b": 0.15, "c": 0.5, "d": None}
     # d is in the truth but unscored (never predicted): it counts as 0; background never counts.
@@ -136,8 +148,31 @@ def test_summary_pairs_runs_by_seed_and_fold(realsets: ModuleType) -> None:
     # cand has pairs on both sets; ref has none on s2, so no ratio over the sets.
     assert summary["overall"]["cand"]["sets"] == 2
     assert "ref" not in summary["overall"]
+    # ref has no run on s2: no difference to it averaged over the sets.
+    assert "diff_to_reference" not in summary["overall"]["cand"]
     text = realsets.format_summary(summary, 10)
     assert "### s1 (10 min per run)" in text and "| cand | 2 |" in text
+
+
+def test_summary_averages_the_difference_to_the_reference_over_sets(realsets: ModuleType) -> None:
+    records = []
+    for real, base in [("s1", 0.3), ("s2", 0.5)]:
+        for seed, (cand, ref) in enumerate(
+            [(0.05, 0.0), (0.07, 0.0)] if real == "s1" else [(0.0, 0.01), (0.0, 0.03)]
+        ):
+            records += [
+                _record(real, "plain", seed, 0, base),
+                _record(real, "cand", seed, 0, base + cand),
+                _record(real, "ref", seed, 0, base + ref),
+            ]
+    summary = realsets.summarize(records, ["cand", "ref"], "ref")
+    overall = summary["overall"]["cand"]
+    # s1: +0.05, +0.07 (mean +0.06); s2: -0.01, -0.03 (mean -0.02); over the sets +0.02.
+    assert overall["diff_to_reference"] == pytest.approx(0.02)
+    expected = realsets.mean_over_sets_interval([[0.05, 0.07], [-0.01, -0.03]])
+    assert (overall["diff_low"], overall["diff_high"]) == pytest.approx(expected[1:])
+    assert "diff_to_reference" not in summary["overall"]["ref"]
+    assert "| cand | 2 | " in realsets.format_summary(summary, 10).split("Over the sets")[1]
 
 
 def test_the_machine_names_the_cpu_its_cores_and_bf16(realsets: ModuleType) -> None:
