@@ -387,8 +387,14 @@ def resolved(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shaping(params: dict[str, Any]) -> dict[str, Any]:
-    """`resolved(params)` without the demo section, which configures nothing in a run on a real set."""
-    return {key: value for key, value in resolved(params).items() if key != "demo"}
+    """`resolved(params)` without what configures nothing in a run of the harness: the demo section, and
+    train.epochs (shared and per recipe), which the harness sets from the budget (the run's record holds
+    the count it trained)."""
+    out = {key: value for key, value in resolved(params).items() if key != "demo"}
+    for section in [out.get("train"), *(recipe.get("train") for recipe in out.get("models", {}).values())]:
+        if isinstance(section, dict):
+            section.pop("epochs", None)
+    return out
 
 
 def cached(path: Path, params: dict[str, Any] | None = None, **expected: Any) -> bool:

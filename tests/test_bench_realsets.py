@@ -105,6 +105,22 @@ def test_mean_over_sets_interval_ignores_the_spread_between_sets(realsets: Modul
     assert math.isnan(realsets.mean_over_sets_interval([[0.1], [0.2, 0.3]])[1])
 
 
+def test_a_cached_run_ignores_the_files_epochs_but_not_a_setting(
+    realsets: ModuleType, tmp_path: Path
+) -> None:
+    params = tiny_params()
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"params": params, "seed": 0}))
+    # The harness sets the epochs from the budget: the file's count shapes nothing the record holds.
+    more = json.loads(json.dumps(params))
+    more.setdefault("train", {})["epochs"] = 99
+    assert realsets.cached(path, more, seed=0)
+    other = json.loads(json.dumps(params))
+    other.setdefault("augment", {})["size"] = 96 if params.get("augment", {}).get("size") != 96 else 64
+    assert not realsets.cached(path, other, seed=0)
+    assert not realsets.cached(path, more, seed=1)
+
+
 def test_class_counts_use_the_truth_classes(realsets: ModuleType) -> None:
     iou = {"background": 0.9, "a": 0.0, "b": 0.15, "c": 0.5, "d": None}
     # d is in the truth but unscored (never predicted): it counts as 0; background never counts.
