@@ -79,7 +79,8 @@ machine path; the machine as CPU, cores and native bf16, since a budget in minut
 different epochs on another: runs of one machine are reused, summarised and paired only with its own
 runs). Then per set: mean test mIoU +- sd, the ratio to the plain loop (geometric mean of the
 per-(seed, fold) ratios, 95 % t-interval), classes with IoU > 0 and > 0.2, per-class IoU; over sets the
-geometric mean of the ratios; with --reference, each candidate's paired mIoU difference to it.
+geometric mean of the ratios; with --reference, each candidate's paired mIoU difference to it, per set
+and averaged over the sets.
 
   python bench/realsets.py --recipe shipped=configs/real-cpu.yaml --seeds 0 1 --folds 0 1
   python bench/realsets.py --recipe base=configs/real-cpu.yaml --recipe lr3=configs/real-cpu.yaml \\
